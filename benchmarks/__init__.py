@@ -1,0 +1,1 @@
+"""Benchmark protocols (importing this registers the built-ins)."""

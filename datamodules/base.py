@@ -1,0 +1,116 @@
+"""``VLPDataModule``: the base of every datamodule; owns datasets, loaders and the one collate."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medvlp.batch import collate
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+class SampleListDataset(Dataset):
+    """A dataset over a list of sample records and a record → sample function.
+
+    Args:
+        records: one dict per sample (ids, paths, labels …).
+        load: builds the sample dict (batch schema) from a record; may raise :class:`SkipSample`.
+        name: dataset name for messages.
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], load: Callable[[Mapping[str, Any]], dict],
+                 name: str = "dataset") -> None:
+        self.records = list(records)
+        self.load = load
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = self.load(self.records[i])
+        sample.setdefault("index", i)
+        return sample
+
+
+class VLPDataModule(L.LightningDataModule):
+    """Base datamodule producing batches in the :mod:`medvlp.batch` schema.
+
+    Subclasses implement :meth:`build_dataset` and may override :meth:`encoder_hints`,
+    :attr:`label_names` and :meth:`class_prompts`.
+
+    Args:
+        batch_size: samples per batch.
+        num_workers: DataLoader workers.
+        pin_memory: pin host memory (GPU training).
+        persistent_workers: keep workers alive between epochs.
+    """
+
+    name = "base"
+    modality = "xray"
+
+    def __init__(self, batch_size: int = 16, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self._datasets: dict[str, Dataset] = {}
+        self.skipped: Counter[str] = Counter()
+
+    # subclasses ---------------------------------------------------------------------------
+    def build_dataset(self, split: str) -> Dataset:
+        """Return the dataset of ``split`` ∈ {train, val, test}."""
+        raise NotImplementedError
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names of ``labels`` (empty when the dataset has none)."""
+        return []
+
+    def class_prompts(self) -> dict[str, list[str]]:
+        """Zero-shot prompts per class (positive phrasing), for the benchmark harness."""
+        return {name: [f"There is {name.lower()}.", f"Findings consistent with {name.lower()}."]
+                for name in self.label_names}
+
+    def encoder_hints(self) -> dict[str, Any]:
+        """Image-encoder settings implied by the data (``spatial_dims``, sizes); unset keys are filled."""
+        return {}
+
+    # loaders ------------------------------------------------------------------------------
+    def dataset(self, split: str) -> Dataset:
+        """The (cached) dataset of ``split``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self._datasets:
+            self._datasets[split] = self.build_dataset(split)
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        ds = self.dataset(split)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=collate, pin_memory=self.pin_memory, drop_last=drop_last,
+                          persistent_workers=self.persistent_workers,
+                          generator=torch.Generator().manual_seed(0) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        # contrastive losses need ≥2 samples and BatchNorm heads need full batches
+        return self._loader("train", shuffle=True, drop_last=len(self.dataset("train")) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """Deterministic loader for feature extraction."""
+        return DataLoader(self.dataset(split), batch_size=batch_size or self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=collate)

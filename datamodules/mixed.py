@@ -1,0 +1,61 @@
+"""``MixedDataModule``: several datamodules (e.g. X-ray + CT) trained jointly.
+
+Training batches are a dict ``{modality: batch}`` from Lightning's ``CombinedLoader``
+(``max_size_cycle``: every step sees every modality; shorter loaders cycle), which methods receive in
+:meth:`~medvlp.method.VLPMethod.compute_multimodal_losses`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from lightning.pytorch.utilities import CombinedLoader
+
+from medvlp.datamodules.base import VLPDataModule
+from medvlp.registry import DATAMODULES, register_datamodule
+
+
+def build_datamodule(spec: Mapping[str, Any]) -> VLPDataModule:
+    """``{name: <registered or class_path>, init_args: {...}}`` → datamodule."""
+    spec = dict(spec)
+    if "name" not in spec:
+        raise KeyError(f"datamodule spec needs a 'name' key, got {sorted(spec)}")
+    cls = DATAMODULES.get(spec["name"])
+    return cls(**dict(spec.get("init_args") or {}))
+
+
+@register_datamodule("mixed")
+class MixedDataModule(VLPDataModule):
+    """Joint training over several datamodules keyed by a name (normally the modality).
+
+    Args:
+        datamodules: ``{key: {name, init_args}}``; each child keeps its own batch size.
+    """
+
+    name = "mixed"
+
+    def __init__(self, datamodules: Mapping[str, Mapping[str, Any]], **loader_kwargs: Any) -> None:
+        super().__init__(**loader_kwargs)
+        if not datamodules:
+            raise ValueError("mixed datamodule needs at least one child in 'datamodules'")
+        self.children = {k: build_datamodule(v) for k, v in datamodules.items()}
+
+    def prepare_data(self) -> None:
+        for dm in self.children.values():
+            dm.prepare_data()
+
+    def encoder_hints(self) -> dict[str, Any]:
+        hints: dict[str, Any] = {"spatial_dims": []}
+        for dm in self.children.values():
+            h = dm.encoder_hints()
+            hints["spatial_dims"] = sorted(set(hints["spatial_dims"]) | set(h.pop("spatial_dims", [])))
+            hints.update(h)
+        return hints
+
+    def train_dataloader(self) -> CombinedLoader:
+        return CombinedLoader({k: dm.train_dataloader() for k, dm in self.children.items()}, "max_size_cycle")
+
+    def val_dataloader(self) -> CombinedLoader:
+        return CombinedLoader({k: dm.val_dataloader() for k, dm in self.children.items()}, "min_size")
+
+    def test_dataloader(self) -> CombinedLoader:
+        return CombinedLoader({k: dm.test_dataloader() for k, dm in self.children.items()}, "min_size")

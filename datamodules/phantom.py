@@ -1,0 +1,212 @@
+"""Embedded, deterministic, procedurally generated multi-modal dataset (no download needed).
+
+Modalities: chest X-ray (2D), chest CT, brain MRI (from the real MNI152 template nilearn ships) and EM
+(3D). Findings change the image and the report (see :mod:`medvlp.datamodules.phantom_render` and
+:mod:`medvlp.datamodules.phantom_reports`). Samples are generated once per (modality, split, size,
+seed, generator version) into ``cache_dir`` as ``.npz`` + ``.json`` and memory-mapped afterwards; they are
+never committed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
+
+from medvlp.datamodules.base import SampleListDataset, VLPDataModule
+from medvlp.datamodules.captions import attach_captions
+from medvlp.datamodules.phantom_render import (
+    CT_LABELS, EM_LABELS, MRI_LABELS, XRAY_LABELS, XRAY_REGIONS, render_ct, render_em, render_mri, render_xray,
+)
+from medvlp.datamodules.phantom_reports import write_report
+from medvlp.io import atomic_write_bytes, atomic_write_text
+from medvlp.registry import register_datamodule
+
+log = logging.getLogger(__name__)
+GENERATOR_VERSION = 1
+MODALITIES = {
+    "xray": (render_xray, XRAY_LABELS, 2),
+    "ct": (render_ct, CT_LABELS, 3),
+    "mri": (render_mri, MRI_LABELS, 3),
+    "em": (render_em, EM_LABELS, 3),
+}
+SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+NORM_MEAN, NORM_STD = 0.5, 0.25
+
+
+def default_cache_dir() -> Path:
+    """``$MEDVLP_CACHE`` or ``~/.cache/medvlp``."""
+    return Path(os.environ.get("MEDVLP_CACHE", Path.home() / ".cache" / "medvlp"))
+
+
+def _render_one(args: tuple[str, int, int, Sequence[int], float]) -> dict[str, Any]:
+    modality, seed, index, size, prevalence = args
+    render, label_names, sd = MODALITIES[modality]
+    rng = np.random.default_rng([seed, index])
+    if sd == 2:
+        case = render(rng, size=int(size[0]), prevalence=prevalence)
+    else:
+        case = render(rng, shape=tuple(int(s) for s in size), prevalence=prevalence)
+    text, sections, triplets = write_report(case.findings, label_names, modality, rng)
+    return {
+        "image": case.image.astype(np.float16),
+        "mask": case.mask.astype(np.uint8),
+        "labels": case.labels.astype(np.float32),
+        "boxes": case.boxes,
+        "instances": case.instances,
+        "record": {
+            "id": f"{modality}_{seed}_{index}",
+            "text": text,
+            "sections": sections,
+            "triplets": triplets,
+            "findings": [{"label": f.label, "side": f.side, "zone": f.zone, "size": f.size,
+                          "slices": list(f.slices) if f.slices else None} for f in case.findings],
+        },
+    }
+
+
+def generate_split(modality: str, split: str, n: int, size: Sequence[int], seed: int, prevalence: float,
+                   cache_dir: Path, workers: int = 0) -> Path:
+    """Generate (or reuse) one split; returns the folder holding ``arrays.npz`` and ``records.json``."""
+    key = json.dumps([GENERATOR_VERSION, modality, split, n, list(size), seed, prevalence])
+    folder = Path(cache_dir) / "phantom" / f"{modality}_{split}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    if (folder / "records.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(modality, seed, SPLIT_OFFSET[split] + i, list(size), prevalence) for i in range(n)]
+    if workers > 1 and n > 32:
+        with ProcessPoolExecutor(workers) as pool:
+            cases = list(pool.map(_render_one, jobs, chunksize=16))
+    else:
+        cases = [_render_one(j) for j in jobs]
+    arrays = {"image": np.stack([c["image"] for c in cases]), "mask": np.stack([c["mask"] for c in cases]),
+              "labels": np.stack([c["labels"] for c in cases])}
+    if cases[0]["boxes"] is not None:
+        arrays["boxes"] = np.stack([c["boxes"] for c in cases])
+    if cases[0]["instances"] is not None:
+        arrays["instances"] = np.stack([c["instances"] for c in cases]).astype(np.int32)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(folder / "arrays.npz", buf.getvalue())
+    atomic_write_text(folder / "records.json", json.dumps([c["record"] for c in cases]))  # written last
+    log.info("generated %d phantom %s/%s samples in %s", n, modality, split, folder)
+    return folder
+
+
+@register_datamodule("phantom")
+class PhantomDataModule(VLPDataModule):
+    """Procedural phantom data of one modality.
+
+    Args:
+        modality: ``xray`` | ``ct`` | ``mri`` | ``em``.
+        num_train: training samples.
+        num_val: validation samples.
+        num_test: test samples.
+        image_size: 2D side length (X-ray).
+        volume_size: ``(D, H, W)`` for CT/MRI/EM.
+        prevalence: probability of each finding.
+        seed: generator seed (same seed → identical data).
+        cache_dir: where generated arrays live (default ``$MEDVLP_CACHE`` or ``~/.cache/medvlp``).
+        augment: random intensity scale/shift on training images (MONAI dict transforms).
+        generate_workers: processes used to generate.
+        captions: optional caption source spec (see :func:`medvlp.datamodules.captions.attach_captions`).
+        **loader_kwargs: ``batch_size``, ``num_workers`` … of :class:`VLPDataModule`.
+    """
+
+    name = "phantom"
+
+    def __init__(self, modality: str = "xray", num_train: int = 512, num_val: int = 128, num_test: int = 256,
+                 image_size: int = 64, volume_size: Sequence[int] = (32, 64, 64), prevalence: float | None = None,
+                 seed: int = 0, cache_dir: str | None = None, augment: bool = True, generate_workers: int = 0,
+                 captions: Mapping[str, Any] | None = None, **loader_kwargs: Any) -> None:
+        super().__init__(**loader_kwargs)
+        if modality not in MODALITIES:
+            raise ValueError(f"phantom modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+        self.modality = modality
+        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        _, self._label_names, self.spatial_dims = MODALITIES[modality]
+        self.size = [image_size] if self.spatial_dims == 2 else [int(v) for v in volume_size]
+        default_prev = {"xray": 0.3, "ct": 0.3, "mri": 0.35, "em": 0.5}[modality]
+        self.prevalence = default_prev if prevalence is None else prevalence
+        self.seed = seed
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.augment = augment
+        self.generate_workers = generate_workers
+        self.captions = dict(captions) if captions else None
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self._label_names)
+
+    def class_prompts(self) -> dict[str, list[str]]:
+        return {n: [f"There is {n.lower()}.", f"{n} is present.", f"Findings consistent with {n.lower()}."]
+                for n in self.label_names}
+
+    def negative_prompts(self) -> dict[str, list[str]]:
+        """Negated prompts per class (for binary zero-shot: positive vs negated prompt)."""
+        return {n: [f"There is no {n.lower()}.", f"No {n.lower()}."] for n in self.label_names}
+
+    def encoder_hints(self) -> dict[str, Any]:
+        if self.spatial_dims == 2:
+            return {"spatial_dims": [2], "img_size_2d": self.size[0]}
+        return {"spatial_dims": [3], "img_size_3d": list(self.size)}
+
+    def prepare_data(self) -> None:
+        for split in ("train", "val", "test"):
+            self._folder(split)
+
+    def _folder(self, split: str) -> Path:
+        return generate_split(self.modality, split, self.sizes[split], self.size, self.seed, self.prevalence,
+                              self.cache_dir, self.generate_workers)
+
+    def build_dataset(self, split: str) -> SampleListDataset:
+        folder = self._folder(split)
+        arrays = dict(np.load(folder / "arrays.npz"))
+        records = json.loads((folder / "records.json").read_text())
+        transform = None
+        if self.augment and split == "train":
+            transform = Compose([RandScaleIntensityd("image", factors=0.1, prob=0.8),
+                                 RandShiftIntensityd("image", offsets=0.1, prob=0.8)])
+        label_names = self.label_names
+        modality = self.modality
+
+        def load(rec: Mapping[str, Any]) -> dict[str, Any]:
+            i = rec["_row"]
+            img = (torch.from_numpy(arrays["image"][i].astype(np.float32)) - NORM_MEAN) / NORM_STD
+            sample: dict[str, Any] = {
+                "image": img.unsqueeze(0),
+                "modality": modality,
+                "text": rec["text"],
+                "sections": rec["sections"],
+                "labels": torch.from_numpy(arrays["labels"][i]),
+                "label_names": label_names,
+                "mask": torch.from_numpy(arrays["mask"][i].astype(np.int64)).unsqueeze(0),
+                "meta": {"id": rec["id"], "findings": rec["findings"]},
+            }
+            if "boxes" in arrays:
+                sample["regions"] = torch.from_numpy(arrays["boxes"][i])
+                sample["region_present"] = torch.ones(len(XRAY_REGIONS), dtype=torch.bool)
+            if "instances" in arrays:
+                sample["instances"] = torch.from_numpy(arrays["instances"][i].astype(np.int64)).unsqueeze(0)
+            if transform is not None:
+                sample = transform(sample)
+                image = sample["image"]
+                sample["image"] = image.as_tensor() if hasattr(image, "as_tensor") else image
+            return sample
+
+        recs = [{**r, "_row": i} for i, r in enumerate(records)]
+        ds = SampleListDataset(recs, load, name=f"phantom/{modality}/{split}")
+        return attach_captions(ds, self.captions) if self.captions else ds
+
+    def region_names(self) -> list[str]:
+        """Anatomical region vocabulary of ``regions`` (X-ray)."""
+        return list(XRAY_REGIONS) if self.modality == "xray" else []

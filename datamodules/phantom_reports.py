@@ -1,0 +1,120 @@
+"""Radiology-style report writer for the phantom dataset.
+
+Reports follow MIMIC-CXR's layout (``FINDINGS:`` and ``IMPRESSION:`` sections), name the anatomical
+location of each positive finding, include explicit negations of absent findings (each mentioned with
+probability ``p_negation``) and vary their wording across several templates per finding.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from medvlp.datamodules.phantom_render import Finding
+
+POSITIVE = {
+    "Consolidation": ["There is {size} consolidation in the {side} {zone} lung zone.",
+                      "{Side} {zone} lobe airspace opacity is seen, consistent with consolidation.",
+                      "Focal consolidation is noted in the {side} {zone} lung."],
+    "Pleural Effusion": ["There is a {size} {side} pleural effusion.",
+                         "Blunting of the {side} costophrenic angle consistent with a {size} effusion.",
+                         "{Size} {side} pleural effusion is present."],
+    "Cardiomegaly": ["The heart size is enlarged.", "There is {size} cardiomegaly.",
+                     "The cardiac silhouette is enlarged."],
+    "Pneumothorax": ["There is a {size} {side} apical pneumothorax.", "{Side} apical pneumothorax is noted.",
+                     "A {side} pneumothorax is seen at the apex."],
+    "Lung Nodule": ["A {size} nodule is seen in the {side} {zone} lung zone.",
+                    "There is a {side} {zone} lobe nodule.", "{Side} {zone} lung nodule is noted."],
+    # CT
+    "Lung nodule": ["A {size} nodule is seen in the {side} {zone} lobe.",
+                    "There is a {side} {zone} lobe pulmonary nodule measuring {size}.",
+                    "{Side} {zone} lobe nodule is noted."],
+    "Pleural effusion": ["There is a {size} {side} pleural effusion.", "{Side} pleural effusion is present.",
+                         "Fluid is seen in the {side} pleural space."],
+    "Emphysema": ["There are {size} emphysematous changes in both lungs.", "Emphysema is noted.",
+                  "Low attenuation areas consistent with emphysema are seen."],
+    # MRI
+    "Tumour": ["There is a {size} enhancing mass in the {side} {zone} lobe.",
+               "An enhancing tumour is seen in the {side} {zone} region.",
+               "{Side} {zone} lobe mass with central necrosis."],
+    "Edema": ["There is surrounding vasogenic edema.", "Perilesional edema is present.",
+              "The mass is surrounded by edema."],
+    "Hemorrhage": ["A {size} focus of hemorrhage is seen in the {side} {zone} lobe.",
+                   "There is {side} {zone} hemorrhage.", "Hemorrhagic focus in the {side} hemisphere."],
+    # EM
+    "Mitochondria": ["{Size} mitochondria are visible within the neurites.",
+                     "The volume contains {size} mitochondria.", "Mitochondria are seen in several processes."],
+    "Synaptic vesicles": ["Synaptic vesicles are {size} near a membrane.", "A cluster of synaptic vesicles is seen.",
+                          "Vesicle clusters indicate a synapse."],
+    "Myelinated axon": ["A myelinated axon is present.", "There is a myelin sheath around an axon.",
+                        "A dark myelin ring surrounds an axon."],
+}
+POSITIVE["Consolidation (CT)"] = POSITIVE["Consolidation"]
+NEGATIVE = {
+    "Consolidation": ["No focal consolidation.", "There is no consolidation.", "The lungs are clear without consolidation."],
+    "Pleural Effusion": ["No pleural effusion.", "There is no pleural effusion.", "No effusion is seen."],
+    "Cardiomegaly": ["The heart size is normal.", "Cardiac silhouette is within normal limits.", "No cardiomegaly."],
+    "Pneumothorax": ["No pneumothorax.", "There is no pneumothorax.", "No pneumothorax is seen."],
+    "Lung Nodule": ["No pulmonary nodules.", "No nodule is seen.", "There are no lung nodules."],
+    "Lung nodule": ["No pulmonary nodules.", "No nodule is seen."],
+    "Pleural effusion": ["No pleural effusion.", "There is no pleural fluid."],
+    "Emphysema": ["No emphysema.", "There is no emphysema."],
+    "Tumour": ["No mass is seen.", "There is no enhancing lesion."],
+    "Edema": ["No edema."],
+    "Hemorrhage": ["No hemorrhage.", "There is no intracranial hemorrhage."],
+    "Mitochondria": ["No mitochondria are visible.", "Mitochondria are absent."],
+    "Synaptic vesicles": ["No synaptic vesicles are seen."],
+    "Myelinated axon": ["No myelinated axons.", "No myelin is seen."],
+}
+NORMAL_IMPRESSION = {
+    "xray": "No acute cardiopulmonary process.",
+    "ct": "No acute findings in the chest.",
+    "mri": "No acute intracranial abnormality.",
+    "em": "Unremarkable neuropil.",
+}
+PREFIX = {
+    "xray": ["PA and lateral views of the chest.", "Frontal view of the chest."],
+    "ct": ["Axial CT of the chest without contrast.", "Non-contrast chest CT."],
+    "mri": ["Axial T1-weighted MRI of the brain.", "MRI of the brain."],
+    "em": ["Electron microscopy volume of neuropil.", "Serial section EM volume."],
+}
+EXTRA_NORMAL = {"xray": "The mediastinal contours are normal.", "ct": "The mediastinum is unremarkable.",
+                "mri": "The ventricles are normal in size.", "em": "Cell membranes are well preserved."}
+
+
+def _fill(template: str, f: Finding) -> str:
+    side = f.side or "bilateral"
+    zone = f.zone or "upper"
+    size = f.size or "small"
+    text = template.format(side=side, zone=zone, size=size, Side=side.capitalize(), Size=size.capitalize())
+    return text[0].upper() + text[1:]
+
+
+def write_report(findings: list[Finding], label_names: list[str], modality: str,
+                 rng: np.random.Generator, p_negation: float = 0.6) -> tuple[str, dict[str, str], list[tuple[str, str, str]]]:
+    """Write a report for ``findings``.
+
+    Returns:
+        ``(text, sections, triplets)`` where triplets are ground-truth ``(region, finding, existence)``
+        for every finding sentence (existence ``"positive"`` or ``"negative"``).
+    """
+    positives = {f.label for f in findings}
+    sentences: list[tuple[str, tuple[str, str, str]]] = []
+    for f in findings:
+        t = POSITIVE[f.label][int(rng.integers(len(POSITIVE[f.label])))]
+        region = " ".join(x for x in (f.side, f.zone) if x)
+        sentences.append((_fill(t, f), (region, f.label.lower(), "positive")))
+    for name in label_names:
+        if name not in positives and rng.random() < p_negation:
+            opts = NEGATIVE[name]
+            sentences.append((opts[int(rng.integers(len(opts)))], ("", name.lower(), "negative")))
+    order = rng.permutation(len(sentences))
+    sentences = [sentences[i] for i in order]
+    if rng.random() < 0.5:
+        sentences.append((EXTRA_NORMAL[modality], ("", "", "negative")))
+    findings_text = " ".join(s for s, _ in sentences)
+    if findings:
+        impression = " ".join(_fill(POSITIVE[f.label][0], f) for f in findings[:2])
+    else:
+        impression = NORMAL_IMPRESSION[modality]
+    prefix = PREFIX[modality][int(rng.integers(len(PREFIX[modality])))]
+    text = f"EXAMINATION: {prefix}\n FINDINGS: {findings_text}\n IMPRESSION: {impression}"
+    return text, {"findings": findings_text, "impression": impression}, [t for _, t in sentences]

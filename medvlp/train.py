@@ -1,0 +1,103 @@
+"""Build a datamodule + method from a config and pretrain with resumable, atomic checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig
+
+from medvlp.config import save_config, to_container
+from medvlp.io import atomic_torch_save, atomic_write_text
+from medvlp.method import VLPMethod
+from medvlp.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes through a temp file and ``os.replace``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        atomic_torch_save(checkpoint, Path(path))
+
+
+def build_datamodule_from_config(cfg: Mapping[str, Any]) -> Any:
+    """Instantiate ``cfg.data``."""
+    from medvlp.datamodules import build_datamodule
+
+    return build_datamodule(to_container(cfg["data"]))
+
+
+def build_method(cfg: Mapping[str, Any], datamodule: Any | None = None) -> VLPMethod:
+    """Instantiate ``cfg.method``, filling unset image-encoder keys from the datamodule's hints."""
+    spec = to_container(cfg["method"])
+    cls = METHODS.get(spec["name"])
+    kwargs = dict(spec.get("init_args") or {})
+    if datamodule is not None:
+        enc = dict(kwargs.get("image_encoder") or {})
+        target = enc.get("init_args", enc) if "class_path" in enc else enc
+        for k, v in datamodule.encoder_hints().items():
+            target.setdefault(k, v)
+        kwargs["image_encoder"] = enc
+    return cls(**kwargs)
+
+
+def run_dir(cfg: Mapping[str, Any]) -> Path:
+    """``run.dir`` or ``<run.root>/<method>_<data>``."""
+    r = cfg["run"]
+    if r.get("dir"):
+        return Path(r["dir"])
+    data = cfg["data"]
+    tag = data["name"]
+    modality = (data.get("init_args") or {}).get("modality")
+    if modality:
+        tag = f"{tag}-{modality}"
+    return Path(r.get("root", "runs")) / f"{cfg['method']['name'].split('.')[-1]}_{tag}"
+
+
+def pretrain(cfg: DictConfig) -> Path:
+    """Pretrain per ``cfg``; returns the final checkpoint path.
+
+    The resolved config is saved as ``<run>/config.yaml``. Checkpoints go to ``<run>/checkpoints``
+    (``last.ckpt`` every ``run.checkpoint_every_n_steps`` and at the end, written atomically). With
+    ``run.resume`` a rerun continues from ``last.ckpt`` (loaded with ``weights_only=True``).
+    """
+    c = to_container(cfg)
+    out = run_dir(c)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(c, out / "config.yaml")
+    L.seed_everything(int(c["run"]["seed"]), workers=True)
+    dm = build_datamodule_from_config(c)
+    method = build_method(c, dm)
+    ckpt_dir = out / "checkpoints"
+    callback = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                               every_n_train_steps=int(c["run"]["checkpoint_every_n_steps"]),
+                               save_on_train_epoch_end=True)
+    trainer_kwargs = {k: v for k, v in c["trainer"].items() if v is not None}
+    trainer = L.Trainer(default_root_dir=str(out), callbacks=[callback], plugins=[AtomicCheckpointIO()],
+                        logger=CSVLogger(str(out), name="logs"), **trainer_kwargs)
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if (c["run"]["resume"] and last.is_file()) else None
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    start = time.time()
+    trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path,
+                weights_only=bool(c["run"].get("weights_only_resume", True)) if ckpt_path else None)
+    trainer.save_checkpoint(str(last))
+    summary = {"method": c["method"]["name"], "data": c["data"]["name"], "steps": trainer.global_step,
+               "seconds": round(time.time() - start, 2), "checkpoint": str(last),
+               "train_loss": _metric(trainer, "train/loss_epoch")}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return last
+
+
+def _metric(trainer: L.Trainer, key: str) -> float | None:
+    v = trainer.callback_metrics.get(key)
+    return float(v) if v is not None else None

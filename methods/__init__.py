@@ -1,0 +1,4 @@
+"""Built-in pretraining objectives (importing this registers them)."""
+from medvlp.methods.clip import CLIP
+
+__all__ = ["CLIP"]
