@@ -66,9 +66,19 @@ class VLPDataModule(L.LightningDataModule):
         self.skipped: Counter[str] = Counter()
 
     # subclasses ---------------------------------------------------------------------------
-    def build_dataset(self, split: str) -> Dataset:
-        """Return the dataset of ``split`` ∈ {train, val, test}."""
+    def build_dataset(self, split: str, augment: bool) -> Dataset:
+        """Return the dataset of ``split`` ∈ {train, val, test}; random augmentation only if ``augment``."""
         raise NotImplementedError
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return 2
+
+    @property
+    def dataset_version(self) -> str:
+        """Version tag recorded with every result row (release, generator version …)."""
+        return "unversioned"
 
     @property
     def label_names(self) -> list[str]:
@@ -85,13 +95,15 @@ class VLPDataModule(L.LightningDataModule):
         return {}
 
     # loaders ------------------------------------------------------------------------------
-    def dataset(self, split: str) -> Dataset:
-        """The (cached) dataset of ``split``."""
+    def dataset(self, split: str, augment: bool | None = None) -> Dataset:
+        """The (cached) dataset of ``split``; augmented by default only for ``train``."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if split not in self._datasets:
-            self._datasets[split] = self.build_dataset(split)
-        return self._datasets[split]
+        augment = split == "train" if augment is None else augment
+        key = f"{split}{'+aug' if augment else ''}"
+        if key not in self._datasets:
+            self._datasets[key] = self.build_dataset(split, augment)
+        return self._datasets[key]
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
         ds = self.dataset(split)
@@ -111,6 +123,6 @@ class VLPDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
-        """Deterministic loader for feature extraction."""
-        return DataLoader(self.dataset(split), batch_size=batch_size or self.batch_size, shuffle=False,
+        """Deterministic, non-augmented loader for feature extraction."""
+        return DataLoader(self.dataset(split, augment=False), batch_size=batch_size or self.batch_size, shuffle=False,
                           num_workers=self.num_workers, collate_fn=collate)

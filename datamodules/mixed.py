@@ -39,6 +39,10 @@ class MixedDataModule(VLPDataModule):
             raise ValueError("mixed datamodule needs at least one child in 'datamodules'")
         self.children = {k: build_datamodule(v) for k, v in datamodules.items()}
 
+    @property
+    def spatial_dims(self) -> int:
+        return max(dm.spatial_dims for dm in self.children.values())
+
     def prepare_data(self) -> None:
         for dm in self.children.values():
             dm.prepare_data()

@@ -133,8 +133,8 @@ class PhantomDataModule(VLPDataModule):
             raise ValueError(f"phantom modality must be one of {sorted(MODALITIES)}, got {modality!r}")
         self.modality = modality
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
-        _, self._label_names, self.spatial_dims = MODALITIES[modality]
-        self.size = [image_size] if self.spatial_dims == 2 else [int(v) for v in volume_size]
+        _, self._label_names, self._spatial_dims = MODALITIES[modality]
+        self.size = [image_size] if self._spatial_dims == 2 else [int(v) for v in volume_size]
         default_prev = {"xray": 0.3, "ct": 0.3, "mri": 0.35, "em": 0.5}[modality]
         self.prevalence = default_prev if prevalence is None else prevalence
         self.seed = seed
@@ -168,12 +168,20 @@ class PhantomDataModule(VLPDataModule):
         return generate_split(self.modality, split, self.sizes[split], self.size, self.seed, self.prevalence,
                               self.cache_dir, self.generate_workers)
 
-    def build_dataset(self, split: str) -> SampleListDataset:
+    @property
+    def spatial_dims(self) -> int:
+        return self._spatial_dims
+
+    @property
+    def dataset_version(self) -> str:
+        return f"phantom-v{GENERATOR_VERSION}-seed{self.seed}-{'x'.join(map(str, self.size))}"
+
+    def build_dataset(self, split: str, augment: bool) -> SampleListDataset:
         folder = self._folder(split)
         arrays = dict(np.load(folder / "arrays.npz"))
         records = json.loads((folder / "records.json").read_text())
         transform = None
-        if self.augment and split == "train":
+        if self.augment and augment:
             transform = Compose([RandScaleIntensityd("image", factors=0.1, prob=0.8),
                                  RandShiftIntensityd("image", offsets=0.1, prob=0.8)])
         label_names = self.label_names

@@ -5,7 +5,7 @@ A method subclasses it, adds heads, implements :meth:`VLPMethod.compute_losses` 
 owns ``training_step``/``validation_step``, logging, the non-finite guard, optimizer parameter groups
 and the warm-up cosine schedule, EMA (momentum) pairs, checkpoint metadata, and the encoder API that
 the benchmark harness uses: :meth:`encode_image`, :meth:`encode_text`, :meth:`image_feature_maps`,
-:meth:`image_backbone` and :meth:`zero_shot_classifier`.
+:meth:`image_representation`, :meth:`image_backbone` and :meth:`zero_shot_classifier`.
 """
 from __future__ import annotations
 
@@ -134,6 +134,10 @@ class VLPMethod(L.LightningModule):
         """Global image embedding ``(B, embed_dim)`` in the joint space."""
         z = self.image_proj(self.image_features(image)["pooled"])
         return F.normalize(z, dim=-1) if normalize else z
+
+    def image_representation(self, image: torch.Tensor) -> torch.Tensor:
+        """Backbone global feature ``(B, D_backbone)`` before projection (linear probing, as MGCA)."""
+        return self.image_features(image)["pooled"]
 
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
         """Global text embedding ``(B, embed_dim)`` of raw strings."""

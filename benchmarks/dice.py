@@ -1,0 +1,47 @@
+"""Dice definitions used in the literature, named so every number says which one it is.
+
+* ``foreground`` (default): MONAI ``DiceMetric(include_background=False, ignore_empty=True)``: Dice
+  of the foreground class(es) per image, averaged over images whose ground truth is non-empty (images
+  with an empty ground truth are excluded), then over classes. MMSeg/BenchX-comparable.
+* ``mgca_per_image``: MGCA's ``get_dice``: per-image binary Dice where an image with empty ground
+  truth and empty prediction scores 1 (and empty GT with a non-empty prediction scores 0), averaged
+  over all images. Inflated on datasets with many negatives; kept for comparison.
+* ``with_background``: MONAI ``include_background=True`` (GTGM's finetune code); inflated.
+"""
+from __future__ import annotations
+
+import torch
+from monai.metrics import DiceMetric
+
+DEFINITIONS = {
+    "foreground": "Dice of foreground classes per image (MONAI include_background=False, ignore_empty=True: "
+                  "images with empty ground truth excluded), mean over images then classes",
+    "mgca_per_image": "MGCA per-image binary Dice; empty GT & empty prediction = 1, mean over all images",
+    "with_background": "MONAI Dice with include_background=True (background counted), mean over images",
+}
+
+
+def dice_score(pred: torch.Tensor, target: torch.Tensor, num_classes: int, definition: str = "foreground") -> float:
+    """Dice of integer label maps ``pred`` and ``target`` shaped ``(B, 1, *spatial)``.
+
+    Raises:
+        ValueError: for an unknown definition, or when no image qualifies under ``foreground``.
+    """
+    if definition not in DEFINITIONS:
+        raise ValueError(f"unknown Dice definition {definition!r}; known: {sorted(DEFINITIONS)}")
+    if definition == "mgca_per_image":
+        p = (pred > 0).flatten(1).float()
+        t = (target > 0).flatten(1).float()
+        inter = (p * t).sum(1)
+        denom = p.sum(1) + t.sum(1)
+        per = torch.where(denom == 0, torch.ones_like(denom), 2 * inter / denom.clamp_min(1e-8))
+        return float(per.mean())
+    one_hot = lambda x: torch.nn.functional.one_hot(x[:, 0].long(), num_classes).movedim(-1, 1).float()  # noqa: E731
+    metric = DiceMetric(include_background=definition == "with_background", reduction="mean_batch",
+                        ignore_empty=True)
+    metric(one_hot(pred), one_hot(target))
+    per_class = metric.aggregate()
+    valid = per_class[~torch.isnan(per_class)]
+    if valid.numel() == 0:
+        raise ValueError("Dice undefined: no test image has a non-empty ground truth")
+    return float(valid.mean())

@@ -1,0 +1,80 @@
+"""The protocol contract: a benchmark takes an encoder (the method's API) and a datamodule and returns
+metric values with their definitions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from medvlp.benchmarks.features import FeatureCache
+
+
+@dataclass
+class MetricValue:
+    """One measured number and the sentence that defines it."""
+
+    metric: str
+    value: float
+    definition: str
+
+
+@dataclass
+class EvalContext:
+    """What a protocol gets: the model (encoder API), the datamodule, the feature cache and params."""
+
+    model: Any
+    datamodule: Any
+    features: FeatureCache
+    params: dict[str, Any] = field(default_factory=dict)
+    device: str | torch.device = "cpu"
+    work_dir: Path | None = None
+
+
+@dataclass
+class ProtocolResult:
+    """Metric values of one (fraction, seed) run plus the split hash of the training subset used."""
+
+    values: list[MetricValue]
+    split_hash: str = ""
+
+
+class Protocol:
+    """Base class of benchmark protocols.
+
+    Attributes:
+        name: registry name.
+        uses_fractions: runs per label fraction × seed (linear probe, fine-tune, segmentation);
+            otherwise once (fraction 1, seed 0).
+    """
+
+    name: ClassVar[str] = "protocol"
+    uses_fractions: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False
+    needs_mask: ClassVar[bool] = False
+
+    def applicable(self, ctx: EvalContext) -> str | None:
+        """``None`` when the protocol can run on this datamodule, else the reason it cannot."""
+        return None
+
+    def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
+        """Evaluate and return metric values."""
+        raise NotImplementedError
+
+
+def macro_auc(y: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:
+    """Mean ROC-AUC over classes that have both a positive and a negative (NaN labels ignored)."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for k in range(y.shape[1]):
+        ok = ~np.isnan(y[:, k])
+        yk = y[ok, k]
+        if len(np.unique(yk)) < 2:
+            continue
+        aucs.append(float(roc_auc_score(yk, scores[ok, k])))
+    if not aucs:
+        raise ValueError("no class has both positive and negative test labels: AUC undefined")
+    return float(np.mean(aucs)), aucs

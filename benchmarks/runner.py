@@ -1,0 +1,176 @@
+"""Suite runner: methods × datasets × protocols × fractions × seeds → one results CSV.
+
+A suite is YAML (packaged ``benchmarks/suites/<name>.yaml`` or a path); see README "Benchmark suites".
+Every unit is skipped on rerun when its rows exist; pretraining resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from medvlp.benchmarks.features import FeatureCache, model_fingerprint
+from medvlp.benchmarks.protocol import EvalContext
+from medvlp.benchmarks.results import ResultStore
+from medvlp.compose import compose, split_args
+from medvlp.config import load_yaml, merge, packaged_yaml, to_container
+from medvlp.method import load_method
+from medvlp.registry import BENCHMARKS
+from medvlp.train import build_datamodule_from_config, build_method, pretrain
+
+log = logging.getLogger(__name__)
+
+
+def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Load a packaged suite by name or a YAML path, applying dot-list overrides."""
+    p = Path(name_or_path)
+    cfg = load_yaml(p) if p.suffix in (".yaml", ".yml") or p.is_file() else packaged_yaml("medvlp.benchmarks.suites", name_or_path)
+    if not cfg:
+        raise FileNotFoundError(f"unknown suite {name_or_path!r} (no packaged suite or file of that name)")
+    cfg = merge(cfg, overrides=overrides)
+    suite = to_container(cfg)
+    for key in ("methods", "datasets", "protocols"):
+        if not suite.get(key):
+            raise ValueError(f"suite {name_or_path!r} needs a non-empty {key!r} mapping")
+    suite.setdefault("name", p.stem if p.suffix else name_or_path)
+    suite.setdefault("output", f"results/{suite['name']}")
+    return suite
+
+
+def _config_hash(cfg: Any) -> str:
+    return hashlib.sha1(json.dumps(to_container(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any]) -> Any:
+    args = [f"method={entry.get('method', label)}", f"preset={entry.get('preset', suite.get('preset', 'demo'))}"]
+    cfg = compose(args + list(entry.get("overrides", [])))
+    layers = [cfg, OmegaConf.create(suite.get("pretrain") or {})]
+    if entry.get("data"):
+        layers.append(OmegaConf.create({"data": entry["data"]}))
+    if entry.get("init_args"):
+        layers.append(OmegaConf.create({"method": {"init_args": entry["init_args"]}}))
+    if entry.get("trainer"):
+        layers.append(OmegaConf.create({"trainer": entry["trainer"]}))
+    cfg = merge(*layers, overrides=[f"run.dir={Path(suite['output']) / 'runs' / label}",
+                                    f"run.seed={suite.get('seed', 42)}"])
+    return cfg
+
+
+def obtain_model(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any]) -> tuple[Any, str, str]:
+    """Return ``(model, checkpoint, config_hash)`` for a suite method entry (pretraining if needed)."""
+    if entry.get("ckpt"):
+        return load_method(entry["ckpt"]), str(entry["ckpt"]), "external"
+    cfg = _method_config(suite, label, entry)
+    chash = _config_hash(cfg)
+    if entry.get("pretrain", True) is False:
+        L.seed_everything(int(suite.get("seed", 42)))
+        dm = build_datamodule_from_config(to_container(cfg))
+        return build_method(to_container(cfg), dm).eval(), "random-init", chash
+    out = Path(cfg.run.dir)
+    summary = out / "summary.json"
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if summary.is_file() and ckpt.is_file() and json.loads(summary.read_text()).get("steps", 0) >= int(cfg.trainer.max_steps):
+        log.info("%s: pretraining already finished (%s)", label, ckpt)
+    else:
+        log.info("%s: pretraining (%s steps)", label, cfg.trainer.max_steps)
+        ckpt = pretrain(cfg)
+    return load_method(str(ckpt)), str(ckpt), chash
+
+
+def _protocols(suite: Mapping[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]:
+    out = []
+    for key, params in suite["protocols"].items():
+        params = dict(params or {})
+        proto_cls = BENCHMARKS.get(params.pop("protocol", key))
+        out.append((key, proto_cls(), params))
+    return out
+
+
+def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
+    """Run every unit of ``suite``; returns the results CSV path."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(suite["output"])
+    store = ResultStore(out / "results.csv")
+    cache = FeatureCache(out / "features")
+    protocols = _protocols(suite)
+    datasets = {k: build_datamodule_from_config({"data": v}) for k, v in suite["datasets"].items()}
+    for dm in datasets.values():
+        dm.prepare_data()
+    for label, entry in suite["methods"].items():
+        entry = dict(entry or {})
+        model, ckpt, chash = obtain_model(suite, label, entry)
+        weights = model_fingerprint(model)
+        enc_dims = getattr(model.image_backbone(), "spatial_dims", None)
+        for ds_name, dm in datasets.items():
+            if enc_dims is not None and dm.spatial_dims not in enc_dims:
+                log.info("%s on %s: skipped (encoder supports %sD, data is %dD)", label, ds_name, list(enc_dims), dm.spatial_dims)
+                continue
+            for key, proto, params in protocols:
+                ctx = EvalContext(model, dm, cache, params, device, out)
+                reason = proto.applicable(ctx)
+                if reason:
+                    log.info("%s on %s: %s skipped (%s)", label, ds_name, key, reason)
+                    continue
+                fractions = params.get("fractions", [1.0]) if proto.uses_fractions else [1.0]
+                seeds = params.get("seeds", [0]) if proto.uses_fractions else [0]
+                pjson = json.dumps({k: v for k, v in params.items() if k not in ("fractions", "seeds")}, sort_keys=True)
+                for fraction in fractions:
+                    for seed in seeds:
+                        unit = dict(label=label, dataset=ds_name, protocol=key, params=pjson, fraction=fraction, seed=seed)
+                        if store.done(**unit):
+                            continue
+                        t0 = time.time()
+                        res = proto.run(ctx, float(fraction), int(seed))
+                        log.info("%s %s %s f=%g s=%d: %s (%.1fs)", label, ds_name, key, fraction, seed,
+                                 ", ".join(f"{v.metric}={v.value:.3f}" for v in res.values), time.time() - t0)
+                        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+                        store.add([{**unit, "suite": suite["name"], "method": entry.get("method", label),
+                                    "checkpoint": ckpt, "weights": weights, "dataset_version": dm.dataset_version,
+                                    "split_hash": res.split_hash, "metric": v.metric, "value": v.value,
+                                    "definition": v.definition, "config_hash": chash, "timestamp": now}
+                                   for v in res.values])
+    log.info("feature cache: %d hits, %d misses", cache.hits, cache.misses)
+    return store.path
+
+
+def benchmark_command(args: Sequence[str]) -> int:
+    """``medvlp benchmark suite=NAME [key=value ...]``."""
+    files, overrides = split_args(args)
+    name = next((o.split("=", 1)[1] for o in overrides if o.startswith("suite=")), None)
+    if name is None and files:
+        name = files[0]
+    if name is None:
+        raise ValueError("benchmark needs suite=NAME or a suite file")
+    rest = [o for o in overrides if not o.startswith("suite=") and not o.startswith("device=")]
+    device = next((o.split("=", 1)[1] for o in overrides if o.startswith("device=")), None)
+    path = run_suite(load_suite(name, rest), device)
+    print(f"results: {path}")
+    return 0
+
+
+def evaluate_command(args: Sequence[str]) -> int:
+    """``medvlp evaluate ckpt=PATH data=NAME [data.init_args.k=v] protocols=[a,b] out=DIR``."""
+    _, overrides = split_args(args)
+    cfg = OmegaConf.from_dotlist(overrides)
+    if "ckpt" not in cfg:
+        raise ValueError("evaluate needs ckpt=PATH")
+    data = to_container(cfg.get("data", {"name": "phantom"}))
+    if isinstance(data, str):
+        data = {"name": data}
+    protocols = cfg.get("protocols", ["zero_shot", "retrieval", "linear_probe"])
+    suite = {
+        "name": "evaluate",
+        "output": str(cfg.get("out", "results/evaluate")),
+        "methods": {Path(str(cfg.ckpt)).parent.parent.name or "model": {"ckpt": str(cfg.ckpt)}},
+        "datasets": {data["name"]: data},
+        "protocols": {p: to_container(cfg.get("protocol_params", {})).get(p, {}) for p in protocols},
+    }
+    print(f"results: {run_suite(suite, cfg.get('device'))}")
+    return 0

@@ -1,0 +1,188 @@
+"""2D and 3D segmentation on ``image_feature_maps``: frozen encoder (cached maps) or full fine-tune.
+
+The decoder is dimension-agnostic (``spatial_dims`` picks Conv2d/Conv3d, MONAI style): the encoder's
+multi-level maps (UNETR/SETR take ViT blocks 3/6/9/12) are concatenated, fused by a 1×1 conv, and
+upsampled ×2 per stage with conv-norm-ReLU blocks to the input size (SETR-PUP-like). Loss: MONAI
+DiceCE. Full fine-tuning uses MONAI sliding-window inference for volumes at test time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from torch import nn
+
+from medvlp.benchmarks.dice import DEFINITIONS, dice_score
+from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult
+from medvlp.benchmarks.splits import fraction_ids, split_hash
+from medvlp.registry import register_benchmark
+
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class ProgressiveDecoder(nn.Module):
+    """Fuse same-resolution encoder maps and upsample to the image size.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of each input map (summed after concatenation).
+        num_classes: output classes (background included).
+        width: decoder width.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, width: int = 64) -> None:
+        super().__init__()
+        conv, norm = CONV[spatial_dims], NORM[spatial_dims]
+        self.spatial_dims = spatial_dims
+        self.fuse = nn.Sequential(conv(in_channels, width, 1), norm(width), nn.ReLU(inplace=True))
+        self.refine = nn.Sequential(conv(width, width, 3, padding=1), norm(width), nn.ReLU(inplace=True))
+        self.head = conv(width, num_classes, 1)
+
+    def forward(self, maps: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
+        x = self.fuse(torch.cat(maps, 1))
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        while any(s * 2 <= t for s, t in zip(x.shape[2:], size)):
+            x = F.interpolate(x, scale_factor=[2 if s * 2 <= t else 1 for s, t in zip(x.shape[2:], size)],
+                              mode=mode, align_corners=False)
+            x = self.refine(x)
+        return self.head(F.interpolate(x, size=size, mode=mode, align_corners=False))
+
+
+def _collect(ctx: EvalContext, split: str, frozen: bool) -> tuple[list[Any], torch.Tensor, list[str]]:
+    """Feature maps (frozen) or images, with masks and ids, for a split."""
+    xs, masks, ids = [], [], []
+    model = ctx.model.eval().to(ctx.device)
+    with torch.no_grad():
+        for batch in ctx.datamodule.eval_dataloader(split, 16):
+            img = batch["image"].to(ctx.device)
+            if frozen:
+                maps = model.image_feature_maps(img)
+                xs.extend([[m[i].cpu() for m in maps] for i in range(img.shape[0])])
+            else:
+                xs.extend([img[i].cpu() for i in range(img.shape[0])])
+            masks.append(batch["mask"].long())
+            if "meta" in batch:
+                ids.extend(str(m["id"]) for m in batch["meta"])
+            else:
+                ids.extend(str(len(ids) + i) for i in range(img.shape[0]))
+    return xs, torch.cat(masks), ids
+
+
+@register_benchmark("segmentation")
+class Segmentation(Protocol):
+    """Segmentation Dice on the test split (see :mod:`medvlp.benchmarks.dice` for definitions).
+
+    Params:
+        mode: ``frozen`` (default; encoder maps computed once and cached, MGCA's protocol) or ``full``
+            (encoder fine-tuned with lr × ``backbone_lr_mult``).
+        epochs: decoder training epochs (default 30).
+        lr: decoder learning rate (default 1e-3); ``backbone_lr_mult`` (default 0.1).
+        batch_size: default 16. ``dice``: definition name (default ``foreground``); every definition
+            listed in ``extra_dice`` is reported too (default ``[mgca_per_image]``).
+        roi_size: sliding-window ROI for full fine-tuning of volumes (default: training size).
+    """
+
+    name = "segmentation"
+    uses_fractions = True
+    needs_mask = True
+
+    def applicable(self, ctx: EvalContext) -> str | None:
+        sample = ctx.datamodule.dataset("test", augment=False)[0]
+        return None if "mask" in sample else "dataset has no masks"
+
+    def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
+        p = ctx.params
+        frozen = p.get("mode", "frozen") == "frozen"
+        if not frozen and p.get("mode") != "full":
+            raise ValueError(f"segmentation mode must be frozen|full, got {p.get('mode')!r}")
+        torch.manual_seed(seed)
+        train_x, train_y, train_ids = _collect(ctx, "train", frozen)
+        test_x, test_y, _ = _collect(ctx, "test", frozen)
+        chosen = fraction_ids(train_ids, fraction, seed)
+        pos = {s: i for i, s in enumerate(train_ids)}
+        rows = [pos[s] for s in chosen]
+        num_classes = int(max(int(train_y.max()), int(test_y.max()), 1)) + 1
+        sd = train_y.ndim - 2
+        size = tuple(train_y.shape[2:])
+        model = ctx.model.to(ctx.device)
+        if frozen:
+            in_ch = sum(m.shape[0] for m in train_x[0])
+        else:
+            with torch.no_grad():
+                in_ch = sum(m.shape[1] for m in model.eval().image_feature_maps(train_x[0][None].to(ctx.device)))
+        decoder = ProgressiveDecoder(sd, in_ch, num_classes, int(p.get("width", 64))).to(ctx.device)
+        params = [{"params": decoder.parameters(), "lr": float(p.get("lr", 1e-3))}]
+        if not frozen:
+            model.train()
+            params.append({"params": model.image_backbone().parameters(),
+                           "lr": float(p.get("lr", 1e-3)) * float(p.get("backbone_lr_mult", 0.1))})
+        opt = torch.optim.AdamW(params, weight_decay=1e-4)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        bs = int(p.get("batch_size", 16))
+        g = torch.Generator().manual_seed(seed)
+        epochs = int(p.get("epochs", 30))
+        steps_per_epoch = max(1, math.ceil(len(rows) / bs))
+        for _ in range(epochs * steps_per_epoch):
+            idx = [rows[i] for i in torch.randint(len(rows), (min(bs, len(rows)),), generator=g).tolist()]
+            y = train_y[idx].to(ctx.device)
+            logits = decoder(self._maps(model, train_x, idx, frozen, ctx.device), size)
+            loss = loss_fn(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        decoder.eval()
+        model.eval()
+        preds = []
+        with torch.no_grad():
+            for start in range(0, len(test_x), bs):
+                idx = list(range(start, min(start + bs, len(test_x))))
+                if frozen or sd == 2:
+                    logits = decoder(self._maps(model, test_x, idx, frozen, ctx.device), size)
+                else:
+                    roi = tuple(p.get("roi_size", size))
+                    imgs = torch.stack([test_x[i] for i in idx]).to(ctx.device)
+                    logits = sliding_window_inference(
+                        imgs, roi, 2, lambda x: decoder(model.image_feature_maps(x), tuple(x.shape[2:])))
+                preds.append(logits.argmax(1, keepdim=True).cpu())
+        pred = torch.cat(preds)
+        main = p.get("dice", "foreground")
+        names = [main] + [d for d in p.get("extra_dice", ["mgca_per_image"]) if d != main]
+        mode = "frozen encoder" if frozen else "full fine-tune"
+        values = [MetricValue(f"dice_{d}" if d != "foreground" else "dice", dice_score(pred, test_y, num_classes, d),
+                              f"{DEFINITIONS[d]}; {mode}, {epochs} epochs on {len(rows)} train images, N_test={len(test_x)}")
+                  for d in names]
+        return ProtocolResult(values, split_hash(chosen))
+
+    @staticmethod
+    def _maps(model: Any, xs: list[Any], idx: list[int], frozen: bool, device: Any) -> list[torch.Tensor]:
+        if frozen:
+            return [torch.stack([xs[i][level] for i in idx]).to(device) for level in range(len(xs[idx[0]]))]
+        return model.image_feature_maps(torch.stack([xs[i] for i in idx]).to(device))
+
+
+def voi(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """Variation of information (split, merge) between two instance labelings (0 = ignored in target).
+
+    ``VOI = H(pred|target) + H(target|pred)``, computed on voxels where ``target > 0``.
+    """
+    ok = target.ravel() > 0
+    a, b = pred.ravel()[ok].astype(np.int64), target.ravel()[ok].astype(np.int64)
+    n = a.size
+    if n == 0:
+        raise ValueError("VOI undefined: target has no labeled voxels")
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    joint = np.zeros((ai.max() + 1, bi.max() + 1))
+    np.add.at(joint, (ai, bi), 1)
+    pj = joint / n
+    pa, pb = pj.sum(1), pj.sum(0)
+    nz = pj > 0
+    h_a_given_b = -(pj[nz] * np.log(pj[nz] / pb[np.nonzero(nz)[1]])).sum()
+    h_b_given_a = -(pj[nz] * np.log(pj[nz] / pa[np.nonzero(nz)[0]])).sum()
+    return float(h_a_given_b), float(h_b_given_a)
