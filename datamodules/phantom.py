@@ -30,7 +30,7 @@ from medvlp.io import atomic_write_bytes, atomic_write_text
 from medvlp.registry import register_datamodule
 
 log = logging.getLogger(__name__)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MODALITIES = {
     "xray": (render_xray, XRAY_LABELS, 2),
     "ct": (render_ct, CT_LABELS, 3),

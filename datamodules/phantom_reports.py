@@ -106,6 +106,12 @@ def write_report(findings: list[Finding], label_names: list[str], modality: str,
         if name not in positives and rng.random() < p_negation:
             opts = NEGATIVE[name]
             sentences.append((opts[int(rng.integers(len(opts)))], ("", name.lower(), "negative")))
+    if modality == "xray":  # normal statements about named zones (region–sentence pairs for ASG)
+        used = {(f.side, f.zone) for f in findings}
+        zones = [(sd, z) for sd in ("right", "left") for z in ("upper", "mid", "lower") if (sd, z) not in used]
+        for k in rng.choice(len(zones), size=min(2, len(zones)), replace=False):
+            sd, z = zones[int(k)]
+            sentences.append((f"The {sd} {z} lung zone is clear.", (f"{sd} {z}", "", "negative")))
     order = rng.permutation(len(sentences))
     sentences = [sentences[i] for i in order]
     if rng.random() < 0.5:

@@ -1,0 +1,209 @@
+"""Radiology report processing: sections, sentences, and <region, finding, existence> triplets.
+
+* :func:`parse_sections` – MIMIC-CXR section headers (``\\n FINDINGS:``), MGCA's regex and name
+  normalisation (``conclusion`` → ``impression``).
+* :func:`split_sentences` – sentence spans (character offsets kept, so token features can be pooled
+  per sentence).
+* :class:`TripletParser` – rule-based extraction of ``(region, finding, existence)`` with NegEx-style
+  negation (pre- and post-negation cues) and uncertainty cues; region and finding vocabularies are
+  configurable (defaults: Chest ImaGenome-style lung regions and ASG-style finding tags).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+SECTION_RE = re.compile(r"\n ?([A-Z][A-Z ()/,-]+):\s")
+SECTION_ALIASES = {"conclusion": "impression", "impressions": "impression", "finding": "findings",
+                   "summary": "impression", "comparisons": "comparison", "history": "indication"}
+
+
+def parse_sections(text: str) -> dict[str, str]:
+    """Split a report into lower-case sections; text before the first header is ``preamble``."""
+    text = "\n" + text.replace("\r\n", "\n")
+    out: dict[str, str] = {}
+    matches = list(SECTION_RE.finditer(text))
+    if not matches:
+        return {"preamble": " ".join(text.split())}
+    if matches[0].start() > 0 and text[: matches[0].start()].strip():
+        out["preamble"] = " ".join(text[: matches[0].start()].split())
+    for m, nxt in zip(matches, matches[1:] + [None]):
+        name = m.group(1).strip().lower()
+        name = SECTION_ALIASES.get(name, name)
+        body = text[m.end(): nxt.start() if nxt else len(text)]
+        body = " ".join(body.split())
+        out[name] = (out[name] + " " + body).strip() if name in out else body
+    return out
+
+
+_SENT_RE = re.compile(r"[^.!?\n]+(?:[.!?]+|$)")
+
+
+def split_sentences(text: str, min_words: int = 1) -> list[tuple[int, int, str]]:
+    """Sentence spans ``(start, end, sentence)`` with offsets into ``text``.
+
+    Splits on ``.``, ``!``, ``?`` and newlines; decimal points inside numbers (``2.5 cm``) do not split.
+    """
+    protected = re.sub(r"(?<=\d)\.(?=\d)", "\x00", text)
+    out = []
+    for m in _SENT_RE.finditer(protected):
+        s = m.group(0)
+        stripped = s.strip()
+        if not stripped or len(re.findall(r"\w+", stripped)) < min_words:
+            continue
+        start = m.start() + (len(s) - len(s.lstrip()))
+        end = start + len(stripped)
+        out.append((start, end, text[start:end]))
+    return out
+
+
+# Chest ImaGenome-style regions with surface forms (lower case; "{side}" expands to right/left).
+DEFAULT_REGIONS: dict[str, list[str]] = {
+    "right upper lung zone": ["right upper lung", "right upper lobe", "right upper zone"],
+    "right mid lung zone": ["right mid lung", "right middle lobe", "right mid zone", "right middle lung"],
+    "right lower lung zone": ["right lower lung", "right lower lobe", "right base", "right basilar", "right lung base"],
+    "left upper lung zone": ["left upper lung", "left upper lobe", "left upper zone"],
+    "left mid lung zone": ["left mid lung", "left mid zone", "lingula", "left middle lung"],
+    "left lower lung zone": ["left lower lung", "left lower lobe", "left base", "left basilar", "left lung base"],
+    "right apical zone": ["right apical", "right apex", "right apices"],
+    "left apical zone": ["left apical", "left apex"],
+    "right costophrenic angle": ["right costophrenic", "right pleural"],
+    "left costophrenic angle": ["left costophrenic", "left pleural"],
+    "cardiac silhouette": ["heart", "cardiac", "cardiomegaly", "cardiomediastinal"],
+    "mediastinum": ["mediastinal", "mediastinum", "hilar", "hila"],
+}
+# ASG's official vocabulary (40 tags in a non-released labels.pickle) is approximated by common
+# chest X-ray finding terms; each tag lists its surface forms.
+DEFAULT_TAGS: dict[str, list[str]] = {
+    "pleural effusion": ["pleural effusion", "effusion", "effusions", "pleural fluid"],
+    "opacity": ["opacity", "opacities", "opacification"],
+    "consolidation": ["consolidation", "airspace disease", "airspace opacity"],
+    "atelectasis": ["atelectasis", "atelectatic"],
+    "pneumothorax": ["pneumothorax", "pneumothoraces"],
+    "edema": ["edema", "vascular congestion", "congestion"],
+    "cardiomegaly": ["cardiomegaly", "heart size is enlarged", "cardiac silhouette is enlarged", "enlarged heart",
+                     "heart is enlarged", "heart size is enlarged"],
+    "nodule": ["nodule", "nodules", "nodular"],
+    "mass": ["mass", "masses"],
+    "pneumonia": ["pneumonia", "infection"],
+    "fracture": ["fracture", "fractures"],
+    "emphysema": ["emphysema", "hyperinflation", "hyperinflated"],
+    "fibrosis": ["fibrosis", "fibrotic", "scarring"],
+    "calcification": ["calcification", "calcified"],
+    "hernia": ["hernia"],
+    "support device": ["tube", "catheter", "line", "pacemaker", "device"],
+    "enlarged cardiomediastinum": ["widened mediastinum", "mediastinal widening", "enlarged cardiomediastinal"],
+    "lung lesion": ["lesion", "lesions"],
+    "thickening": ["thickening"],
+    "granuloma": ["granuloma", "granulomas"],
+}
+NEG_PRE = ["no", "not", "without", "negative for", "free of", "clear of", "absence of", "resolved", "no evidence of",
+           "there is no", "there are no", "rule out"]
+NEG_POST = ["is not seen", "are not seen", "is absent", "are absent", "not identified", "has resolved",
+            "have resolved", "is not present", "within normal limits", "is normal", "are normal", "normal in size"]
+UNCERTAIN = ["may", "possible", "possibly", "likely", "probable", "suggest", "suggests", "suggestive", "cannot be excluded",
+             "can not be excluded", "concerning for", "versus", "questionable", "could"]
+NORMAL_CUES = {"cardiomegaly": ["heart size is normal", "cardiac silhouette is within normal limits",
+                                "heart is normal in size", "normal heart size"]}
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """``(region, finding, existence)``; region ``""`` when no anatomical region is named;
+    existence ∈ {positive, negative, uncertain}."""
+
+    region: str
+    finding: str
+    existence: str
+    sentence: int
+
+
+def _compile(forms: Iterable[str]) -> re.Pattern[str]:
+    alts = sorted({re.escape(f) for f in forms}, key=len, reverse=True)
+    return re.compile(r"\b(" + "|".join(alts) + r")\b")
+
+
+class TripletParser:
+    """Rule-based report → triplet parser.
+
+    Args:
+        regions: region name → surface forms (default :data:`DEFAULT_REGIONS`).
+        tags: finding tag → surface forms (default :data:`DEFAULT_TAGS`).
+    """
+
+    def __init__(self, regions: Mapping[str, Sequence[str]] | None = None,
+                 tags: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.regions = {k: list(v) for k, v in (regions or DEFAULT_REGIONS).items()}
+        self.tags = {k: list(v) for k, v in (tags or DEFAULT_TAGS).items()}
+        self._region_re = {k: _compile(v) for k, v in self.regions.items()}
+        self._tag_re = {k: _compile(v) for k, v in self.tags.items()}
+        self._neg_pre = _compile(NEG_PRE)
+        self._neg_post = _compile(NEG_POST)
+        self._unc = _compile(UNCERTAIN)
+        self._normal = {k: _compile(v) for k, v in NORMAL_CUES.items()}
+
+    @property
+    def region_names(self) -> list[str]:
+        """Region vocabulary in index order."""
+        return list(self.regions)
+
+    @property
+    def tag_names(self) -> list[str]:
+        """Finding-tag vocabulary in index order."""
+        return list(self.tags)
+
+    def existence(self, sentence: str, start: int, end: int) -> str:
+        """Existence of the finding mentioned at ``sentence[start:end]``."""
+        s = sentence.lower()
+        before = s[:start]
+        clause_start = max(before.rfind(";"), before.rfind(" but "), before.rfind(" however"))
+        before = before[clause_start + 1:] if clause_start >= 0 else before
+        after = s[end:]
+        if self._neg_pre.search(before) or self._neg_post.search(after[:60]):
+            return "negative"
+        if self._unc.search(before) or self._unc.search(after[:40]):
+            return "uncertain"
+        return "positive"
+
+    def sentence_regions(self, sentence: str) -> list[str]:
+        """Regions named in one sentence (``bilateral`` names both sides of a zone)."""
+        s = sentence.lower()
+        s = re.sub(r"\bbilateral (upper|mid|middle|lower)\b", r"right \1 and left \1", s)
+        found = [name for name, rx in self._region_re.items() if rx.search(s)]
+        for side in ("right", "left"):  # "right pleural effusion" → costophrenic angle of that side
+            if re.search(rf"\b{side}\b[^.]*\beffusion", s) and f"{side} costophrenic angle" not in found:
+                found.append(f"{side} costophrenic angle")
+            if re.search(rf"\b{side}\b[^.]*\bapical|\bapical[^.]*\b{side}\b", s) and f"{side} apical zone" not in found:
+                found.append(f"{side} apical zone")
+        return [r for r in self.regions if r in found]
+
+    def parse(self, report: str) -> list[Triplet]:
+        """All triplets of a report (one per finding mention × named region, or region ``""``)."""
+        out: list[Triplet] = []
+        for i, (_, _, sent) in enumerate(split_sentences(report)):
+            low = sent.lower()
+            regions = self.sentence_regions(sent) or [""]
+            for tag, rx in self._tag_re.items():
+                m = rx.search(low)
+                if m is None:
+                    continue
+                ex = self.existence(sent, m.start(), m.end())
+                for region in regions:
+                    out.append(Triplet(region, tag, ex, i))
+            for tag, rx in self._normal.items():
+                if rx.search(low) and not any(t.finding == tag and t.sentence == i for t in out):
+                    out.extend(Triplet(region, tag, "negative", i) for region in regions)
+        return out
+
+    def tag_vector(self, triplets: Sequence[Triplet]) -> list[float]:
+        """Per tag: 1 positive, −1 uncertain, 0 negative or not mentioned (positive wins)."""
+        vec = [0.0] * len(self.tags)
+        index = {t: i for i, t in enumerate(self.tags)}
+        for t in triplets:
+            k = index[t.finding]
+            if t.existence == "positive":
+                vec[k] = 1.0
+            elif t.existence == "uncertain" and vec[k] == 0.0:
+                vec[k] = -1.0
+        return vec
