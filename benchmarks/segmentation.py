@@ -1,7 +1,8 @@
 """2D and 3D segmentation on ``image_feature_maps``: frozen encoder (cached maps) or full fine-tune.
 
 The decoder is dimension-agnostic (``spatial_dims`` picks Conv2d/Conv3d, MONAI style): the encoder's
-multi-level maps (UNETR/SETR take ViT blocks 3/6/9/12) are concatenated, fused by a 1×1 conv, and
+multi-level maps (UNETR/SETR take ViT blocks 3/6/9/12; Swin gives its stage maps, resized to the finest)
+are concatenated, fused by a 1×1 conv, and
 upsampled ×2 per stage with conv-norm-ReLU blocks to the input size (SETR-PUP-like). Loss: MONAI
 DiceCE. Full fine-tuning uses MONAI sliding-window inference for volumes at test time.
 """
@@ -45,8 +46,11 @@ class ProgressiveDecoder(nn.Module):
         self.head = conv(width, num_classes, 1)
 
     def forward(self, maps: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
-        x = self.fuse(torch.cat(maps, 1))
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        finest = max((m.shape[2:] for m in maps), key=lambda s: torch.Size(s).numel())
+        maps = [m if m.shape[2:] == finest else F.interpolate(m, size=finest, mode=mode, align_corners=False)
+                for m in maps]
+        x = self.fuse(torch.cat(maps, 1))
         while any(s * 2 <= t for s, t in zip(x.shape[2:], size)):
             x = F.interpolate(x, scale_factor=[2 if s * 2 <= t else 1 for s, t in zip(x.shape[2:], size)],
                               mode=mode, align_corners=False)

@@ -94,6 +94,10 @@ class VLPDataModule(L.LightningDataModule):
         """Image-encoder settings implied by the data (``spatial_dims``, sizes); unset keys are filled."""
         return {}
 
+    def method_hints(self) -> dict[str, Any]:
+        """Method arguments implied by the data, filled when the method accepts them and they are unset."""
+        return {"class_names": self.label_names} if self.label_names else {}
+
     # loaders ------------------------------------------------------------------------------
     def dataset(self, split: str, augment: bool | None = None) -> Dataset:
         """The (cached) dataset of ``split``; augmented by default only for ``train``."""

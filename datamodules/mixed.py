@@ -28,16 +28,21 @@ class MixedDataModule(VLPDataModule):
     """Joint training over several datamodules keyed by a name (normally the modality).
 
     Args:
-        datamodules: ``{key: {name, init_args}}``; each child keeps its own batch size.
+        datamodules: ``{key: {name, init_args}}``.
+        **shared: init args given to every child (``batch_size``, sizes …); a child's own
+            ``init_args`` win.
     """
 
     name = "mixed"
 
-    def __init__(self, datamodules: Mapping[str, Mapping[str, Any]], **loader_kwargs: Any) -> None:
-        super().__init__(**loader_kwargs)
+    def __init__(self, datamodules: Mapping[str, Mapping[str, Any]], **shared: Any) -> None:
+        super().__init__(**{k: v for k, v in shared.items() if k in ("batch_size", "num_workers")})
         if not datamodules:
             raise ValueError("mixed datamodule needs at least one child in 'datamodules'")
-        self.children = {k: build_datamodule(v) for k, v in datamodules.items()}
+        self.children = {
+            k: build_datamodule({**v, "init_args": {**shared, **dict(v.get("init_args") or {})}})
+            for k, v in datamodules.items()
+        }
 
     @property
     def spatial_dims(self) -> int:

@@ -147,6 +147,8 @@ class VLPMethod(L.LightningModule):
     def image_feature_maps(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Multi-level backbone maps ``(B, D, *grid)`` for segmentation decoders."""
         feats = self.image_features(image)
+        if "maps" in feats:  # hierarchical encoders (Swin) return their stage maps directly
+            return list(feats["maps"])  # type: ignore[typeddict-item]
         return [tokens_to_map(h, feats["grid"]) for h in feats["hidden"]]
 
     def image_backbone(self) -> nn.Module:

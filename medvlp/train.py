@@ -1,6 +1,7 @@
 """Build a datamodule + method from a config and pretrain with resumable, atomic checkpoints."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -36,7 +37,8 @@ def build_datamodule_from_config(cfg: Mapping[str, Any]) -> Any:
 
 
 def build_method(cfg: Mapping[str, Any], datamodule: Any | None = None) -> VLPMethod:
-    """Instantiate ``cfg.method``, filling unset image-encoder keys from the datamodule's hints."""
+    """Instantiate ``cfg.method``, filling unset image-encoder keys from the datamodule's
+    ``encoder_hints()`` and unset method arguments from its ``method_hints()`` (e.g. ``class_names``)."""
     spec = to_container(cfg["method"])
     cls = METHODS.get(spec["name"])
     kwargs = dict(spec.get("init_args") or {})
@@ -46,6 +48,10 @@ def build_method(cfg: Mapping[str, Any], datamodule: Any | None = None) -> VLPMe
         for k, v in datamodule.encoder_hints().items():
             target.setdefault(k, v)
         kwargs["image_encoder"] = enc
+        accepted = inspect.signature(cls.__init__).parameters
+        for k, v in datamodule.method_hints().items():
+            if k in accepted and kwargs.get(k) is None:
+                kwargs[k] = v
     return cls(**kwargs)
 
 

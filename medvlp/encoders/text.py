@@ -126,6 +126,23 @@ class TextEncoder(nn.Module):
         for layer in list(layers)[:n]:
             layer.requires_grad_(False)
 
+    def input_embeddings(self) -> nn.Module:
+        """The word-embedding layer (for continuous prompts)."""
+        return self.model.get_input_embeddings()
+
+    def special_ids(self) -> tuple[int, int, int]:
+        """``(cls_id, sep_id, pad_id)`` of the tokenizer."""
+        t = self.tokenizer
+        return int(t.cls_token_id), int(t.sep_token_id), int(t.pad_token_id)
+
+    def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled output for sequences given as input embeddings (prompt learning)."""
+        tokens = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return tokens[:, 0]
+        w = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise raw strings (with character offsets) on the model's device."""
         if isinstance(texts, str):
