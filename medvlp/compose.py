@@ -1,7 +1,8 @@
 """Compose a run configuration from defaults, packaged YAMLs, user files and dot-list overrides.
 
 Precedence (later wins): built-in defaults < ``methods/<method>.yaml`` < ``datamodules/<data>.yaml`` <
-``presets/<preset>.yaml`` < ``-c FILE`` files < ``key=value`` overrides. Shorthands: ``method=NAME``,
+the method's ``example_data`` (only when no ``data`` is given) < ``presets/<preset>.yaml`` < ``-c FILE``
+files < ``key=value`` overrides. Shorthands: ``method=NAME``,
 ``data=NAME``, ``preset=NAME``, ``suite=NAME``.
 """
 from __future__ import annotations
@@ -67,13 +68,21 @@ def compose(args: Sequence[str], defaults: dict[str, Any] | None = None) -> Dict
     base = OmegaConf.create(defaults or DEFAULTS)
     user = merge(*[load_yaml(f) for f in files], overrides=overrides) if (files or overrides) else OmegaConf.create({})
     method = OmegaConf.select(user, "method.name", default=base.method.name)
-    data = OmegaConf.select(user, "data.name", default=base.data.name)
+    data = OmegaConf.select(user, "data.name", default=None)
+    example_layer = OmegaConf.create({})
+    if data is None:  # the method's own example data (e.g. GTGM: CT with captions, UniMedI: X-ray + CT)
+        from medvlp.registry import METHODS
+
+        example = dict(getattr(METHODS.get(str(method)), "example_data", None) or {"name": base.data.name})
+        data = example["name"]
+        example_layer = OmegaConf.create({"data": {"name": data, "init_args": example.get("init_args", {})}})
     preset = OmegaConf.select(user, "preset", default=base.preset)
     layers = [base]
     if "." not in str(method):
         layers.append(OmegaConf.create({"method": {"init_args": packaged_yaml("medvlp.methods", method)}}))
     if "." not in str(data):
         layers.append(OmegaConf.create({"data": {"init_args": packaged_yaml("medvlp.datamodules", data)}}))
+    layers.append(example_layer)
     if preset:
         p = packaged_yaml("medvlp.presets", preset)
         if not p:

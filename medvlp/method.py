@@ -60,6 +60,8 @@ class VLPMethod(L.LightningModule):
 
     name: ClassVar[str] = "base"
     required_keys: ClassVar[frozenset[str]] = frozenset({"image", "text"})
+    #: datamodule spec this method trains on in the demo and the contract tests
+    example_data: ClassVar[dict[str, Any]] = {"name": "phantom", "init_args": {"modality": "xray"}}
 
     def __init__(
         self,

@@ -61,10 +61,10 @@ def split_sentences(text: str, min_words: int = 1) -> list[tuple[int, int, str]]
 # Chest ImaGenome-style regions with surface forms (lower case; "{side}" expands to right/left).
 DEFAULT_REGIONS: dict[str, list[str]] = {
     "right upper lung zone": ["right upper lung", "right upper lobe", "right upper zone"],
-    "right mid lung zone": ["right mid lung", "right middle lobe", "right mid zone", "right middle lung"],
+    "right mid lung zone": ["right mid lung", "right midlung", "right middle lobe", "right mid zone", "right middle lung"],
     "right lower lung zone": ["right lower lung", "right lower lobe", "right base", "right basilar", "right lung base"],
     "left upper lung zone": ["left upper lung", "left upper lobe", "left upper zone"],
-    "left mid lung zone": ["left mid lung", "left mid zone", "lingula", "left middle lung"],
+    "left mid lung zone": ["left mid lung", "left midlung", "left mid zone", "lingula", "left middle lung"],
     "left lower lung zone": ["left lower lung", "left lower lobe", "left base", "left basilar", "left lung base"],
     "right apical zone": ["right apical", "right apex", "right apices"],
     "left apical zone": ["left apical", "left apex"],

@@ -30,5 +30,6 @@ def roi_align(feature_map: torch.Tensor, boxes: torch.Tensor, image_size: tuple[
     gy = (ys + 0.5) / h_img * 2 - 1
     grid = torch.stack(torch.broadcast_tensors(gx[..., None, :], gy[..., :, None]), dim=-1)  # (B, R, S, S, 2)
     grid = grid.reshape(b, r * samples, samples, 2)
-    sampled = F.grid_sample(feature_map, grid, mode="bilinear", align_corners=False)  # (B, D, R*S, S)
+    # torchvision RoIAlign clamps sample points into the map: border padding, not zeros
+    sampled = F.grid_sample(feature_map, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return sampled.reshape(b, d, r, samples * samples).mean(-1).transpose(1, 2)

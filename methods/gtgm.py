@@ -78,6 +78,8 @@ class GTGM(VLPMethod):
 
     name: ClassVar[str] = "gtgm"
     required_keys: ClassVar[frozenset[str]] = frozenset({"image", "caption"})
+    example_data: ClassVar[dict[str, Any]] = {
+        "name": "phantom", "init_args": {"modality": "ct", "captions": {"type": "template"}}}
 
     def __init__(self, barlow_lambda: float = 0.0051, view_crop: float = 0.85, **kwargs: Any) -> None:
         super().__init__(**kwargs)
