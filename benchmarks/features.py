@@ -53,6 +53,8 @@ def extract(model: Any, datamodule: Any, split: str, device: str | torch.device 
     reps, embs, tembs, labels, ids, texts = [], [], [], [], [], []
     n_classes = len(datamodule.label_names)
     for batch in datamodule.eval_dataloader(split, batch_size):
+        if batch is None:  # all samples skipped under the datamodule's policy
+            continue
         image = batch["image"].to(device)
         reps.append(model.image_representation(image).float().cpu())
         embs.append(model.encode_image(image).float().cpu())
@@ -84,7 +86,8 @@ class FeatureCache:
 
     def key(self, model: Any, datamodule: Any, split: str) -> str:
         """Cache key for this (weights, dataset, split)."""
-        parts = [model_fingerprint(model), type(datamodule).__name__, datamodule.dataset_version, split]
+        parts = [model_fingerprint(model), type(datamodule).__name__, datamodule.dataset_version, split,
+                 len(datamodule.dataset(split, augment=False))]
         return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:20]
 
     def get(self, model: Any, datamodule: Any, split: str, device: str | torch.device = "cpu") -> Features:

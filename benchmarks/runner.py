@@ -50,6 +50,8 @@ def _config_hash(cfg: Any) -> str:
 
 def _method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any]) -> Any:
     args = [f"method={entry.get('method', label)}", f"preset={entry.get('preset', suite.get('preset', 'demo'))}"]
+    if entry.get("data"):
+        args.append(f"data={entry['data']['name']}")  # loads that datamodule's packaged defaults
     cfg = compose(args + list(entry.get("overrides", [])))
     layers = [cfg, OmegaConf.create(suite.get("pretrain") or {})]
     if entry.get("data"):

@@ -8,6 +8,7 @@ DiceCE. Full fine-tuning uses MONAI sliding-window inference for volumes at test
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -35,15 +36,19 @@ class ProgressiveDecoder(nn.Module):
         in_channels: channels of each input map (summed after concatenation).
         num_classes: output classes (background included).
         width: decoder width.
+        max_stages: at most this many ×2 conv stages; the logits are then interpolated to the input
+            size (SETR-naive style beyond that; keeps 3D decoding affordable on CPU).
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, width: int = 64) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, width: int = 64,
+                 max_stages: int = 2) -> None:
         super().__init__()
         conv, norm = CONV[spatial_dims], NORM[spatial_dims]
         self.spatial_dims = spatial_dims
         self.fuse = nn.Sequential(conv(in_channels, width, 1), norm(width), nn.ReLU(inplace=True))
         self.refine = nn.Sequential(conv(width, width, 3, padding=1), norm(width), nn.ReLU(inplace=True))
         self.head = conv(width, num_classes, 1)
+        self.max_stages = max_stages
 
     def forward(self, maps: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
@@ -51,19 +56,23 @@ class ProgressiveDecoder(nn.Module):
         maps = [m if m.shape[2:] == finest else F.interpolate(m, size=finest, mode=mode, align_corners=False)
                 for m in maps]
         x = self.fuse(torch.cat(maps, 1))
-        while any(s * 2 <= t for s, t in zip(x.shape[2:], size)):
+        stages = 0
+        while stages < self.max_stages and any(s * 2 <= t for s, t in zip(x.shape[2:], size)):
+            stages += 1
             x = F.interpolate(x, scale_factor=[2 if s * 2 <= t else 1 for s, t in zip(x.shape[2:], size)],
                               mode=mode, align_corners=False)
             x = self.refine(x)
         return self.head(F.interpolate(x, size=size, mode=mode, align_corners=False))
 
 
-def _collect(ctx: EvalContext, split: str, frozen: bool) -> tuple[list[Any], torch.Tensor, list[str]]:
-    """Feature maps (frozen) or images, with masks and ids, for a split."""
-    xs, masks, ids = [], [], []
+def _collect(ctx: EvalContext, split: str, frozen: bool) -> tuple[list[Any], torch.Tensor, list[str], torch.Tensor | None]:
+    """Feature maps (frozen) or images, with masks, ids and (EM) instance labels, for a split."""
+    xs, masks, ids, instances = [], [], [], []
     model = ctx.model.eval().to(ctx.device)
     with torch.no_grad():
         for batch in ctx.datamodule.eval_dataloader(split, 16):
+            if batch is None:
+                continue
             img = batch["image"].to(ctx.device)
             if frozen:
                 maps = model.image_feature_maps(img)
@@ -71,11 +80,13 @@ def _collect(ctx: EvalContext, split: str, frozen: bool) -> tuple[list[Any], tor
             else:
                 xs.extend([img[i].cpu() for i in range(img.shape[0])])
             masks.append(batch["mask"].long())
+            if "instances" in batch:
+                instances.append(batch["instances"].long())
             if "meta" in batch:
                 ids.extend(str(m["id"]) for m in batch["meta"])
             else:
                 ids.extend(str(len(ids) + i) for i in range(img.shape[0]))
-    return xs, torch.cat(masks), ids
+    return xs, torch.cat(masks), ids, (torch.cat(instances) if instances else None)
 
 
 @register_benchmark("segmentation")
@@ -87,6 +98,8 @@ class Segmentation(Protocol):
             (encoder fine-tuned with lr × ``backbone_lr_mult``).
         epochs: decoder training epochs (default 30).
         lr: decoder learning rate (default 1e-3); ``backbone_lr_mult`` (default 0.1).
+        width: decoder width (default 64). max_stages: ×2 conv upsampling stages before the logits
+            are interpolated to the input size (default 2).
         batch_size: default 16. ``dice``: definition name (default ``foreground``); every definition
             listed in ``extra_dice`` is reported too (default ``[mgca_per_image]``).
         roi_size: sliding-window ROI for full fine-tuning of volumes (default: training size).
@@ -98,29 +111,32 @@ class Segmentation(Protocol):
 
     def applicable(self, ctx: EvalContext) -> str | None:
         sample = ctx.datamodule.dataset("test", augment=False)[0]
-        return None if "mask" in sample else "dataset has no masks"
+        return None if sample is not None and "mask" in sample else "dataset has no masks"
 
-    def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
+    def fit_predict(self, ctx: EvalContext, fraction: float, seed: int) -> dict[str, Any]:
+        """Train the decoder (and, in ``full`` mode, a copy of the encoder) and predict the test split."""
         p = ctx.params
         frozen = p.get("mode", "frozen") == "frozen"
         if not frozen and p.get("mode") != "full":
             raise ValueError(f"segmentation mode must be frozen|full, got {p.get('mode')!r}")
         torch.manual_seed(seed)
-        train_x, train_y, train_ids = _collect(ctx, "train", frozen)
-        test_x, test_y, _ = _collect(ctx, "test", frozen)
+        train_x, train_y, train_ids, _ = _collect(ctx, "train", frozen)
+        test_x, test_y, _, test_inst = _collect(ctx, "test", frozen)
         chosen = fraction_ids(train_ids, fraction, seed)
         pos = {s: i for i, s in enumerate(train_ids)}
         rows = [pos[s] for s in chosen]
         num_classes = int(max(int(train_y.max()), int(test_y.max()), 1)) + 1
         sd = train_y.ndim - 2
         size = tuple(train_y.shape[2:])
-        model = ctx.model.to(ctx.device)
+        # full fine-tuning trains a copy: the evaluated checkpoint stays untouched for later protocols
+        model = ctx.model.to(ctx.device) if frozen else copy.deepcopy(ctx.model).to(ctx.device)
         if frozen:
             in_ch = sum(m.shape[0] for m in train_x[0])
         else:
             with torch.no_grad():
                 in_ch = sum(m.shape[1] for m in model.eval().image_feature_maps(train_x[0][None].to(ctx.device)))
-        decoder = ProgressiveDecoder(sd, in_ch, num_classes, int(p.get("width", 64))).to(ctx.device)
+        decoder = ProgressiveDecoder(sd, in_ch, num_classes, int(p.get("width", 64)),
+                                     int(p.get("max_stages", 2))).to(ctx.device)
         params = [{"params": decoder.parameters(), "lr": float(p.get("lr", 1e-3))}]
         if not frozen:
             model.train()
@@ -142,7 +158,7 @@ class Segmentation(Protocol):
             opt.step()
         decoder.eval()
         model.eval()
-        preds = []
+        preds, probs = [], []
         with torch.no_grad():
             for start in range(0, len(test_x), bs):
                 idx = list(range(start, min(start + bs, len(test_x))))
@@ -154,14 +170,21 @@ class Segmentation(Protocol):
                     logits = sliding_window_inference(
                         imgs, roi, 2, lambda x: decoder(model.image_feature_maps(x), tuple(x.shape[2:])))
                 preds.append(logits.argmax(1, keepdim=True).cpu())
-        pred = torch.cat(preds)
+                probs.append(torch.softmax(logits, 1).cpu())
+        mode = "frozen encoder" if frozen else "full fine-tune"
+        return {"pred": torch.cat(preds), "prob": torch.cat(probs), "target": test_y, "instances": test_inst,
+                "num_classes": num_classes, "split_hash": split_hash(chosen),
+                "how": f"{mode}, {epochs} epochs on {len(rows)} train images, N_test={len(test_x)}"}
+
+    def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
+        out = self.fit_predict(ctx, fraction, seed)
+        p = ctx.params
         main = p.get("dice", "foreground")
         names = [main] + [d for d in p.get("extra_dice", ["mgca_per_image"]) if d != main]
-        mode = "frozen encoder" if frozen else "full fine-tune"
-        values = [MetricValue(f"dice_{d}" if d != "foreground" else "dice", dice_score(pred, test_y, num_classes, d),
-                              f"{DEFINITIONS[d]}; {mode}, {epochs} epochs on {len(rows)} train images, N_test={len(test_x)}")
-                  for d in names]
-        return ProtocolResult(values, split_hash(chosen))
+        values = [MetricValue(f"dice_{d}" if d != "foreground" else "dice",
+                              dice_score(out["pred"], out["target"], out["num_classes"], d),
+                              f"{DEFINITIONS[d]}; {out['how']}") for d in names]
+        return ProtocolResult(values, out["split_hash"])
 
     @staticmethod
     def _maps(model: Any, xs: list[Any], idx: list[int], frozen: bool, device: Any) -> list[torch.Tensor]:
@@ -190,3 +213,38 @@ def voi(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     h_a_given_b = -(pj[nz] * np.log(pj[nz] / pb[np.nonzero(nz)[1]])).sum()
     h_b_given_a = -(pj[nz] * np.log(pj[nz] / pa[np.nonzero(nz)[0]])).sum()
     return float(h_a_given_b), float(h_b_given_a)
+
+
+def instances_from_boundaries(boundary_prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Instance labels = connected components (6-connectivity) of voxels predicted as non-boundary."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(boundary_prob < threshold)
+    return labels
+
+
+@register_benchmark("instance_voi")
+class InstanceVOI(Segmentation):
+    """EM neuron segmentation quality on instance-labelled data (CREMI/SNEMI): the segmentation protocol
+    predicts cell boundaries; instances are connected components of non-boundary voxels; metric =
+    variation of information ``VOI = split + merge`` (natural log; lower is better) against the ground
+    truth ids (0 = unlabeled, ignored), mean over test volumes."""
+
+    name = "instance_voi"
+
+    def applicable(self, ctx: EvalContext) -> str | None:
+        sample = ctx.datamodule.dataset("test", augment=False)[0]
+        return None if sample is not None and "instances" in sample else "dataset has no instance labels"
+
+    def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
+        out = self.fit_predict(ctx, fraction, seed)
+        splits, merges = [], []
+        for prob, inst in zip(out["prob"], out["instances"]):
+            pred = instances_from_boundaries(prob[1].numpy())
+            s, m = voi(pred, inst[0].numpy())
+            splits.append(s)
+            merges.append(m)
+        d = f"variation of information (nats) vs ground-truth ids, mean over test volumes; {out['how']}"
+        return ProtocolResult([MetricValue("voi", float(np.mean(splits) + np.mean(merges)), d),
+                               MetricValue("voi_split", float(np.mean(splits)), d),
+                               MetricValue("voi_merge", float(np.mean(merges)), d)], out["split_hash"])

@@ -1,6 +1,19 @@
 """Datamodules producing the common batch schema (importing this registers the built-ins)."""
 from medvlp.datamodules.base import SampleListDataset, VLPDataModule
+from medvlp.datamodules.ct import BTCVDataModule, CTRATEDataModule, MSDDataModule
+from medvlp.datamodules.em import CREMIDataModule, LucchiDataModule, SNEMIDataModule
 from medvlp.datamodules.mixed import MixedDataModule, build_datamodule
+from medvlp.datamodules.mri import BraTSDataModule
 from medvlp.datamodules.phantom import PhantomDataModule
+from medvlp.datamodules.shards import ShardDataModule, write_shards
+from medvlp.datamodules.xray import (
+    CheXpertDataModule, COVIDxDataModule, MIMICCXRDataModule, RSNAPneumoniaDataModule, SIIMDataModule,
+)
 
-__all__ = ["MixedDataModule", "PhantomDataModule", "SampleListDataset", "VLPDataModule", "build_datamodule"]
+__all__ = [
+    "BTCVDataModule", "BraTSDataModule", "CREMIDataModule", "CTRATEDataModule", "CheXpertDataModule",
+    "COVIDxDataModule", "LucchiDataModule", "MIMICCXRDataModule", "MSDDataModule", "MixedDataModule",
+    "PhantomDataModule", "RSNAPneumoniaDataModule", "SIIMDataModule", "SNEMIDataModule", "SampleListDataset",
+    "ShardDataModule", "write_shards",
+    "VLPDataModule", "build_datamodule",
+]

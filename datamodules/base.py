@@ -54,6 +54,8 @@ class VLPDataModule(L.LightningDataModule):
 
     name = "base"
     modality = "xray"
+    #: collate function of every loader (datamodules with a skip policy drop ``None`` samples)
+    collate_fn = staticmethod(collate)
 
     def __init__(self, batch_size: int = 16, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False) -> None:
@@ -112,7 +114,7 @@ class VLPDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
         ds = self.dataset(split)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate, pin_memory=self.pin_memory, drop_last=drop_last,
+                          collate_fn=self.collate_fn, pin_memory=self.pin_memory, drop_last=drop_last,
                           persistent_workers=self.persistent_workers,
                           generator=torch.Generator().manual_seed(0) if shuffle else None)
 
@@ -120,7 +122,9 @@ class VLPDataModule(L.LightningDataModule):
         # contrastive losses need ≥2 samples and BatchNorm heads need full batches
         return self._loader("train", shuffle=True, drop_last=len(self.dataset("train")) > self.batch_size)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if len(self.dataset("val")) == 0:  # type: ignore[arg-type]
+            return []  # no validation data: Lightning skips validation
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
@@ -129,4 +133,4 @@ class VLPDataModule(L.LightningDataModule):
     def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
         """Deterministic, non-augmented loader for feature extraction."""
         return DataLoader(self.dataset(split, augment=False), batch_size=batch_size or self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=collate)
+                          num_workers=self.num_workers, collate_fn=self.collate_fn)

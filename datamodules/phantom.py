@@ -174,7 +174,8 @@ class PhantomDataModule(VLPDataModule):
 
     @property
     def dataset_version(self) -> str:
-        return f"phantom-v{GENERATOR_VERSION}-seed{self.seed}-{'x'.join(map(str, self.size))}"
+        sizes = "-".join(str(self.sizes[k]) for k in ("train", "val", "test"))
+        return f"phantom-v{GENERATOR_VERSION}-{self.modality}-seed{self.seed}-{'x'.join(map(str, self.size))}-n{sizes}-p{self.prevalence:g}"
 
     def build_dataset(self, split: str, augment: bool) -> SampleListDataset:
         folder = self._folder(split)

@@ -1,8 +1,9 @@
 """Compose a run configuration from defaults, packaged YAMLs, user files and dot-list overrides.
 
 Precedence (later wins): built-in defaults < ``methods/<method>.yaml`` < ``datamodules/<data>.yaml`` <
-the method's ``example_data`` (only when no ``data`` is given) < ``presets/<preset>.yaml`` < ``-c FILE``
-files < ``key=value`` overrides. Shorthands: ``method=NAME``,
+the method's ``example_data`` (only when no ``data`` is given) < ``presets/<preset>.yaml`` (its
+``data_defaults.<datamodule>`` block applies only to that datamodule) < ``-c FILE`` files < ``key=value``
+overrides. Shorthands: ``method=NAME``,
 ``data=NAME``, ``preset=NAME``, ``suite=NAME``.
 """
 from __future__ import annotations
@@ -87,6 +88,9 @@ def compose(args: Sequence[str], defaults: dict[str, Any] | None = None) -> Dict
         p = packaged_yaml("medvlp.presets", preset)
         if not p:
             raise FileNotFoundError(f"unknown preset {preset!r} (packaged presets: demo, tiny, paper)")
+        per_data = p.pop("data_defaults", None) or {}
         layers.append(p)
+        if data in per_data:  # datamodule-specific preset keys (e.g. phantom sizes) only for that datamodule
+            layers.append(OmegaConf.create({"data": {"init_args": per_data[data]}}))
     layers.append(user)
     return merge(*layers)

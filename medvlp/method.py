@@ -56,6 +56,8 @@ class VLPMethod(L.LightningModule):
             ``warmup_ratio``, ``min_lr_ratio``, ``schedule`` ∈ {cosine, constant}).
         ema_momentum: ``[start, end]`` momentum of EMA pairs, cosine-increased over training.
         nan_guard: raise :class:`NonFiniteLossError` on a non-finite loss term or gradient.
+        compile_encoders: wrap the encoders' ``forward`` with ``torch.compile`` at fit start (parameter
+            names and checkpoints are unchanged).
     """
 
     name: ClassVar[str] = "base"
@@ -78,6 +80,7 @@ class VLPMethod(L.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         ema_momentum: Sequence[float] = (0.996, 1.0),
         nan_guard: bool = True,
+        compile_encoders: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -101,6 +104,14 @@ class VLPMethod(L.LightningModule):
             raise ValueError(f"unknown optimizer keys {sorted(unknown)}; known: {sorted(DEFAULT_OPTIMIZER)}")
         self.ema_momentum = tuple(ema_momentum)
         self.nan_guard = nan_guard
+        self.compile_encoders = compile_encoders
+
+    def setup(self, stage: str) -> None:
+        if self.compile_encoders and stage == "fit":
+            for enc in (self.image_encoder, self.text_encoder):
+                if not getattr(enc, "_medvlp_compiled", False):
+                    enc.forward = torch.compile(enc.forward)  # type: ignore[method-assign]
+                    enc._medvlp_compiled = True
 
     # ------------------------------------------------------------------ what a method implements
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -202,14 +213,18 @@ class VLPMethod(L.LightningModule):
             return sum(batch_size(b) for b in batch.values())
         return batch_size(batch)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every sample of the batch was skipped under the datamodule's policy
+            return None
         terms = self._losses(batch)
         total = self._total(terms, "train")
         self._log_terms(terms, total, "train", self._bs(batch))
         self.log("train/temperature", self.temperature, on_step=True, on_epoch=False)
         return total
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:
+            return None
         terms = self._losses(batch)
         total = self._total(terms, "val")
         self._log_terms(terms, total, "val", self._bs(batch))

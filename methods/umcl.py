@@ -133,12 +133,19 @@ class UMCL(VLPMethod):
             self.text_encoder.requires_grad_(False)
 
     def prompt_embeddings(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected (unnormalised) learned-prompt embeddings ``(K, E)`` for positive and negated prompts."""
-        out = []
-        for negate in (False, True):
-            embeds, mask = self.prompts.sequences(self.text_encoder, names, negate)
-            out.append(self.text_proj(self.text_encoder.forward_embeds(embeds, mask)))
-        return out[0], out[1]
+        """Projected (unnormalised) learned-prompt embeddings ``(K, E)`` for positive and negated prompts
+        (one text-encoder pass over all 2K prompts, so projection-head batch statistics see ≥ 2 rows)."""
+        pos_e, pos_m = self.prompts.sequences(self.text_encoder, names, negate=False)
+        neg_e, neg_m = self.prompts.sequences(self.text_encoder, names, negate=True)
+        length = max(pos_e.shape[1], neg_e.shape[1])
+
+        def pad(e: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            extra = length - e.shape[1]
+            return F.pad(e, (0, 0, 0, extra)), F.pad(m, (0, extra))
+
+        (pe, pm), (ne, nm) = pad(pos_e, pos_m), pad(neg_e, neg_m)
+        z = self.text_proj(self.text_encoder.forward_embeds(torch.cat([pe, ne]), torch.cat([pm, nm])))
+        return z[: len(names)], z[len(names):]
 
     @torch.no_grad()
     def learned_zero_shot_classifier(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

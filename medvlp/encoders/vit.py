@@ -57,30 +57,38 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention on SDPA."""
+    """Multi-head self-attention: SDPA kernels (``sdpa``) or explicit softmax(QKᵀ/√d)V (``naive``,
+    the MGCA/timm-0.4 formulation, kept as the performance baseline)."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+        if impl not in ("sdpa", "naive"):
+            raise ValueError(f"attention impl must be sdpa|naive, got {impl!r}")
         self.num_heads = num_heads
+        self.impl = impl
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        if self.impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+            y = attn.softmax(dim=-1) @ v
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_impl: str = "sdpa") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -107,6 +115,7 @@ class ViTEncoder(nn.Module):
         feature_layers: 0-based block indices whose outputs are returned in ``hidden`` (for
             segmentation decoders); defaults to 4 evenly spaced blocks ending with the last.
         grad_checkpointing: recompute blocks in backward to save memory (3D).
+        attn_impl: ``sdpa`` (default) or ``naive`` (explicit attention matrix; benchmark baseline).
 
     Example:
         >>> enc = ViTEncoder(embed_dim=64, depth=2, num_heads=2, spatial_dims=[2, 3], img_size_2d=32,
@@ -129,6 +138,7 @@ class ViTEncoder(nn.Module):
         patch_size_3d: int | Sequence[int] = (4, 16, 16),
         feature_layers: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
+        attn_impl: str = "sdpa",
     ) -> None:
         super().__init__()
         self.spatial_dims = tuple(sorted(int(s) for s in spatial_dims))
@@ -150,7 +160,7 @@ class ViTEncoder(nn.Module):
             nn.init.trunc_normal_(self.pos_embed[str(sd)], std=0.02)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, attn_impl) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         if feature_layers is None:
             step = max(depth // 4, 1)

@@ -1,0 +1,279 @@
+"""Performance benchmarks (not tests): every figure is a ratio measured within one run.
+
+``python -m medvlp.benchmarks.perf [--quick] [--out perf.json]`` (also ``make perf``) measures
+
+1. **probe**: linear-probe protocol cost with cached features (extract once, logistic regression per
+   fraction × seed) vs MGCA's way (frozen backbone re-encoding every image every epoch while a linear
+   head trains) on the same phantom data and fractions × seeds;
+2. **throughput**: pretraining samples/s and peak memory per method (each in its own process; CUDA
+   peak allocated on a GPU, peak RSS on CPU), relative to the CLIP baseline;
+3. **clip_step**: our CLIP step (SDPA attention, bf16 autocast on CUDA) vs a straightforward
+   MGCA/ConVIRT-style step (explicit attention matrix, fp32) with the same model sizes;
+4. **loader3d**: 3D datamodule volumes/s in the second epoch with MONAI ``CacheDataset`` vs uncached;
+5. **mfu** (CUDA only): model FLOPs utilisation of ViT-B/16 image-encoder training in bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model_and_data(method: str, steps_data: dict[str, Any] | None = None, preset: str = "demo") -> tuple[Any, Any]:
+    from medvlp.compose import compose
+    from medvlp.config import to_container
+    from medvlp.train import build_datamodule_from_config, build_method
+
+    cfg = to_container(compose([f"method={method}", f"preset={preset}"]))
+    if steps_data:
+        cfg["data"]["init_args"].update(steps_data)
+    dm = build_datamodule_from_config(cfg)
+    dm.prepare_data()
+    return build_method(cfg, dm), dm
+
+
+def bench_probe(quick: bool) -> dict[str, Any]:
+    """Cached-feature linear probe vs MGCA-style re-encoding each epoch (same fractions × seeds)."""
+    from medvlp.benchmarks.features import FeatureCache
+    from medvlp.benchmarks.linear_probe import fit_predict_multilabel
+    from medvlp.benchmarks.splits import fraction_ids
+
+    n_train = 128 if quick else 512
+    model, dm = _model_and_data("clip", {"num_train": n_train, "num_test": 128})
+    model.eval()
+    fractions, seeds, epochs = [0.1, 1.0], [0, 1, 2], 3 if quick else 10
+    t0 = time.perf_counter()
+    cache = FeatureCache(None)
+    tr, te = cache.get(model, dm, "train"), cache.get(model, dm, "test")
+    for f in fractions:
+        for s in seeds:
+            rows = [tr.ids.index(i) for i in fraction_ids(tr.ids, f, s)]
+            fit_predict_multilabel(tr.representation[rows], tr.labels[rows], te.representation)
+    cached = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loader = dm.eval_dataloader("train", 48)
+    ids = [m["id"] for b in dm.eval_dataloader("train", 256) for m in b["meta"]]
+    for f in fractions:
+        for s in seeds:
+            keep = set(fraction_ids(ids, f, s))
+            head = torch.nn.Linear(model.image_encoder.embed_dim, len(dm.label_names))
+            opt = torch.optim.AdamW(head.parameters(), 1e-3)
+            for _ in range(epochs):
+                for b in loader:
+                    sel = [i for i, m in enumerate(b["meta"]) if m["id"] in keep]
+                    if not sel:
+                        continue
+                    with torch.no_grad():
+                        feats = model.image_representation(b["image"][sel])
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats), b["labels"][sel])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            with torch.no_grad():
+                for b in dm.eval_dataloader("test", 48):
+                    head(model.image_representation(b["image"]))
+    reencode = time.perf_counter() - t0
+    return {"train_images": n_train, "fractions": fractions, "seeds": seeds, "mgca_epochs": epochs,
+            "cached_s": round(cached, 2), "reencode_s": round(reencode, 2), "speedup": round(reencode / cached, 2)}
+
+
+def _throughput_one(method: str, steps: int) -> dict[str, Any]:
+    device = _device()
+    model, dm = _model_and_data(method)
+    model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
+    it = iter(dm.train_dataloader())
+
+    def batch_to(b: Any) -> Any:
+        if isinstance(b, tuple):
+            b = b[0]
+        if isinstance(b, dict) and all(isinstance(v, dict) for v in b.values()):
+            return {k: batch_to(v) for k, v in b.items()}
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+    batches = [batch_to(next(it)) for _ in range(min(steps + 2, len(dm.train_dataloader())))]
+    n_samples = 0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i, b in enumerate(batches):
+        if i == 2:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model._total(model._losses(b), "train")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            n_samples += model._bs(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"method": method, "samples_per_s": n_samples / dt, "peak_mb": peak, "memory": "cuda_allocated" if device == "cuda" else "rss"}
+
+
+def bench_throughput(methods: list[str], steps: int) -> dict[str, Any]:
+    """Per-method samples/s and peak memory, each method in a fresh process."""
+    out = {}
+    for m in methods:
+        proc = subprocess.run([sys.executable, "-m", "medvlp.benchmarks.perf", "--one", m, "--steps", str(steps)],
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode:
+            raise RuntimeError(f"throughput run for {m} failed:\n{proc.stderr[-2000:]}")
+        out[m] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = out["clip"]
+    for m, r in out.items():
+        r["throughput_vs_clip"] = round(r["samples_per_s"] / base["samples_per_s"], 3)
+        r["memory_vs_clip"] = round(r["peak_mb"] / base["peak_mb"], 3)
+        r["samples_per_s"], r["peak_mb"] = round(r["samples_per_s"], 2), round(r["peak_mb"], 1)
+    return out
+
+
+def bench_clip_step(steps: int) -> dict[str, Any]:
+    """Our CLIP step vs an MGCA/ConVIRT-style step (explicit attention, fp32), same sizes and data."""
+    from medvlp.losses import clip_loss
+
+    device = _device()
+    results = {}
+    for name, impl, amp in (("ours_sdpa", "sdpa", device == "cuda"), ("naive_fp32", "naive", False)):
+        torch.manual_seed(0)
+        model, dm = _model_and_data("clip", None)
+        for blk in model.image_encoder.blocks:
+            blk.attn.impl = impl
+        model.to(device).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
+        b = next(iter(dm.train_dataloader()))
+        image = b["image"].to(device)
+        for i in range(steps + 2):
+            if i == 2:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+                loss = clip_loss(model.encode_image(image, False), model.encode_text(b["text"], False), 0.07)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        results[name] = steps / (time.perf_counter() - t0)
+    return {"steps_per_s": {k: round(v, 3) for k, v in results.items()},
+            "speedup": round(results["ours_sdpa"] / results["naive_fp32"], 3),
+            "note": "bf16 autocast only on CUDA; on CPU both run fp32 and differ only in the attention kernel"}
+
+
+def bench_loader3d(n: int, epochs: int = 2) -> dict[str, Any]:
+    """Second-epoch volumes/s of an MSD-layout datamodule, uncached vs MONAI CacheDataset."""
+    from medvlp.datamodules.ct import MSDDataModule
+
+    with tempfile.TemporaryDirectory() as tmp:
+        import nibabel as nib
+
+        root = Path(tmp)
+        (root / "imagesTr").mkdir()
+        (root / "labelsTr").mkdir()
+        rng = np.random.default_rng(0)
+        training = []
+        for i in range(n):
+            nib.save(nib.Nifti1Image(rng.normal(0, 200, (160, 160, 64)).astype(np.float32), np.diag([0.8, 0.8, 2.5, 1])),
+                     str(root / "imagesTr" / f"v{i}.nii.gz"))
+            nib.save(nib.Nifti1Image((rng.random((160, 160, 64)) > 0.9).astype(np.uint8), np.diag([0.8, 0.8, 2.5, 1])),
+                     str(root / "labelsTr" / f"v{i}.nii.gz"))
+            training.append({"image": f"./imagesTr/v{i}.nii.gz", "label": f"./labelsTr/v{i}.nii.gz"})
+        (root / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "fg"},
+                                                       "training": training}))
+        out = {}
+        for cache in ("none", "memory"):
+            dm = MSDDataModule(str(root), volume_size=(32, 96, 96), pixdim=(1.5, 1.5, 2.0), cache=cache,
+                               val_fraction=0.0, test_fraction=0.0, batch_size=2)
+            loader = dm.eval_dataloader("train", 2)
+            for e in range(epochs):
+                t0 = time.perf_counter()
+                count = sum(b["image"].shape[0] for b in loader)
+                dt = time.perf_counter() - t0
+            out[cache] = count / dt
+        return {"volumes": n, "volumes_per_s": {k: round(v, 2) for k, v in out.items()},
+                "speedup": round(out["memory"] / out["none"], 2)}
+
+
+def bench_mfu(steps: int) -> dict[str, Any]:
+    """MFU of ViT-B/16 (224², 197 tokens) forward+backward in bf16 on CUDA; skipped without a GPU."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from medvlp.encoders import ViTEncoder
+
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    enc = ViTEncoder(in_channels=3, embed_dim=768, depth=12, num_heads=12, img_size_2d=224, patch_size_2d=16).cuda()
+    opt = torch.optim.AdamW(enc.parameters(), 1e-4)
+    bs = 128
+    x = torch.randn(bs, 3, 224, 224, device="cuda")
+    n_params = sum(p.numel() for p in enc.parameters())
+    tokens, d, layers = 197, 768, 12
+    flops_per_sample = 6 * n_params * tokens + 12 * layers * tokens * tokens * d  # dense + attention (fwd+bwd)
+    for i in range(steps + 3):
+        if i == 3:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = enc(x)["pooled"].float().pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize()
+    achieved = flops_per_sample * bs * steps / (time.perf_counter() - t0) / 1e12
+    return {"device": name, "achieved_tflops": round(achieved, 1), "peak_tflops": peak,
+            "mfu": round(achieved / peak, 3) if peak else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; prints JSON and a short summary."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes on 2 CPU cores)")
+    ap.add_argument("--out", default="results/perf.json")
+    ap.add_argument("--only", nargs="*", default=["probe", "throughput", "clip_step", "loader3d", "mfu"])
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.one:
+        print(json.dumps(_throughput_one(args.one, args.steps or 5)))
+        return 0
+    steps = args.steps or (3 if args.quick else 10)
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    jobs = {"probe": lambda: bench_probe(args.quick),
+            "throughput": lambda: bench_throughput(["clip", "asg", "umcl", "unimedi", "gtgm"], steps),
+            "clip_step": lambda: bench_clip_step(steps),
+            "loader3d": lambda: bench_loader3d(6 if args.quick else 12),
+            "mfu": lambda: bench_mfu(steps)}
+    for key in args.only:
+        t0 = time.perf_counter()
+        report[key] = jobs[key]()
+        print(f"{key}: {json.dumps(report[key])} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""File readers for the published on-disk formats, raising :class:`DataError` that names the file.
+
+2D: JPEG/PNG (Pillow) and DICOM (pydicom; MONOCHROME1 inverted, RescaleSlope/Intercept applied).
+3D: NIfTI (nibabel), HDF5 datasets (h5py, ``path.h5:key``), TIFF stacks (tifffile).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A sample or file cannot be used; the message names the file (and row) and what is wrong."""
+
+
+def _check_finite(arr: np.ndarray, path: Path, policy: str = "fail") -> np.ndarray:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        if policy == "zero":
+            return np.where(bad, 0, arr)
+        raise DataError(f"{path}: {int(bad.sum())} NaN/Inf values (set nonfinite='zero' to replace them)")
+    return arr
+
+
+def read_image_2d(path: str | Path, nonfinite: str = "fail") -> np.ndarray:
+    """Read a 2D image as float32 ``(H, W)`` scaled to [0, 1].
+
+    DICOM: applies RescaleSlope/Intercept, inverts MONOCHROME1 (as MGCA's RSNA/SIIM loaders), then
+    min-max scales. JPEG/PNG: grayscale / 255.
+
+    Raises:
+        DataError: missing, unreadable or non-2D file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    try:
+        if p.suffix.lower() in (".dcm", ".dicom") or _is_dicom(p):
+            import pydicom
+
+            ds = pydicom.dcmread(str(p))
+            arr = ds.pixel_array.astype(np.float32)
+            arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+            if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 3:
+                arr = arr.mean(-1)
+            if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+                arr = arr.max() - arr
+        else:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                arr = np.asarray(im.convert("L"), dtype=np.float32)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{p}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim != 2:
+        raise DataError(f"{p}: expected a 2D image, got shape {arr.shape}")
+    arr = _check_finite(arr, p, nonfinite)
+    lo, hi = float(arr.min()), float(arr.max())
+    return ((arr - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(arr, dtype=np.float32)
+
+
+def _is_dicom(p: Path) -> bool:
+    try:
+        with open(p, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_volume(path: str | Path, key: str | None = None, nonfinite: str = "fail") -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D volume as ``(array, affine)``.
+
+    NIfTI returns the stored array (x, y, z) and its affine; HDF5 reads ``key`` (or ``path.h5:key``);
+    TIFF stacks are (z, y, x) with an identity affine.
+
+    Raises:
+        DataError: missing/corrupt file, missing HDF5 key, non-3D data, NaN/Inf voxels (policy ``fail``).
+    """
+    sp = str(path)
+    if key is None and ":" in sp and not Path(sp).exists():
+        sp, key = sp.rsplit(":", 1)
+    p = Path(sp)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    name = p.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(str(p))
+            arr, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine
+        elif name.endswith((".h5", ".hdf", ".hdf5")):
+            import h5py
+
+            with h5py.File(p, "r") as f:
+                if key is None or key not in f:
+                    raise DataError(f"{p}: HDF5 key {key!r} not found (keys: {_h5_keys(f)})")
+                arr, affine = np.asarray(f[key], dtype=np.float32), np.eye(4)
+        elif name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            arr, affine = tifffile.imread(str(p)).astype(np.float32), np.eye(4)
+        else:
+            raise DataError(f"{p}: unsupported volume format (expected .nii(.gz), .h5/.hdf, .tif)")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{p}: cannot read volume ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (3, 4):
+        raise DataError(f"{p}: expected a 3D (or 4D multi-channel) volume, got shape {arr.shape}")
+    return _check_finite(arr, p, nonfinite), np.asarray(affine)
+
+
+def _h5_keys(f: Any) -> list[str]:
+    keys: list[str] = []
+    f.visit(lambda k: keys.append(k) if hasattr(f[k], "shape") else None)
+    return keys
+
+
+def rle_decode_siim(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
+    """Decode SIIM-ACR's *relative* column-major RLE (``-1`` = empty) into a ``(H, W)`` uint8 mask.
+
+    Tokens are (start offset relative to the end of the previous run, run length) pairs over the
+    column-major flattened image (MGCA ``rle2mask``; ``mask.reshape(W, H).T``).
+
+    Raises:
+        DataError: malformed encodings (odd token count, negative values, runs past the image).
+    """
+    text = str(rle).strip()
+    mask = np.zeros(height * width, np.uint8)
+    if text in ("-1", ""):
+        return mask.reshape(width, height).T
+    try:
+        values = [int(v) for v in text.split()]
+    except ValueError as exc:
+        raise DataError(f"RLE has a non-integer token: {exc}") from exc
+    if len(values) % 2:
+        raise DataError(f"RLE has an odd number of tokens ({len(values)})")
+    pos = 0
+    for start, length in zip(values[0::2], values[1::2]):
+        if start < 0 or length < 0:
+            raise DataError(f"RLE has a negative value (start {start}, length {length})")
+        pos += start
+        if pos + length > mask.size:
+            raise DataError(f"RLE run {pos}+{length} exceeds the {height}x{width} image")
+        mask[pos: pos + length] = 1
+        pos += length
+    return mask.reshape(width, height).T

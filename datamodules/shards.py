@@ -1,0 +1,207 @@
+"""Streaming pretraining from WebDataset-style tar shards (for corpora that do not fit one disk/loader).
+
+A shard is a tar file whose members are grouped by key: ``<key>.npy`` (image, float16/32 ``(C, …)``),
+``<key>.txt`` (report, optional), ``<key>.json`` (``labels``, ``label_names``, ``modality``, ``meta``,
+optional ``caption``). This is the WebDataset layout, so shards written here are readable by
+``webdataset`` and vice versa for these extensions. Shards are split across distributed ranks and
+DataLoader workers (each shard read by exactly one worker of one rank per epoch), shuffled per epoch
+with a seeded RNG, and samples are shuffled within a bounded buffer.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import random
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from medvlp.batch import collate
+from medvlp.datamodules.base import VLPDataModule
+from medvlp.datamodules.readers import DataError
+from medvlp.io import atomic_write_bytes
+from medvlp.registry import register_datamodule
+
+log = logging.getLogger(__name__)
+
+
+def write_shards(samples: Sequence[dict[str, Any]] | Any, out_dir: str | Path, samples_per_shard: int = 1000,
+                 prefix: str = "shard") -> list[Path]:
+    """Write batch-schema samples (an iterable of dicts) to ``<out_dir>/<prefix>-000000.tar`` …"""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    buf: io.BytesIO | None = None
+    tar: tarfile.TarFile | None = None
+    count = 0
+
+    def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    def flush() -> None:
+        nonlocal tar, buf
+        if tar is not None and buf is not None:
+            tar.close()
+            paths.append(atomic_write_bytes(out_dir / f"{prefix}-{len(paths):06d}.tar", buf.getvalue()))
+        tar, buf = None, None
+
+    for i, s in enumerate(samples):
+        if count % samples_per_shard == 0:
+            flush()
+            buf = io.BytesIO()
+            tar = tarfile.open(fileobj=buf, mode="w")
+        key = str(s.get("meta", {}).get("id", i)).replace("/", "_").replace(".", "_")
+        arr = io.BytesIO()
+        np.save(arr, s["image"].numpy().astype(np.float16), allow_pickle=False)
+        add(tar, f"{key}.npy", arr.getvalue())
+        if s.get("text"):
+            add(tar, f"{key}.txt", s["text"].encode("utf-8"))
+        meta = {"modality": s.get("modality"), "meta": s.get("meta", {}), "label_names": s.get("label_names")}
+        if "labels" in s:
+            meta["labels"] = [None if np.isnan(v) else float(v) for v in s["labels"].tolist()]
+        if s.get("caption"):
+            meta["caption"] = s["caption"]
+        add(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+        count += 1
+    flush()
+    return paths
+
+
+class EpochLoader(DataLoader):
+    """DataLoader that advances its :class:`ShardStream`'s epoch (in the main process, before workers
+    copy the dataset) so every epoch reads shards in a new seeded order."""
+
+    def __iter__(self) -> Any:
+        self.dataset.epoch += 1  # type: ignore[attr-defined]
+        return super().__iter__()
+
+
+class ShardStream(IterableDataset):
+    """Iterate samples from tar shards, split across ranks and workers."""
+
+    def __init__(self, shards: Sequence[str], shuffle_buffer: int = 256, seed: int = 0) -> None:
+        self.shards = sorted(str(s) for s in shards)
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.epoch = 0
+
+    def _my_shards(self) -> list[str]:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        order = list(self.shards)
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order[rank * nw + wid:: world * nw]
+
+    @staticmethod
+    def read_shard(path: str) -> Iterator[dict[str, Any]]:
+        """Samples of one shard in the batch schema.
+
+        Raises:
+            DataError: naming the shard and key for corrupt members or a sample without ``.npy``.
+        """
+        groups: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar.getmembers():
+                    key, _, ext = m.name.rpartition(".")
+                    groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"{path}: unreadable shard ({exc})") from exc
+        for key, parts in groups.items():
+            if "npy" not in parts:
+                raise DataError(f"{path}: sample {key!r} has no .npy image")
+            meta = json.loads(parts.get("json", b"{}"))
+            sample: dict[str, Any] = {"image": torch.from_numpy(np.load(io.BytesIO(parts["npy"])).astype(np.float32)),
+                                      "modality": meta.get("modality") or "xray", "meta": meta.get("meta") or {"id": key}}
+            if "txt" in parts:
+                sample["text"] = parts["txt"].decode("utf-8")
+            if meta.get("labels") is not None:
+                sample["labels"] = torch.tensor([np.nan if v is None else v for v in meta["labels"]], dtype=torch.float32)
+                sample["label_names"] = meta["label_names"]
+            if meta.get("caption"):
+                sample["caption"] = meta["caption"]
+            yield sample
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rng = random.Random(self.seed + self.epoch + 7919 * (get_worker_info().id if get_worker_info() else 0))
+        buffer: list[dict[str, Any]] = []
+        for shard in self._my_shards():
+            for s in self.read_shard(shard):
+                buffer.append(s)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+@register_datamodule("shards")
+class ShardDataModule(VLPDataModule):
+    """Pretraining from tar shards: ``train``/``val``/``test`` are glob patterns or folders of ``*.tar``.
+
+    Args:
+        train: shard glob/folder for training (required). val, test: optional.
+        shuffle_buffer: in-memory shuffle buffer (samples). seed: shard-order seed.
+        spatial_dims: 2 or 3 (shards do not carry it). image_size / volume_size: encoder hints.
+        label_names: class names (for benchmarks); defaults to those stored in the shards.
+    """
+
+    name = "shards"
+
+    def __init__(self, train: str, val: str | None = None, test: str | None = None, shuffle_buffer: int = 256,
+                 seed: int = 0, spatial_dims: int = 2, image_size: int = 224,
+                 volume_size: Sequence[int] = (32, 128, 128), label_names: Sequence[str] | None = None,
+                 **loader_kwargs: Any) -> None:
+        super().__init__(**loader_kwargs)
+        self.patterns = {"train": train, "val": val, "test": test}
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self._spatial_dims, self.image_size, self.volume_size = spatial_dims, image_size, list(volume_size)
+        self._label_names = list(label_names or [])
+
+    @property
+    def spatial_dims(self) -> int:
+        return self._spatial_dims
+
+    @property
+    def label_names(self) -> list[str]:
+        return self._label_names
+
+    def encoder_hints(self) -> dict[str, Any]:
+        if self._spatial_dims == 2:
+            return {"spatial_dims": [2], "img_size_2d": self.image_size}
+        return {"spatial_dims": [3], "img_size_3d": self.volume_size}
+
+    def shards(self, split: str) -> list[str]:
+        """Shard paths of a split."""
+        pattern = self.patterns.get(split)
+        if not pattern:
+            raise DataError(f"shards datamodule has no {split!r} shards configured")
+        found = sorted(glob.glob(str(Path(pattern) / "*.tar")) if Path(pattern).is_dir() else glob.glob(pattern))
+        if not found:
+            raise DataError(f"no shards match {pattern!r}")
+        return found
+
+    def build_dataset(self, split: str, augment: bool) -> ShardStream:
+        return ShardStream(self.shards(split), self.shuffle_buffer if split == "train" else 0, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False) if self.patterns.get("val") else []
+
+    def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return EpochLoader(self.dataset(split, augment=False), batch_size=self.batch_size, num_workers=self.num_workers,
+                           collate_fn=collate, drop_last=split == "train")
+
+    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(ShardStream(self.shards(split), 0, self.seed), batch_size=batch_size or self.batch_size,
+                          num_workers=self.num_workers, collate_fn=collate)

@@ -1,0 +1,174 @@
+"""Shared machinery for datamodules over published layouts: record indexing with a bad-input policy,
+per-sample loading with a counted skip policy, deterministic split assignment and 2D preprocessing."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from medvlp.batch import collate
+from medvlp.datamodules.base import VLPDataModule
+from medvlp.datamodules.readers import DataError
+
+log = logging.getLogger(__name__)
+POLICIES = ("fail", "skip")
+UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore", "mgca")
+# GLoRIA/MGCA per-class uncertainty map (mgca/constants.py); blank → 0
+MGCA_UNCERTAIN_MAP = {"Atelectasis": 1.0, "Cardiomegaly": 0.0, "Consolidation": 0.0, "Edema": 1.0, "Pleural Effusion": 1.0}
+
+
+def apply_uncertainty(values: np.ndarray, names: Sequence[str], policy: str, blank: float | None = 0.0,
+                      where: str = "") -> np.ndarray:
+    """Map CheXpert-style label values {1, 0, -1, blank} to floats under ``policy``.
+
+    ``ones`` (U-Ones): −1 → 1; ``zeros`` (U-Zeros): −1 → 0; ``ignore`` (U-Ignore): −1 → NaN;
+    ``mgca``: the GLoRIA/MGCA per-class map (other classes U-Zeros). Blank → ``blank`` (NaN if None).
+
+    Raises:
+        DataError: naming ``where`` and the column when a value is not one of {1, 0, −1, blank}.
+    """
+    if policy not in UNCERTAINTY_POLICIES:
+        raise ValueError(f"uncertainty policy must be one of {UNCERTAINTY_POLICIES}, got {policy!r}")
+    out = values.astype(np.float64).copy()
+    ok = np.isnan(out) | np.isin(out, (-1.0, 0.0, 1.0))
+    if not ok.all():
+        r, c = np.argwhere(~ok)[0]
+        raise DataError(f"{where}: unknown label value {float(out[r, c])!r} in column {names[c]!r} (row {r + 2})")
+    for j, name in enumerate(names):
+        col = out[:, j]
+        unc = col == -1
+        if policy == "ones":
+            col[unc] = 1.0
+        elif policy == "zeros":
+            col[unc] = 0.0
+        elif policy == "ignore":
+            col[unc] = np.nan
+        else:
+            col[unc] = MGCA_UNCERTAIN_MAP.get(name, 0.0)
+        col[np.isnan(values[:, j].astype(np.float64))] = np.nan if blank is None else blank
+    return out.astype(np.float32)
+
+
+def hash_split(key: str, seed: int, val: float, test: float) -> str:
+    """Deterministic split of one id by sha1 rank (train/val/test fractions)."""
+    u = int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if u < test else ("val" if u < test + val else "train")
+
+
+def resize_2d(img: np.ndarray, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Resize the longer side to ``size`` and zero-pad to a square (ASG/MGCA 'resize + pad')."""
+    t = torch.from_numpy(np.ascontiguousarray(img)).float()[None, None]
+    h, w = t.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    t = F.interpolate(t, size=(nh, nw), mode=mode, align_corners=False if mode != "nearest" else None)
+    out = torch.zeros(1, 1, size, size, dtype=t.dtype)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[..., top:top + nh, left:left + nw] = t
+    return out[0]
+
+
+class RecordDataset(Dataset):
+    """Dataset over records with a per-sample failure policy.
+
+    With ``on_error="skip"`` an unreadable sample returns ``None`` (dropped by :func:`collate_skipping`),
+    is logged with its file and counted in ``skipped``; with ``"fail"`` the :class:`DataError` propagates.
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], load: Callable[[Mapping[str, Any]], dict],
+                 on_error: str, name: str) -> None:
+        if on_error not in POLICIES:
+            raise ValueError(f"on_error must be one of {POLICIES}, got {on_error!r}")
+        self.records, self.load, self.on_error, self.name = list(records), load, on_error, name
+        self.skipped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        try:
+            sample = self.load(self.records[i])
+        except DataError as exc:
+            if self.on_error == "fail":
+                raise
+            self.skipped[type(exc).__name__] += 1
+            log.warning("%s: skipped sample %d: %s", self.name, i, exc)
+            return None
+        sample.setdefault("index", i)
+        return sample
+
+
+def collate_skipping(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """:func:`medvlp.batch.collate` after dropping skipped (``None``) samples."""
+    kept = [s for s in samples if s is not None]
+    return collate(kept) if kept else None
+
+
+class RecordDataModule(VLPDataModule):
+    """A datamodule whose splits are lists of records read from the dataset's index files.
+
+    Subclasses implement :meth:`index` (all records, each with a ``split``) and :meth:`load`.
+
+    Args:
+        root: dataset folder in its published layout.
+        on_error: ``fail`` (default for schema/index errors) or ``skip`` for unreadable samples.
+        limit: keep at most this many records per split (quick runs).
+        **loader_kwargs: :class:`VLPDataModule` arguments.
+    """
+
+    collate_fn = staticmethod(collate_skipping)
+
+    def __init__(self, root: str, on_error: str = "skip", limit: int | None = None, **loader_kwargs: Any) -> None:
+        super().__init__(**loader_kwargs)
+        self.root = Path(root)
+        if not self.root.exists():
+            raise FileNotFoundError(f"{type(self).__name__}: dataset root {self.root} does not exist")
+        self.on_error = on_error
+        self.limit = limit
+        self._records: list[dict[str, Any]] | None = None
+        self.index_skips: Counter[str] = Counter()
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every record (dicts with at least ``id`` and ``split``)."""
+        raise NotImplementedError
+
+    def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
+        """One sample in the batch schema."""
+        raise NotImplementedError
+
+    def check_split(self, split: str, recs: Sequence[Any]) -> None:
+        """An empty train/test split is an error; an empty val split only disables validation."""
+        if not recs:
+            if split == "val":
+                log.warning("%s: validation split is empty under %s; validation is skipped", type(self).__name__, self.root)
+                return
+            raise DataError(f"{type(self).__name__}: split {split!r} is empty under {self.root}")
+
+    def records(self, split: str) -> list[dict[str, Any]]:
+        """Records of one split (after ``limit``)."""
+        if self._records is None:
+            self._records = self.index()
+            ids = [r["id"] for r in self._records]
+            dup = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+            if dup:
+                raise DataError(f"{self.root}: duplicate sample ids {dup[:5]}")
+            if self.index_skips:
+                log.warning("%s: index skipped %s", type(self).__name__, dict(self.index_skips))
+        out = [r for r in self._records if r["split"] == split]
+        return out[: self.limit] if self.limit else out
+
+    def build_dataset(self, split: str, augment: bool) -> Dataset:
+        recs = self.records(split)
+        self.check_split(split, recs)
+        return RecordDataset(recs, lambda r: self.load(r, augment), self.on_error, f"{type(self).__name__}/{split}")
+
+    @property
+    def dataset_version(self) -> str:
+        return f"{type(self).__name__}:{self.root.name}"

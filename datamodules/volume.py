@@ -1,0 +1,197 @@
+"""3D datamodules: reading, MONAI dict-transform preprocessing and caching of deterministic steps.
+
+Pipeline (MONAI ``Compose``; deterministic first so ``CacheDataset``/``PersistentDataset`` cache it):
+``ReadVolumed`` → (CT) ``RescaleHUd`` → ``Orientationd(RAS)`` → ``Spacingd(pixdim)`` (optional) →
+``ScaleIntensityRanged`` (window) or ``ScaleIntensityRangePercentilesd`` → ``ResizeWithPadOrCropd`` or
+``Resized`` to ``volume_size`` → [train: ``RandFlipd``, ``RandScaleIntensityd``, ``RandShiftIntensityd``].
+Arrays leave as ``(C, D, H, W)`` (axial slices first).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset as MonaiDataset, MetaTensor, PersistentDataset
+from monai.transforms import (
+    Compose, MapTransform, Orientationd, RandFlipd, RandScaleIntensityd, RandShiftIntensityd, Resized,
+    ResizeWithPadOrCropd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd,
+)
+from torch.utils.data import Dataset
+
+from medvlp.datamodules.readers import DataError, read_volume
+from medvlp.datamodules.tabular import RecordDataModule
+
+log = logging.getLogger(__name__)
+
+
+class ReadVolumed(MapTransform):
+    """Read ``record[key]`` (a path, ``path:h5key`` or a list of paths = channels) into a channel-first
+    MetaTensor with its affine. 4D NIfTI keeps ``channels`` (indices of the last axis)."""
+
+    def __init__(self, keys: Sequence[str], channels: Sequence[int] | None = None, allow_missing_keys: bool = True,
+                 nonfinite: str = "fail") -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.channels, self.nonfinite = channels, nonfinite
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            paths = d[key] if isinstance(d[key], (list, tuple)) else [d[key]]
+            arrays, affine = [], np.eye(4)
+            for p in paths:
+                arr, affine = read_volume(p, nonfinite=self.nonfinite)
+                if arr.ndim == 4:
+                    chans = list(self.channels) if self.channels is not None else list(range(arr.shape[-1]))
+                    arrays.extend(arr[..., c] for c in chans)
+                else:
+                    arrays.append(arr)
+            shapes = {a.shape for a in arrays}
+            if len(shapes) > 1:
+                raise DataError(f"{paths}: channel volumes differ in shape {sorted(shapes)}")
+            d[key] = MetaTensor(torch.from_numpy(np.stack(arrays)), affine=torch.as_tensor(affine, dtype=torch.float64))
+        return d
+
+
+class RescaleHUd(MapTransform):
+    """Apply ``HU = slope · x + intercept`` unless the volume is already in HU.
+
+    CT-RATE v2 volumes are stored in HU already; applying RescaleSlope/Intercept again (CT-CLIP issue #50)
+    shifts them by −1024. The volume counts as HU when it has negative values.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            slope, intercept = float(d.get("slope", 1.0)), float(d.get("intercept", 0.0))
+            if float(img.min()) >= 0 and (slope != 1.0 or intercept != 0.0):
+                d[key] = img * slope + intercept
+        return d
+
+
+class VolumeDataModule(RecordDataModule):
+    """Base of 3D datamodules; subclasses provide :meth:`index` records with ``image`` (path/paths),
+    optional ``label`` (mask path), ``labels`` (array), ``text``.
+
+    Args:
+        volume_size: output ``(D, H, W)``.
+        pixdim: target spacing (mm, in RAS x, y, z order) or None to keep the native grid.
+        window: ``(a_min, a_max)`` intensity window mapped to [0, 1] (CT: HU), or None for the
+            0.5–99.5 percentile range (MRI/EM).
+        resize: ``pad_crop`` (centre pad/crop after spacing) or ``resize`` (interpolate the whole volume).
+        cache: ``none`` | ``memory`` (CacheDataset) | ``disk`` (PersistentDataset in ``cache_dir``).
+        channels: channels kept from 4D volumes.
+        orientation: RAS reorientation (off for EM stacks without a meaningful affine).
+        captions: caption source spec for GTGM (see :mod:`medvlp.datamodules.captions`).
+    """
+
+    modality = "ct"
+
+    def __init__(self, root: str, volume_size: Sequence[int] = (32, 96, 96), pixdim: Sequence[float] | None = None,
+                 window: Sequence[float] | None = None, resize: str = "resize", cache: str = "none",
+                 cache_dir: str | None = None, channels: Sequence[int] | None = (0,), orientation: bool = True,
+                 captions: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        from medvlp.datamodules.captions import build_caption_source
+
+        self.caption_source = build_caption_source(captions) if captions else None
+        self.volume_size = [int(v) for v in volume_size]
+        self.pixdim, self.window, self.resize, self.cache = pixdim, window, resize, cache
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.channels, self.orientation = channels, orientation
+        if cache not in ("none", "memory", "disk"):
+            raise ValueError(f"cache must be none|memory|disk, got {cache!r}")
+        if cache == "disk" and self.cache_dir is None:
+            raise ValueError("cache='disk' needs cache_dir")
+
+    @property
+    def spatial_dims(self) -> int:
+        return 3
+
+    def encoder_hints(self) -> dict[str, Any]:
+        return {"spatial_dims": [3], "img_size_3d": list(self.volume_size)}
+
+    def transforms(self, augment: bool) -> Compose:
+        keys = ["image", "label"]
+        xyz = list(reversed(self.volume_size))  # MONAI works in (x, y, z)
+        steps: list[Any] = [ReadVolumed(keys, self.channels)]
+        if self.modality == "ct":
+            steps.append(RescaleHUd(["image"]))
+        if self.orientation:
+            steps.append(Orientationd(keys, axcodes="RAS", allow_missing_keys=True))
+        if self.pixdim:
+            steps.append(Spacingd(keys, pixdim=tuple(self.pixdim), mode=("bilinear", "nearest"), allow_missing_keys=True))
+        if self.window:
+            steps.append(ScaleIntensityRanged("image", self.window[0], self.window[1], 0.0, 1.0, clip=True))
+        else:
+            steps.append(ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True))
+        if self.resize == "pad_crop":
+            steps.append(ResizeWithPadOrCropd(keys, xyz, allow_missing_keys=True))
+        else:
+            steps.append(Resized(keys, xyz, mode=("trilinear", "nearest"), allow_missing_keys=True))
+        if augment:
+            steps += [RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+                      RandScaleIntensityd("image", 0.1, prob=0.8), RandShiftIntensityd("image", 0.1, prob=0.8)]
+        return Compose(steps)
+
+    def build_dataset(self, split: str, augment: bool) -> Dataset:
+        records = self.records(split)
+        self.check_split(split, records)
+        data = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items() if k in ("image", "label", "slope", "intercept")}
+                for r in records]
+        transform = self.transforms(augment)
+        if self.cache == "memory":
+            monai_ds: Dataset = CacheDataset(data, transform, progress=False)
+        elif self.cache == "disk":
+            monai_ds = PersistentDataset(data, transform, cache_dir=self.cache_dir)
+        else:
+            monai_ds = MonaiDataset(data, transform)
+        return VolumeRecordDataset(monai_ds, records, self, f"{type(self).__name__}/{split}")
+
+    def to_sample(self, item: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+        """MONAI output (x, y, z) → batch-schema sample (C, D, H, W)."""
+        image = torch.as_tensor(item["image"]).float().permute(0, 3, 2, 1).contiguous()
+        sample: dict[str, Any] = {"image": (image - 0.5) / 0.25, "modality": self.modality,
+                                  "meta": {"id": record["id"], "path": str(record["image"])}}
+        if "label" in item:
+            sample["mask"] = torch.as_tensor(item["label"]).round().long().permute(0, 3, 2, 1).contiguous()
+        if "labels" in record:
+            sample["labels"] = torch.as_tensor(record["labels"], dtype=torch.float32)
+            sample["label_names"] = self.label_names
+        if record.get("text"):
+            sample["text"] = record["text"]
+        return sample
+
+
+class VolumeRecordDataset(Dataset):
+    """MONAI dataset + record metadata + the datamodule's skip policy (see :class:`RecordDataset`)."""
+
+    def __init__(self, monai_ds: Dataset, records: Sequence[Mapping[str, Any]], dm: VolumeDataModule, name: str) -> None:
+        self.monai_ds, self.records, self.dm, self.name = monai_ds, list(records), dm, name
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        try:
+            item = self.monai_ds[i]
+        except Exception as exc:  # MONAI wraps transform errors; surface the DataError naming the file
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, DataError):
+                cause = cause.__cause__ or cause.__context__
+            err = cause if isinstance(cause, DataError) else DataError(f"{self.records[i]['image']}: {exc}")
+            if self.dm.on_error == "fail":
+                raise err from exc
+            self.skipped += 1
+            log.warning("%s: skipped sample %d: %s", self.name, i, err)
+            return None
+        sample = self.dm.to_sample(item, self.records[i])
+        sample["index"] = i
+        caption = getattr(self.dm, "caption_source", None)
+        if caption is not None:
+            sample["caption"] = caption(sample)
+        return sample

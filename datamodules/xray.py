@@ -1,0 +1,386 @@
+"""Chest X-ray datamodules over the published layouts (see README "Datasets" and
+``shared`` data notes): MIMIC-CXR(-JPG), CheXpert, RSNA Pneumonia, SIIM-ACR, COVIDx, Open-i."""
+from __future__ import annotations
+
+import hashlib
+import re
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medvlp.datamodules.readers import DataError, read_image_2d, rle_decode_siim
+from medvlp.datamodules.tabular import RecordDataModule, apply_uncertainty, hash_split, resize_2d
+from medvlp.registry import register_datamodule
+from medvlp.reports import parse_sections
+
+CHEXPERT_14 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+               "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+               "Pneumothorax", "Support Devices"]
+CHEXPERT_5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+NORM_MEAN, NORM_STD = 0.5, 0.25
+
+
+def read_csv(path: Path, required: Sequence[str], **kwargs: Any) -> pd.DataFrame:
+    """Read a CSV (optionally .gz) and check its columns.
+
+    Raises:
+        DataError: naming the file when it is missing, unreadable or lacks columns.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot parse CSV ({type(exc).__name__}: {exc})") from exc
+    df.columns = [str(c).strip() for c in df.columns]  # SIIM's " EncodedPixels"
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing columns {missing} (has {list(df.columns)[:12]})")
+    return df
+
+
+def _first(root: Path, *names: str) -> Path:
+    for n in names:
+        if (root / n).is_file():
+            return root / n
+    return root / names[0]
+
+
+class XrayDataModule(RecordDataModule):
+    """Shared 2D loading: read, resize longest side + pad (``image_size``), normalise, augment."""
+
+    modality = "xray"
+
+    def __init__(self, root: str, image_size: int = 224, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.image_size = image_size
+
+    def encoder_hints(self) -> dict[str, Any]:
+        return {"spatial_dims": [2], "img_size_2d": self.image_size}
+
+    def image_tensor(self, path: Path, augment: bool) -> torch.Tensor:
+        img = resize_2d(read_image_2d(path), self.image_size)
+        if augment:
+            img = img * (1 + 0.1 * (2 * torch.rand(1) - 1)) + 0.1 * (2 * torch.rand(1) - 1)
+        return (img - NORM_MEAN) / NORM_STD
+
+    def base_sample(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
+        sample: dict[str, Any] = {"image": self.image_tensor(Path(record["path"]), augment), "modality": "xray",
+                                  "meta": {"id": record["id"], "path": str(record["path"])}}
+        if "labels" in record:
+            sample["labels"] = torch.as_tensor(record["labels"], dtype=torch.float32)
+            sample["label_names"] = self.label_names
+        if "text" in record:
+            sample["text"] = record["text"]
+            sample["sections"] = record.get("sections", {})
+        return sample
+
+    def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
+        return self.base_sample(record, augment)
+
+
+@register_datamodule("mimic_cxr")
+class MIMICCXRDataModule(XrayDataModule):
+    """MIMIC-CXR-JPG 2.x images + MIMIC-CXR reports.
+
+    Layout: ``<root>/files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg``, ``mimic-cxr-2.0.0-{metadata,split,chexpert,
+    negbio}.csv(.gz)``; reports ``<reports_root>/files/pXX/pSUBJECT/sSTUDY.txt`` (default: ``root``).
+    MGCA conventions: frontal views only (``views``), caption = impression + findings, studies with
+    neither section follow ``empty_report`` (``skip``: counted and logged; ``fail``: error naming the
+    file); official split with ``validate`` → val.
+
+    Args:
+        label_source: ``chexpert`` | ``negbio``. uncertainty: see :func:`apply_uncertainty`.
+        views: ViewPosition values kept. text_sections: sections joined into ``text``.
+    """
+
+    name = "mimic_cxr"
+
+    def __init__(self, root: str, reports_root: str | None = None, label_source: str = "chexpert",
+                 uncertainty: str = "zeros", views: Sequence[str] = ("PA", "AP"),
+                 text_sections: Sequence[str] = ("impression", "findings"), empty_report: str = "skip",
+                 **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.reports_root = Path(reports_root) if reports_root else self.root
+        self.label_source, self.uncertainty = label_source, uncertainty
+        self.views, self.text_sections, self.empty_report = tuple(views), tuple(text_sections), empty_report
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(CHEXPERT_14)
+
+    def index(self) -> list[dict[str, Any]]:
+        meta = read_csv(_first(self.root, "mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv"),
+                        ["dicom_id", "subject_id", "study_id", "ViewPosition"])
+        split = read_csv(_first(self.root, "mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv"),
+                         ["dicom_id", "split"])
+        lab_file = _first(self.root, f"mimic-cxr-2.0.0-{self.label_source}.csv.gz", f"mimic-cxr-2.0.0-{self.label_source}.csv")
+        labels = read_csv(lab_file, ["subject_id", "study_id", *CHEXPERT_14])
+        df = meta.merge(split[["dicom_id", "split"]], on="dicom_id", how="inner")
+        df = df[df["ViewPosition"].isin(self.views)]
+        df = df.merge(labels, on=["subject_id", "study_id"], how="left")
+        lab = apply_uncertainty(df[CHEXPERT_14].to_numpy(dtype=float), CHEXPERT_14, self.uncertainty, where=str(lab_file))
+        out = []
+        for i, row in enumerate(df.itertuples(index=False)):
+            sid, study = str(row.subject_id), str(row.study_id)
+            rel = Path("files") / f"p{sid[:2]}" / f"p{sid}" / f"s{study}"
+            report = self.reports_root / rel.with_suffix(".txt")
+            text, sections = self._report(report)
+            if not text:
+                if self.empty_report == "fail":
+                    raise DataError(f"{report}: empty or missing FINDINGS/IMPRESSION (study {study})")
+                self.index_skips["empty_report"] += 1
+                continue
+            out.append({"id": str(row.dicom_id), "split": {"validate": "val"}.get(row.split, row.split),
+                        "path": self.root / rel / f"{row.dicom_id}.jpg", "labels": lab[i], "text": text,
+                        "sections": sections})
+        return out
+
+    def _report(self, path: Path) -> tuple[str, dict[str, str]]:
+        if not path.is_file():
+            return "", {}
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: report is not UTF-8 ({exc})") from exc
+        sections = parse_sections(raw)
+        text = " ".join(sections[s] for s in self.text_sections if sections.get(s))
+        return text.strip(), {k: v for k, v in sections.items() if k in ("findings", "impression")}
+
+
+@register_datamodule("chexpert")
+class CheXpertDataModule(XrayDataModule):
+    """CheXpert (``train.csv``/``valid.csv`` with ``Path`` relative to ``root``'s parent).
+
+    MGCA convention: official ``valid.csv`` is the test split; ``val_size`` (5,000) training images are
+    held out for validation (by hash rank, deterministic). Labels: the 5 competition classes by default.
+
+    Args:
+        classes: label columns. uncertainty: ``ones`` | ``zeros`` | ``ignore`` | ``mgca``.
+        frontal_only: keep ``Frontal/Lateral == Frontal``. val_size: held-out training images.
+    """
+
+    name = "chexpert"
+
+    def __init__(self, root: str, classes: Sequence[str] = tuple(CHEXPERT_5), uncertainty: str = "mgca",
+                 frontal_only: bool = True, val_size: int = 5000, image_root: str | None = None, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.classes, self.uncertainty = list(classes), uncertainty
+        self.frontal_only, self.val_size = frontal_only, val_size
+        self.image_root = Path(image_root) if image_root else self.root.parent
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.classes)
+
+    def _table(self, name: str) -> pd.DataFrame:
+        path = _first(self.root, name, name + ".gz")
+        df = read_csv(path, ["Path", "Frontal/Lateral", *self.classes])
+        if self.frontal_only:
+            df = df[df["Frontal/Lateral"] == "Frontal"]
+        df = df.copy()
+        df.attrs["file"] = str(path)
+        return df
+
+    def index(self) -> list[dict[str, Any]]:
+        out = []
+        train, test = self._table("train.csv"), self._table("valid.csv")
+        val_ids = set(sorted(train["Path"], key=lambda p: hashlib.sha1(p.encode()).hexdigest())[: self.val_size])
+        for df, default in ((train, "train"), (test, "test")):
+            lab = apply_uncertainty(df[self.classes].to_numpy(dtype=float), self.classes, self.uncertainty,
+                                    where=df.attrs["file"])
+            for i, p in enumerate(df["Path"]):
+                split = "val" if default == "train" and p in val_ids else default
+                out.append({"id": p, "split": split, "path": self.image_root / p, "labels": lab[i]})
+        return out
+
+
+def chexpert_5x200(df: pd.DataFrame, per_class: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Build CheXpert 5x200 (MGCA/GLoRIA): frontal, ``fillna(0)``; per competition class keep rows where
+    it is 1 and the other 4 competition labels plus 8 others are 0 ("No Finding" ignored), then
+    sample ``per_class`` with ``random_state=seed``. Returns rows with a ``5x200_class`` column.
+
+    Raises:
+        DataError: when a class has fewer than ``per_class`` candidates.
+    """
+    others = ["Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumonia", "Pneumothorax",
+              "Pleural Other", "Fracture", "Support Devices"]
+    d = df[df["Frontal/Lateral"] == "Frontal"].copy()
+    d[CHEXPERT_5 + others] = d[CHEXPERT_5 + others].fillna(0)
+    parts = []
+    for c in CHEXPERT_5:
+        rest = [x for x in CHEXPERT_5 + others if x != c]
+        pool = d[(d[c] == 1) & (d[rest] == 0).all(axis=1)]
+        if len(pool) < per_class:
+            raise DataError(f"CheXpert 5x200: class {c!r} has only {len(pool)} candidates (< {per_class})")
+        parts.append(pool.sample(n=per_class, random_state=seed).assign(**{"5x200_class": c}))
+    return pd.concat(parts, ignore_index=True)
+
+
+@register_datamodule("rsna_pneumonia")
+class RSNAPneumoniaDataModule(XrayDataModule):
+    """RSNA Pneumonia: ``stage_2_train_labels.csv`` (one row per box) + ``stage_2_train_images/<id>.dcm``.
+
+    Boxes ``[x, y, x+w, y+h]`` are grouped per patient (Target = any box) and rasterised into masks
+    (``mask[y1:y2, x1:x2] = 1``, MGCA). DICOM MONOCHROME1 is inverted. Split: ``mgca`` reproduces MGCA's
+    ``train_test_split(test_size=5337*2, random_state=0)`` then 50/50 val/test; ``hash`` uses
+    deterministic 70/15/15 by id.
+    """
+
+    name = "rsna_pneumonia"
+
+    def __init__(self, root: str, split_convention: str = "hash", **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.split_convention = split_convention
+
+    @property
+    def label_names(self) -> list[str]:
+        return ["Pneumonia"]
+
+    def index(self) -> list[dict[str, Any]]:
+        path = _first(self.root, "stage_2_train_labels.csv", "stage_2_train_labels.csv.zip")
+        df = read_csv(path, ["patientId", "x", "y", "width", "height", "Target"])
+        bad = df[~df["Target"].isin([0, 1])]
+        if len(bad):
+            raise DataError(f"{path}: row {bad.index[0] + 2}: Target must be 0 or 1, got {bad['Target'].iloc[0]!r}")
+        groups = []
+        for pid, g in df.groupby("patientId", sort=True):
+            boxes = [[r.x, r.y, r.x + r.width, r.y + r.height] for r in g.itertuples() if r.Target == 1]
+            groups.append((str(pid), int(g["Target"].max()), boxes))
+        splits = self._splits([g[0] for g in groups])
+        return [{"id": pid, "split": splits[pid], "path": self.root / "stage_2_train_images" / f"{pid}.dcm",
+                 "labels": np.array([t], np.float32), "boxes": boxes} for pid, t, boxes in groups]
+
+    def _splits(self, ids: list[str]) -> dict[str, str]:
+        if self.split_convention == "hash":
+            return {i: hash_split(i, 0, 0.15, 0.15) for i in ids}
+        if self.split_convention == "mgca":
+            from sklearn.model_selection import train_test_split
+
+            n_hold = min(5337 * 2, len(ids) // 2)
+            train, hold = train_test_split(ids, test_size=n_hold, random_state=0)
+            val, test = train_test_split(hold, test_size=0.5, random_state=0)
+            return {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}
+        raise ValueError(f"split_convention must be hash|mgca, got {self.split_convention!r}")
+
+    def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
+        raw = read_image_2d(record["path"])
+        mask = np.zeros(raw.shape, np.float32)
+        for x1, y1, x2, y2 in record["boxes"]:
+            mask[int(y1):int(y2), int(x1):int(x2)] = 1
+        sample = self.base_sample(record, augment)
+        sample["mask"] = (resize_2d(mask, self.image_size, "nearest") > 0.5).long()
+        return sample
+
+
+@register_datamodule("siim_pneumothorax")
+class SIIMDataModule(XrayDataModule):
+    """SIIM-ACR Pneumothorax: ``train-rle.csv`` (``ImageId``, `` EncodedPixels``; one row per instance,
+    ``-1`` = none) + ``dicom-images-train/**/<ImageId>.dcm``. Instances are summed and thresholded;
+    the relative column-major RLE is decoded by :func:`rle_decode_siim`. Split: hash 70/15/15."""
+
+    name = "siim_pneumothorax"
+
+    @property
+    def label_names(self) -> list[str]:
+        return ["Pneumothorax"]
+
+    def index(self) -> list[dict[str, Any]]:
+        path = _first(self.root, "train-rle.csv", "train-rle.csv.gz")
+        df = read_csv(path, ["ImageId", "EncodedPixels"], dtype=str)
+        files = {p.stem: p for p in (self.root / "dicom-images-train").rglob("*.dcm")}
+        out = []
+        for image_id, g in df.groupby("ImageId", sort=True):
+            if image_id not in files:
+                self.index_skips["missing_dicom"] += 1
+                continue
+            rles = [r.strip() for r in g["EncodedPixels"].fillna("-1")]
+            out.append({"id": image_id, "split": hash_split(image_id, 0, 0.15, 0.15), "path": files[image_id],
+                        "rles": rles, "labels": np.array([float(any(r != "-1" for r in rles))], np.float32)})
+        return out
+
+    def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
+        raw = read_image_2d(record["path"])
+        h, w = raw.shape
+        mask = np.zeros((h, w), np.uint8)
+        for rle in record["rles"]:
+            try:
+                mask |= rle_decode_siim(rle, h, w)
+            except DataError as exc:
+                raise DataError(f"{record['path']} (ImageId {record['id']}): {exc}") from exc
+        sample = self.base_sample(record, augment)
+        sample["mask"] = (resize_2d(mask.astype(np.float32), self.image_size, "nearest") > 0.5).long()
+        return sample
+
+
+@register_datamodule("covidx")
+class COVIDxDataModule(XrayDataModule):
+    """COVIDx: headerless space-separated ``train_*.txt``/``test_*.txt`` (``patient_id filename class
+    source``) with images in ``train/`` and ``test/``. Classes normal / pneumonia / COVID-19 (MGCA
+    mapping normal→0, pneumonia→1, else→2) as one-hot labels; val = 20 % of train by hash."""
+
+    name = "covidx"
+    CLASSES = ["normal", "pneumonia", "COVID-19"]
+
+    def __init__(self, root: str, train_list: str = "train_COVIDx9A.txt", test_list: str = "test_COVIDx9A.txt",
+                 **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.train_list, self.test_list = train_list, test_list
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.CLASSES)
+
+    def index(self) -> list[dict[str, Any]]:
+        out = []
+        for list_name, folder, default in ((self.train_list, "train", "train"), (self.test_list, "test", "test")):
+            path = self.root / list_name
+            if not path.is_file():
+                raise DataError(f"{path}: file not found")
+            for line_no, line in enumerate(path.read_text().splitlines(), 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 3:
+                    raise DataError(f"{path}: line {line_no}: expected 'patient_id filename class [source]', got {line!r}")
+                cls = {"normal": 0, "pneumonia": 1, "negative": 0, "positive": 2}.get(parts[2].lower(), 2)
+                lab = np.zeros(3, np.float32)
+                lab[cls] = 1
+                split = hash_split(parts[1], 0, 0.2, 0.0) if default == "train" else "test"
+                out.append({"id": f"{folder}/{parts[1]}", "split": split, "path": self.root / folder / parts[1],
+                            "labels": lab})
+        return out
+
+
+def read_openi_reports(source: str | Path) -> pd.DataFrame:
+    """Open-i / IU X-ray reports (``ecgen-radiology/*.xml``, a folder or the ``.tgz``) as a table with
+    columns ``id, findings, impression, images`` (empty sections are empty strings)."""
+    source = Path(source)
+    rows = []
+
+    def parse(name: str, data: bytes) -> None:
+        try:
+            root = ET.fromstring(data)
+        except ET.ParseError as exc:
+            raise DataError(f"{source}:{name}: malformed XML ({exc})") from exc
+        sec = {(a.get("Label") or "").lower(): (a.text or "").strip() for a in root.iter("AbstractText")}
+        images = [im.get("id") for im in root.iter("parentImage")]
+        rows.append({"id": Path(name).stem, "findings": sec.get("findings", ""), "impression": sec.get("impression", ""),
+                     "images": " ".join(i for i in images if i)})
+
+    if source.is_dir():
+        for p in sorted(source.rglob("*.xml")):
+            parse(p.name, p.read_bytes())
+    elif tarfile.is_tarfile(source):
+        with tarfile.open(source) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".xml"):
+                    parse(m.name, tar.extractfile(m).read())
+    else:
+        raise DataError(f"{source}: expected a folder of XML reports or a .tgz")
+    return pd.DataFrame(rows).sort_values("id", key=lambda s: s.map(lambda x: int(re.sub(r"\D", "", x) or 0)))
