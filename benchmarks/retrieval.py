@@ -20,10 +20,31 @@ def recall_at_k(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, 
     return {k: float((rank < k).mean()) for k in ks}
 
 
+def label_precision_at_k(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> tuple[dict[int, float], float]:
+    """Mean fraction of the top-K retrieved items (excluding none) whose label set equals the query's
+    (ConVIRT's category precision@K), and the chance level Σ_c p_c² over label-set frequencies.
+
+    Rows of ``labels`` with NaN never match.
+    """
+    known = ~np.isnan(labels).any(1)
+    keys = np.array([hash(r.tobytes()) if ok else None for r, ok in zip(labels, known)], dtype=object)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    out = {}
+    for k in ks:
+        top = order[:, :k]
+        same = np.array([[keys[i] is not None and keys[i] == keys[j] for j in row] for i, row in enumerate(top)])
+        out[k] = float(same.mean())
+    _, counts = np.unique([str(k) for k in keys[known]], return_counts=True)
+    chance = float(((counts / len(labels)) ** 2).sum())
+    return out, chance
+
+
 @register_benchmark("retrieval")
 class Retrieval(Protocol):
     """Image→text and text→image retrieval among the N test pairs (cosine similarity of the joint
-    embeddings); metrics ``i2t_R@K`` and ``t2i_R@K`` for K in ``ks`` (default 1, 5, 10). Chance is K/N."""
+    embeddings); metrics ``i2t_R@K`` and ``t2i_R@K`` for K in ``ks`` (default 1, 5, 10); chance is K/N.
+    With labels, also ``i2t_P@K``/``t2i_P@K``: label-set precision@K (ConVIRT-style category retrieval),
+    which stays meaningful when many reports are paraphrases of one another."""
 
     name = "retrieval"
     needs_text = True
@@ -45,4 +66,11 @@ class Retrieval(Protocol):
                 out.append(MetricValue(f"{direction}_R@{k}", v,
                                        f"{direction} recall@{k} among N={n} test pairs (chance {k / n:.3f}); "
                                        "ties ranked pessimistically"))
+        if not np.isnan(feats.labels).all() and feats.labels.size:
+            for direction, s in (("i2t", sim), ("t2i", sim.T)):
+                prec, chance = label_precision_at_k(s, feats.labels, ks)
+                for k, v in prec.items():
+                    out.append(MetricValue(f"{direction}_P@{k}", v,
+                                           f"{direction} label-set precision@{k}: share of the top {k} of N={n} whose "
+                                           f"label set equals the query's (chance {chance:.3f})"))
         return ProtocolResult(out)

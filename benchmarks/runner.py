@@ -102,7 +102,9 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
     store = ResultStore(out / "results.csv")
     cache = FeatureCache(out / "features")
     protocols = _protocols(suite)
-    datasets = {k: build_datamodule_from_config({"data": v}) for k, v in suite["datasets"].items()}
+    datasets = {k: build_datamodule_from_config({"data": {kk: vv for kk, vv in v.items() if kk != "protocols"}})
+                for k, v in suite["datasets"].items()}
+    only = {k: set(v["protocols"]) for k, v in suite["datasets"].items() if v.get("protocols")}
     for dm in datasets.values():
         dm.prepare_data()
     for label, entry in suite["methods"].items():
@@ -115,6 +117,8 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
                 log.info("%s on %s: skipped (encoder supports %sD, data is %dD)", label, ds_name, list(enc_dims), dm.spatial_dims)
                 continue
             for key, proto, params in protocols:
+                if ds_name in only and key not in only[ds_name]:
+                    continue
                 ctx = EvalContext(model, dm, cache, params, device, out)
                 reason = proto.applicable(ctx)
                 if reason:

@@ -143,7 +143,8 @@ class Segmentation(Protocol):
             params.append({"params": model.image_backbone().parameters(),
                            "lr": float(p.get("lr", 1e-3)) * float(p.get("backbone_lr_mult", 0.1))})
         opt = torch.optim.AdamW(params, weight_decay=1e-4)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        # foreground-only Dice term: lesions cover <1 % of a volume and a background Dice term swamps them
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
         bs = int(p.get("batch_size", 16))
         g = torch.Generator().manual_seed(seed)
         epochs = int(p.get("epochs", 30))

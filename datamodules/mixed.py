@@ -27,6 +27,9 @@ def build_datamodule(spec: Mapping[str, Any]) -> VLPDataModule:
 class MixedDataModule(VLPDataModule):
     """Joint training over several datamodules keyed by a name (normally the modality).
 
+    Example: ``data=mixed data.init_args.datamodules.xray.name=phantom ...``; UniMedI and GTGM declare
+    their mixtures as ``example_data``.
+
     Args:
         datamodules: ``{key: {name, init_args}}``.
         **shared: init args given to every child (``batch_size``, sizes …); a child's own

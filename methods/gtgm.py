@@ -57,6 +57,9 @@ class GTGM(VLPMethod):
     ``BT`` is the Barlow Twins loss (λ = 0.0051) on the raw backbone features ``f₁, f₂`` — the
     negative-free term between views. The text encoder's first ``freeze_layers`` (6) layers are frozen.
 
+    The example data (``medvlp pretrain method=gtgm``) mixes phantom CT, MRI and EM volumes, as the
+    official pretraining mixes MSD CT/MRI tasks and EM volumes; per-modality terms are summed.
+
     Required batch keys: ``image``, ``caption`` (from a caption source: offline file joined by volume
     name, the template captioner, or a user-configured image-to-text model; see
     :mod:`medvlp.datamodules.captions`).
@@ -78,8 +81,9 @@ class GTGM(VLPMethod):
 
     name: ClassVar[str] = "gtgm"
     required_keys: ClassVar[frozenset[str]] = frozenset({"image", "caption"})
-    example_data: ClassVar[dict[str, Any]] = {
-        "name": "phantom", "init_args": {"modality": "ct", "captions": {"type": "template"}}}
+    example_data: ClassVar[dict[str, Any]] = {"name": "mixed", "init_args": {"datamodules": {
+        m: {"name": "phantom", "init_args": {"modality": m, "captions": {"type": "template"}}}
+        for m in ("ct", "mri", "em")}}}
 
     def __init__(self, barlow_lambda: float = 0.0051, view_crop: float = 0.85, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -110,7 +110,9 @@ class UniMedI(VLPMethod):
 
     name: ClassVar[str] = "unimedi"
     required_keys: ClassVar[frozenset[str]] = frozenset({"image", "text"})
-    example_data: ClassVar[dict[str, Any]] = {"name": "mixed", "init_args": {}}
+    example_data: ClassVar[dict[str, Any]] = {"name": "mixed", "init_args": {"datamodules": {
+        "xray": {"name": "phantom", "init_args": {"modality": "xray"}},
+        "ct": {"name": "phantom", "init_args": {"modality": "ct"}}}}}
 
     def __init__(self, modalities: str = "joint", select_slices: int = 2, select_ratio: float = 0.25,
                  mask_ratio: float = 0.3, attentive_fraction: float = 0.5, distill_dim: int = 256,

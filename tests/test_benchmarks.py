@@ -39,6 +39,15 @@ def test_recall_at_k_identity_is_one_and_ties_are_pessimistic() -> None:
     assert recall_at_k(np.ones((10, 10)), (1, 10)) == {1: 0.0, 10: 1.0}
 
 
+def test_label_precision_at_k() -> None:
+    from medvlp.benchmarks.retrieval import label_precision_at_k
+
+    labels = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], float)
+    sim = np.array([[1, .9, 0, 0], [.9, 1, 0, 0], [0, 0, 1, .9], [0, 0, .9, 1]])
+    prec, chance = label_precision_at_k(sim, labels, (1, 2, 4))
+    assert prec == {1: 1.0, 2: 1.0, 4: 0.5} and chance == 0.5
+
+
 def test_dice_definitions_on_known_masks() -> None:
     target = torch.zeros(3, 1, 4, 4, dtype=torch.long)
     pred = torch.zeros_like(target)

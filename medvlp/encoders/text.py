@@ -111,6 +111,7 @@ class TextEncoder(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
             self.model = AutoModel.from_pretrained(str(path), local_files_only=local_files_only)
         self.embed_dim = int(self.model.config.hidden_size)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps per-module modes
         if freeze:
             self.model.requires_grad_(False)
         elif freeze_layers:
