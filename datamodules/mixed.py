@@ -38,10 +38,11 @@ class MixedDataModule(VLPDataModule):
 
     name = "mixed"
 
-    def __init__(self, datamodules: Mapping[str, Mapping[str, Any]], **shared: Any) -> None:
+    def __init__(self, datamodules: Mapping[str, Mapping[str, Any]] | None = None, **shared: Any) -> None:
         super().__init__(**{k: v for k, v in shared.items() if k in ("batch_size", "num_workers")})
         if not datamodules:
-            raise ValueError("mixed datamodule needs at least one child in 'datamodules'")
+            raise ValueError("mixed datamodule needs children: data.init_args.datamodules.<key>.name=... "
+                             "(e.g. xray: {name: phantom, init_args: {modality: xray}})")
         self.children = {
             k: build_datamodule({**v, "init_args": {**shared, **dict(v.get("init_args") or {})}})
             for k, v in datamodules.items()

@@ -1,7 +1,7 @@
 """Compose a run configuration from defaults, packaged YAMLs, user files and dot-list overrides.
 
 Precedence (later wins): built-in defaults < ``methods/<method>.yaml`` < ``datamodules/<data>.yaml`` <
-the method's ``example_data`` (only when no ``data`` is given) < ``presets/<preset>.yaml`` (its
+the method's ``example_data`` (when no ``data`` or the example's datamodule is given) < ``presets/<preset>.yaml`` (its
 ``data_defaults.<datamodule>`` block applies only to that datamodule) < ``-c FILE`` files < ``key=value``
 overrides. Shorthands: ``method=NAME``,
 ``data=NAME``, ``preset=NAME``, ``suite=NAME``.
@@ -70,11 +70,13 @@ def compose(args: Sequence[str], defaults: dict[str, Any] | None = None) -> Dict
     user = merge(*[load_yaml(f) for f in files], overrides=overrides) if (files or overrides) else OmegaConf.create({})
     method = OmegaConf.select(user, "method.name", default=base.method.name)
     data = OmegaConf.select(user, "data.name", default=None)
-    example_layer = OmegaConf.create({})
-    if data is None:  # the method's own example data (e.g. GTGM: CT with captions, UniMedI: X-ray + CT)
-        from medvlp.registry import METHODS
+    from medvlp.registry import METHODS
 
-        example = dict(getattr(METHODS.get(str(method)), "example_data", None) or {"name": base.data.name})
+    example = dict(getattr(METHODS.get(str(method)), "example_data", None) or {"name": base.data.name})
+    example_layer = OmegaConf.create({})
+    if data is None or data == example["name"]:
+        # the method's own example data (e.g. GTGM: CT+MRI+EM with captions, UniMedI: X-ray + CT) is the
+        # default, also under user overrides of the same datamodule (data=mixed data.init_args.batch_size=8)
         data = example["name"]
         example_layer = OmegaConf.create({"data": {"name": data, "init_args": example.get("init_args", {})}})
     preset = OmegaConf.select(user, "preset", default=base.preset)

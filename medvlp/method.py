@@ -195,10 +195,11 @@ class VLPMethod(L.LightningModule):
         return sum(self._weight(k) * v for k, v in loss_terms.items())  # type: ignore[return-value]
 
     def _weight(self, key: str) -> float:
+        """Weight of a loss term; ``<modality>_<term>_loss`` falls back to the weight of ``<term>_loss``."""
         if key in self.loss_weights:
             return float(self.loss_weights[key])
-        base = key.split("_", 1)[1] if "_" in key and key.split("_", 1)[1] in self.loss_weights else None
-        return float(self.loss_weights[base]) if base else 1.0
+        unprefixed = key.split("_", 1)[-1]
+        return float(self.loss_weights.get(unprefixed, 1.0))
 
     def _log_terms(self, terms: Mapping[str, torch.Tensor], total: torch.Tensor, stage: str, bs: int) -> None:
         on_step = stage == "train"
