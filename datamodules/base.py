@@ -92,6 +92,10 @@ class VLPDataModule(L.LightningDataModule):
         return {name: [f"There is {name.lower()}.", f"Findings consistent with {name.lower()}."]
                 for name in self.label_names}
 
+    def negative_prompts(self) -> dict[str, list[str]]:
+        """Negated prompts per class; zero-shot scores cos(positive) − cos(negated) per class."""
+        return {name: [f"There is no {name.lower()}.", f"No {name.lower()}."] for name in self.label_names}
+
     def encoder_hints(self) -> dict[str, Any]:
         """Image-encoder settings implied by the data (``spatial_dims``, sizes); unset keys are filled."""
         return {}

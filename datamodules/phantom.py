@@ -151,10 +151,6 @@ class PhantomDataModule(VLPDataModule):
         return {n: [f"There is {n.lower()}.", f"{n} is present.", f"Findings consistent with {n.lower()}."]
                 for n in self.label_names}
 
-    def negative_prompts(self) -> dict[str, list[str]]:
-        """Negated prompts per class (for binary zero-shot: positive vs negated prompt)."""
-        return {n: [f"There is no {n.lower()}.", f"No {n.lower()}."] for n in self.label_names}
-
     def encoder_hints(self) -> dict[str, Any]:
         if self.spatial_dims == 2:
             return {"spatial_dims": [2], "img_size_2d": self.size[0]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import tarfile
 import xml.etree.ElementTree as ET
@@ -21,6 +22,7 @@ from medvlp.reports import parse_sections
 CHEXPERT_14 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
                "Pneumothorax", "Support Devices"]
+log = logging.getLogger(__name__)
 CHEXPERT_5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 NORM_MEAN, NORM_STD = 0.5, 0.25
 
@@ -157,8 +159,12 @@ class MIMICCXRDataModule(XrayDataModule):
 class CheXpertDataModule(XrayDataModule):
     """CheXpert (``train.csv``/``valid.csv`` with ``Path`` relative to ``root``'s parent).
 
-    MGCA convention: official ``valid.csv`` is the test split; ``val_size`` (5,000) training images are
-    held out for validation (by hash rank, deterministic). Labels: the 5 competition classes by default.
+    Official ``valid.csv`` is the test split; ``val_size`` (5,000) training images are held out for
+    validation. ``split_convention``: ``hash`` (sha1 rank, deterministic) or ``mgca`` (MGCA/ASG
+    ``preprocess/chexpert.py``: the 5x200 zero-shot images are removed from training, then
+    ``np.random.seed(0); np.random.choice(len, 5000, replace=False)`` positions become validation; MGCA
+    then drops those rows by index *label*, which leaves part of them in training — we keep the intended
+    disjoint split). Labels: the 5 competition classes by default.
 
     Args:
         classes: label columns. uncertainty: ``ones`` | ``zeros`` | ``ignore`` | ``mgca``.
@@ -168,8 +174,12 @@ class CheXpertDataModule(XrayDataModule):
     name = "chexpert"
 
     def __init__(self, root: str, classes: Sequence[str] = tuple(CHEXPERT_5), uncertainty: str = "mgca",
-                 frontal_only: bool = True, val_size: int = 5000, image_root: str | None = None, **kwargs: Any) -> None:
+                 frontal_only: bool = True, val_size: int = 5000, image_root: str | None = None,
+                 split_convention: str = "hash", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
+        if split_convention not in ("hash", "mgca"):
+            raise ValueError(f"split_convention must be hash|mgca, got {split_convention!r}")
+        self.split_convention = split_convention
         self.classes, self.uncertainty = list(classes), uncertainty
         self.frontal_only, self.val_size = frontal_only, val_size
         self.image_root = Path(image_root) if image_root else self.root.parent
@@ -190,7 +200,15 @@ class CheXpertDataModule(XrayDataModule):
     def index(self) -> list[dict[str, Any]]:
         out = []
         train, test = self._table("train.csv"), self._table("valid.csv")
-        val_ids = set(sorted(train["Path"], key=lambda p: hashlib.sha1(p.encode()).hexdigest())[: self.val_size])
+        if self.split_convention == "mgca":
+            full = read_csv(_first(self.root, "train.csv", "train.csv.gz"), ["Path", "Frontal/Lateral"])
+            drop = set(chexpert_5x200(full)["Path"])
+            pool = full[~full["Path"].isin(drop)]
+            pos = np.random.RandomState(0).choice(len(pool), size=min(self.val_size, len(pool)), replace=False)
+            val_ids = set(pool["Path"].iloc[pos])
+            train = train[~train["Path"].isin(drop)]
+        else:
+            val_ids = set(sorted(train["Path"], key=lambda p: hashlib.sha1(p.encode()).hexdigest())[: self.val_size])
         for df, default in ((train, "train"), (test, "test")):
             lab = apply_uncertainty(df[self.classes].to_numpy(dtype=float), self.classes, self.uncertainty,
                                     where=df.attrs["file"])
@@ -282,9 +300,18 @@ class RSNAPneumoniaDataModule(XrayDataModule):
 class SIIMDataModule(XrayDataModule):
     """SIIM-ACR Pneumothorax: ``train-rle.csv`` (``ImageId``, `` EncodedPixels``; one row per instance,
     ``-1`` = none) + ``dicom-images-train/**/<ImageId>.dcm``. Instances are summed and thresholded;
-    the relative column-major RLE is decoded by :func:`rle_decode_siim`. Split: hash 70/15/15."""
+    the relative column-major RLE is decoded by :func:`rle_decode_siim`. Split: hash 70/15/15 by image,
+    or ``split_convention: mgca`` (MGCA ``preprocess/siim.py``: ``train_test_split(test_size=0.3,
+    random_state=0)`` over CSV *rows*, then the held-out rows 50/50 into test/val; an image takes the
+    split of its first row and the number of images whose rows MGCA spreads over several splits is logged)."""
 
     name = "siim_pneumothorax"
+
+    def __init__(self, root: str, split_convention: str = "hash", **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        if split_convention not in ("hash", "mgca"):
+            raise ValueError(f"split_convention must be hash|mgca, got {split_convention!r}")
+        self.split_convention = split_convention
 
     @property
     def label_names(self) -> list[str]:
@@ -294,13 +321,28 @@ class SIIMDataModule(XrayDataModule):
         path = _first(self.root, "train-rle.csv", "train-rle.csv.gz")
         df = read_csv(path, ["ImageId", "EncodedPixels"], dtype=str)
         files = {p.stem: p for p in (self.root / "dicom-images-train").rglob("*.dcm")}
+        row_split: dict[str, str] = {}
+        if self.split_convention == "mgca":
+            from sklearn.model_selection import train_test_split
+
+            idx = list(range(len(df)))
+            train_rows, hold = train_test_split(idx, test_size=0.3, random_state=0)
+            test_rows, val_rows = train_test_split(hold, test_size=0.5, random_state=0)
+            split_of = {**{i: "train" for i in train_rows}, **{i: "test" for i in test_rows}, **{i: "val" for i in val_rows}}
+            spread = df.assign(_s=[split_of[i] for i in idx]).groupby("ImageId")["_s"].nunique()
+            if (spread > 1).any():
+                log.warning("%s: MGCA row-level split puts %d images in several splits; using each image's first row",
+                            path, int((spread > 1).sum()))
+            for i, image_id in enumerate(df["ImageId"]):
+                row_split.setdefault(image_id, split_of[i])
         out = []
         for image_id, g in df.groupby("ImageId", sort=True):
             if image_id not in files:
                 self.index_skips["missing_dicom"] += 1
                 continue
             rles = [r.strip() for r in g["EncodedPixels"].fillna("-1")]
-            out.append({"id": image_id, "split": hash_split(image_id, 0, 0.15, 0.15), "path": files[image_id],
+            split = row_split.get(image_id) or hash_split(image_id, 0, 0.15, 0.15)
+            out.append({"id": image_id, "split": split, "path": files[image_id],
                         "rles": rles, "labels": np.array([float(any(r != "-1" for r in rles))], np.float32)})
         return out
 
@@ -322,15 +364,17 @@ class SIIMDataModule(XrayDataModule):
 class COVIDxDataModule(XrayDataModule):
     """COVIDx: headerless space-separated ``train_*.txt``/``test_*.txt`` (``patient_id filename class
     source``) with images in ``train/`` and ``test/``. Classes normal / pneumonia / COVID-19 (MGCA
-    mapping normal→0, pneumonia→1, else→2) as one-hot labels; val = 20 % of train by hash."""
+    mapping normal→0, pneumonia→1, else→2) as one-hot labels; val = 20 % of train by hash, or with
+    ``split_convention: mgca`` MGCA's ``train_test_split(train_size=0.8, random_state=0)`` over the rows."""
 
     name = "covidx"
     CLASSES = ["normal", "pneumonia", "COVID-19"]
 
     def __init__(self, root: str, train_list: str = "train_COVIDx9A.txt", test_list: str = "test_COVIDx9A.txt",
-                 **kwargs: Any) -> None:
+                 split_convention: str = "hash", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.train_list, self.test_list = train_list, test_list
+        self.split_convention = split_convention
 
     @property
     def label_names(self) -> list[str]:
@@ -354,6 +398,16 @@ class COVIDxDataModule(XrayDataModule):
                 split = hash_split(parts[1], 0, 0.2, 0.0) if default == "train" else "test"
                 out.append({"id": f"{folder}/{parts[1]}", "split": split, "path": self.root / folder / parts[1],
                             "labels": lab})
+        if self.split_convention == "mgca":
+            from sklearn.model_selection import train_test_split
+
+            rows = [r for r in out if r["split"] != "test"]
+            _, val = train_test_split(list(range(len(rows))), train_size=0.8, random_state=0)
+            val_rows = set(val)
+            for i, r in enumerate(rows):
+                r["split"] = "val" if i in val_rows else "train"
+        elif self.split_convention != "hash":
+            raise ValueError(f"split_convention must be hash|mgca, got {self.split_convention!r}")
         return out
 
 

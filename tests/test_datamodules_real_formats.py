@@ -73,6 +73,47 @@ def test_real_chexpert_csv_and_5x200_pools() -> None:
     assert sel["Path"].is_unique
 
 
+def test_chexpert_mgca_split_on_the_real_csv(tmp_path) -> None:
+    real = _txv("chexpert_train.csv.gz")
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    (root / "train.csv.gz").symlink_to(real)
+    (root / "valid.csv").write_text("Path,Frontal/Lateral," + ",".join(fx.LABELS14[:0] + ["Atelectasis", "Cardiomegaly",
+                                    "Consolidation", "Edema", "Pleural Effusion"]) + "\n")
+    dm = CheXpertDataModule(str(root), split_convention="mgca")
+    val = {r["id"] for r in dm.records("val")}
+    train = {r["id"] for r in dm.records("train")}
+    five = set(chexpert_5x200(pd.read_csv(real))["Path"])
+    assert 4000 < len(val) <= 5000 and not (val & train) and not (five & (val | train))
+    assert val == {r["id"] for r in CheXpertDataModule(str(root), split_convention="mgca").records("val")}
+
+
+def test_mgca_split_conventions_covidx_siim(tmp_path) -> None:
+    cov = COVIDxDataModule(str(fx.make_covidx(tmp_path / "covidx")), split_convention="mgca")
+    assert len(cov.records("val")) == 2 and len(cov.records("train")) == 8  # 80/20 of 10 rows
+    siim = SIIMDataModule(str(fx.make_siim(tmp_path / "siim")), split_convention="mgca")
+    sizes = {s: len(siim.records(s)) for s in ("train", "val", "test")}
+    assert sum(sizes.values()) == 8 and sizes["train"] >= 5
+
+
+def test_real_chest_radiograph_from_pydicom_data() -> None:
+    if importlib.util.find_spec("data_store") is None and importlib.util.find_spec("pydicom_data") is None:
+        pytest.skip("pydicom-data wheel not installed")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG1_UNCI.dcm")
+    if path is None:
+        pytest.skip("RG1_UNCI.dcm not available offline")
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    img = read_image_2d(path)
+    raw = ds.pixel_array.astype(float)
+    assert img.shape == raw.shape and 0.0 <= img.min() and img.max() <= 1.0
+    assert np.corrcoef(img[::8, ::8].ravel(), raw[::8, ::8].ravel())[0, 1] < -0.99  # inverted for display
+
+
 def test_rsna_boxes_to_masks_monochrome1_and_real_label_file(tmp_path) -> None:
     root = fx.make_rsna(tmp_path / "rsna")
     dm = RSNAPneumoniaDataModule(str(root), image_size=32)
