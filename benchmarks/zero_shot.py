@@ -5,6 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medvlp.benchmarks.linear_probe import is_one_hot
 from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc
 from medvlp.registry import register_benchmark
 
@@ -20,8 +21,13 @@ class ZeroShot(Protocol):
     the normalised prompt embeddings (CLIP recipe) from :meth:`zero_shot_classifier`, which a method may
     override (UMCL's learned prompts). Metric: macro ROC-AUC over classes with both labels present.
 
+    Prompts come from the datamodule (its packaged ``datamodules/prompts/<name>.yaml`` when present) or
+    from ``prompts_file`` (YAML ``{class: {positive: [...], negative: [...]}}``). With one-hot labels
+    (multi-class sets such as CheXpert 5x200, COVIDx) the arg-max accuracy is reported too (GLoRIA's
+    5x200 zero-shot protocol).
+
     Params: ``prompts`` = ``"handcrafted"`` (default) or ``"learned"`` (methods exposing
-    ``learned_zero_shot_classifier``).
+    ``learned_zero_shot_classifier``); ``prompts_file``.
     """
 
     name = "zero_shot"
@@ -42,6 +48,15 @@ class ZeroShot(Protocol):
         mode = ctx.params.get("prompts", "handcrafted")
         if mode == "learned":
             pos, neg = model.learned_zero_shot_classifier(dm.label_names)
+        elif ctx.params.get("prompts_file"):
+            import yaml
+
+            table = yaml.safe_load(open(ctx.params["prompts_file"], encoding="utf-8"))
+            missing = [n for n in dm.label_names if n not in table]
+            if missing:
+                raise KeyError(f"{ctx.params['prompts_file']}: no prompts for classes {missing}")
+            pos = model.zero_shot_classifier({n: table[n]["positive"] for n in dm.label_names})
+            neg = model.zero_shot_classifier({n: table[n]["negative"] for n in dm.label_names})
         else:
             pos = model.zero_shot_classifier(dm.class_prompts())
             negatives = dm.negative_prompts() if hasattr(dm, "negative_prompts") else {}
@@ -56,4 +71,9 @@ class ZeroShot(Protocol):
         auc, _ = macro_auc(feats.labels, scores.numpy())
         definition = (f"macro ROC-AUC over classes with both labels in the test split (N={len(feats.ids)}); "
                       f"score = {how}; {mode} prompts")
-        return ProtocolResult([MetricValue("auc", auc, definition)])
+        values = [MetricValue("auc", auc, definition)]
+        if is_one_hot(feats.labels):
+            acc = float((scores.numpy().argmax(1) == feats.labels.argmax(1)).mean())
+            values.append(MetricValue("acc", acc, f"multi-class accuracy of the arg-max class score (N={len(feats.ids)}); "
+                                                  f"{mode} prompts"))
+        return ProtocolResult(values)

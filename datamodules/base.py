@@ -87,14 +87,26 @@ class VLPDataModule(L.LightningDataModule):
         """Class names of ``labels`` (empty when the dataset has none)."""
         return []
 
+    def prompt_file(self) -> dict[str, dict[str, list[str]]]:
+        """Packaged prompts ``datamodules/prompts/<name>.yaml`` (``{class: {positive, negative}}``), or {}."""
+        from importlib import resources
+
+        import yaml
+
+        ref = resources.files("medvlp.datamodules").joinpath("prompts", f"{self.name}.yaml")
+        return yaml.safe_load(ref.read_text()) if ref.is_file() else {}
+
     def class_prompts(self) -> dict[str, list[str]]:
-        """Zero-shot prompts per class (positive phrasing), for the benchmark harness."""
-        return {name: [f"There is {name.lower()}.", f"Findings consistent with {name.lower()}."]
-                for name in self.label_names}
+        """Zero-shot prompts per class (positive phrasing): the packaged prompt file, else templates."""
+        packaged = self.prompt_file()
+        return {name: list(packaged[name]["positive"]) if name in packaged else
+                [f"There is {name.lower()}.", f"Findings consistent with {name.lower()}."] for name in self.label_names}
 
     def negative_prompts(self) -> dict[str, list[str]]:
         """Negated prompts per class; zero-shot scores cos(positive) − cos(negated) per class."""
-        return {name: [f"There is no {name.lower()}.", f"No {name.lower()}."] for name in self.label_names}
+        packaged = self.prompt_file()
+        return {name: list(packaged[name]["negative"]) if name in packaged else
+                [f"There is no {name.lower()}.", f"No {name.lower()}."] for name in self.label_names}
 
     def encoder_hints(self) -> dict[str, Any]:
         """Image-encoder settings implied by the data (``spatial_dims``, sizes); unset keys are filled."""
@@ -103,6 +115,22 @@ class VLPDataModule(L.LightningDataModule):
     def method_hints(self) -> dict[str, Any]:
         """Method arguments implied by the data, filled when the method accepts them and they are unset."""
         return {"class_names": self.label_names} if self.label_names else {}
+
+    def skip_report(self) -> dict[str, int]:
+        """Samples skipped so far under the datamodule's policy, per dataset (index-time and load-time).
+
+        Load-time counts are those of the main process (``num_workers=0``); with workers every skip is
+        still logged with its file as it happens.
+        """
+        out: dict[str, int] = {}
+        for key, ds in self._datasets.items():
+            n = ds.skipped if isinstance(getattr(ds, "skipped", None), int) else sum(getattr(ds, "skipped", {}).values())
+            if n:
+                out[key] = int(n)
+        index = getattr(self, "index_skips", None)
+        if index:
+            out.update({f"index:{k}": int(v) for k, v in index.items()})
+        return out
 
     # loaders ------------------------------------------------------------------------------
     def dataset(self, split: str, augment: bool | None = None) -> Dataset:

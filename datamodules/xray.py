@@ -164,7 +164,9 @@ class CheXpertDataModule(XrayDataModule):
     ``preprocess/chexpert.py``: the 5x200 zero-shot images are removed from training, then
     ``np.random.seed(0); np.random.choice(len, 5000, replace=False)`` positions become validation; MGCA
     then drops those rows by index *label*, which leaves part of them in training — we keep the intended
-    disjoint split). Labels: the 5 competition classes by default.
+    disjoint split). Labels: the 5 competition classes by default. ``test_set: 5x200`` makes the test
+    split CheXpert 5x200 (:func:`chexpert_5x200`, removed from train/val) with one-hot labels, the
+    GLoRIA/MGCA zero-shot classification set.
 
     Args:
         classes: label columns. uncertainty: ``ones`` | ``zeros`` | ``ignore`` | ``mgca``.
@@ -175,11 +177,13 @@ class CheXpertDataModule(XrayDataModule):
 
     def __init__(self, root: str, classes: Sequence[str] = tuple(CHEXPERT_5), uncertainty: str = "mgca",
                  frontal_only: bool = True, val_size: int = 5000, image_root: str | None = None,
-                 split_convention: str = "hash", **kwargs: Any) -> None:
+                 split_convention: str = "hash", test_set: str = "valid", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         if split_convention not in ("hash", "mgca"):
             raise ValueError(f"split_convention must be hash|mgca, got {split_convention!r}")
-        self.split_convention = split_convention
+        if test_set not in ("valid", "5x200"):
+            raise ValueError(f"test_set must be valid|5x200, got {test_set!r}")
+        self.split_convention, self.test_set = split_convention, test_set
         self.classes, self.uncertainty = list(classes), uncertainty
         self.frontal_only, self.val_size = frontal_only, val_size
         self.image_root = Path(image_root) if image_root else self.root.parent
@@ -200,6 +204,11 @@ class CheXpertDataModule(XrayDataModule):
     def index(self) -> list[dict[str, Any]]:
         out = []
         train, test = self._table("train.csv"), self._table("valid.csv")
+        five = None
+        if self.test_set == "5x200":
+            full = read_csv(_first(self.root, "train.csv", "train.csv.gz"), ["Path", "Frontal/Lateral", *CHEXPERT_14])
+            five = chexpert_5x200(full)
+            train = train[~train["Path"].isin(set(five["Path"]))]
         if self.split_convention == "mgca":
             full = read_csv(_first(self.root, "train.csv", "train.csv.gz"), ["Path", "Frontal/Lateral"])
             drop = set(chexpert_5x200(full)["Path"])
@@ -209,12 +218,17 @@ class CheXpertDataModule(XrayDataModule):
             train = train[~train["Path"].isin(drop)]
         else:
             val_ids = set(sorted(train["Path"], key=lambda p: hashlib.sha1(p.encode()).hexdigest())[: self.val_size])
-        for df, default in ((train, "train"), (test, "test")):
+        tables = [(train, "train")] if five is not None else [(train, "train"), (test, "test")]
+        for df, default in tables:
             lab = apply_uncertainty(df[self.classes].to_numpy(dtype=float), self.classes, self.uncertainty,
-                                    where=df.attrs["file"])
+                                    where=df.attrs.get("file", str(self.root)))
             for i, p in enumerate(df["Path"]):
                 split = "val" if default == "train" and p in val_ids else default
                 out.append({"id": p, "split": split, "path": self.image_root / p, "labels": lab[i]})
+        if five is not None:
+            for p, cls in zip(five["Path"], five["5x200_class"]):
+                onehot = np.array([float(c == cls) for c in self.classes], np.float32)
+                out.append({"id": p, "split": "test", "path": self.image_root / p, "labels": onehot})
         return out
 
 

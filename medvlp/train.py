@@ -97,9 +97,12 @@ def pretrain(cfg: DictConfig) -> Path:
     trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path,
                 weights_only=bool(c["run"].get("weights_only_resume", True)) if ckpt_path else None)
     trainer.save_checkpoint(str(last))
+    skipped = dm.skip_report() if hasattr(dm, "skip_report") else {}
+    if skipped:
+        log.warning("skipped samples under the datamodule's policy: %s", skipped)
     summary = {"method": c["method"]["name"], "data": c["data"]["name"], "steps": trainer.global_step,
                "seconds": round(time.time() - start, 2), "checkpoint": str(last),
-               "train_loss": _metric(trainer, "train/loss_epoch")}
+               "train_loss": _metric(trainer, "train/loss_epoch"), "skipped": skipped}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return last
 

@@ -88,6 +88,22 @@ def test_chexpert_mgca_split_on_the_real_csv(tmp_path) -> None:
     assert val == {r["id"] for r in CheXpertDataModule(str(root), split_convention="mgca").records("val")}
 
 
+def test_chexpert_5x200_test_set_and_packaged_prompts(tmp_path) -> None:
+    from medvlp.benchmarks.linear_probe import is_one_hot
+
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    (root / "train.csv.gz").symlink_to(_txv("chexpert_train.csv.gz"))
+    (root / "valid.csv").write_text("Path,Frontal/Lateral,Atelectasis,Cardiomegaly,Consolidation,Edema,Pleural Effusion\n")
+    dm = CheXpertDataModule(str(root), test_set="5x200")
+    test = dm.records("test")
+    labels = np.stack([r["labels"] for r in test])
+    assert len(test) == 1000 and is_one_hot(labels) and labels.sum(0).tolist() == [200.0] * 5
+    assert not {r["id"] for r in test} & {r["id"] for s in ("train", "val") for r in dm.records(s)}
+    assert dm.class_prompts()["Edema"][0] == "There is pulmonary edema."
+    assert dm.negative_prompts()["Cardiomegaly"] == ["The heart size is normal.", "No cardiomegaly."]
+
+
 def test_mgca_split_conventions_covidx_siim(tmp_path) -> None:
     cov = COVIDxDataModule(str(fx.make_covidx(tmp_path / "covidx")), split_convention="mgca")
     assert len(cov.records("val")) == 2 and len(cov.records("train")) == 8  # 80/20 of 10 rows
@@ -247,6 +263,28 @@ def test_corrupt_sample_is_skipped_and_counted_or_fails(tmp_path) -> None:
     strict = COVIDxDataModule(str(root), image_size=32, on_error="fail")
     with pytest.raises(DataError, match="train_0.png"):
         list(strict.eval_dataloader("train", 16))
+
+
+def test_non_utf8_report_truncated_csv_duplicate_ids_and_skip_report(tmp_path) -> None:
+    root = fx.make_mimic(tmp_path / "mimic")
+    report = next((root / "files").rglob("s50414268.txt"))
+    report.write_bytes(b"FINDINGS: caf\xe9 \xff\xfe broken")
+    with pytest.raises(DataError, match="s50414268.txt: report is not UTF-8"):
+        MIMICCXRDataModule(str(root)).records("train")
+    csv = root / "mimic-cxr-2.0.0-split.csv.gz"
+    csv.write_bytes(csv.read_bytes()[:20])  # truncated gzip
+    with pytest.raises(DataError, match="mimic-cxr-2.0.0-split.csv.gz: cannot parse CSV"):
+        MIMICCXRDataModule(str(root)).records("train")
+    cov = fx.make_covidx(tmp_path / "covidx")
+    lines = (cov / "train_COVIDx9A.txt").read_text().splitlines()
+    (cov / "train_COVIDx9A.txt").write_text("\n".join(lines + lines[:1]) + "\n")
+    with pytest.raises(DataError, match="duplicate sample ids"):
+        COVIDxDataModule(str(cov)).records("train")
+    (cov / "train_COVIDx9A.txt").write_text("\n".join(lines) + "\n")
+    dm = COVIDxDataModule(str(cov), image_size=32)
+    Path(dm.records("train")[0]["path"]).write_bytes(b"not a png")
+    list(dm.eval_dataloader("train", 4))
+    assert dm.skip_report() == {"train": 1}
 
 
 def test_missing_columns_and_duplicate_ids(tmp_path) -> None:

@@ -82,3 +82,17 @@ def test_config_command_prints_composed_config(capsys: pytest.CaptureFixture[str
     assert main(["config", "method=asg", "preset=tiny", "method.init_args.local_dim=7"]) == 0
     out = capsys.readouterr().out
     assert "local_dim: 7" in out and "irl_loss: 5.0" in out
+
+
+def test_evaluate_command_on_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pandas as pd
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "method=clip", "preset=tiny", "trainer.enable_progress_bar=false", f"run.dir={run}"]) == 0
+    assert main(["evaluate", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "data=phantom",
+                 "data.init_args.num_train=16", "data.init_args.num_test=8", "data.init_args.image_size=32",
+                 "protocols=[zero_shot,retrieval,finetune]", "protocol_params.finetune.epochs=1",
+                 f"out={tmp_path / 'eval'}"]) == 0
+    df = pd.read_csv(tmp_path / "eval" / "results.csv")
+    assert set(df["protocol"]) == {"zero_shot", "retrieval", "finetune"}
+    assert df["checkpoint"].str.endswith("last.ckpt").all()
