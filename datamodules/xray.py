@@ -54,13 +54,22 @@ def _first(root: Path, *names: str) -> Path:
 
 
 class XrayDataModule(RecordDataModule):
-    """Shared 2D loading: read, resize longest side + pad (``image_size``), normalise, augment."""
+    """Shared 2D loading: read, resize longest side + pad (``image_size``), normalise, augment.
+
+    ``split_convention``: ``hash`` (deterministic sha1 rank) or ``mgca`` (the dataset's MGCA/ASG
+    preprocessing split, where the subclass implements one).
+    """
 
     modality = "xray"
+    SPLIT_CONVENTIONS = ("hash", "mgca")
 
-    def __init__(self, root: str, image_size: int = 224, **kwargs: Any) -> None:
+    def __init__(self, root: str, image_size: int = 224, split_convention: str = "hash", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
+        if split_convention not in self.SPLIT_CONVENTIONS:
+            raise ValueError(f"{type(self).__name__}: split_convention must be one of {self.SPLIT_CONVENTIONS}, "
+                             f"got {split_convention!r}")
         self.image_size = image_size
+        self.split_convention = split_convention
 
     def encoder_hints(self) -> dict[str, Any]:
         return {"spatial_dims": [2], "img_size_2d": self.image_size}
@@ -102,6 +111,7 @@ class MIMICCXRDataModule(XrayDataModule):
     """
 
     name = "mimic_cxr"
+    SPLIT_CONVENTIONS = ("hash",)  # the official split.csv is always used
 
     def __init__(self, root: str, reports_root: str | None = None, label_source: str = "chexpert",
                  uncertainty: str = "zeros", views: Sequence[str] = ("PA", "AP"),
@@ -177,13 +187,11 @@ class CheXpertDataModule(XrayDataModule):
 
     def __init__(self, root: str, classes: Sequence[str] = tuple(CHEXPERT_5), uncertainty: str = "mgca",
                  frontal_only: bool = True, val_size: int = 5000, image_root: str | None = None,
-                 split_convention: str = "hash", test_set: str = "valid", **kwargs: Any) -> None:
+                 test_set: str = "valid", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
-        if split_convention not in ("hash", "mgca"):
-            raise ValueError(f"split_convention must be hash|mgca, got {split_convention!r}")
         if test_set not in ("valid", "5x200"):
             raise ValueError(f"test_set must be valid|5x200, got {test_set!r}")
-        self.split_convention, self.test_set = split_convention, test_set
+        self.test_set = test_set
         self.classes, self.uncertainty = list(classes), uncertainty
         self.frontal_only, self.val_size = frontal_only, val_size
         self.image_root = Path(image_root) if image_root else self.root.parent
@@ -266,10 +274,6 @@ class RSNAPneumoniaDataModule(XrayDataModule):
 
     name = "rsna_pneumonia"
 
-    def __init__(self, root: str, split_convention: str = "hash", **kwargs: Any) -> None:
-        super().__init__(root, **kwargs)
-        self.split_convention = split_convention
-
     @property
     def label_names(self) -> list[str]:
         return ["Pneumonia"]
@@ -291,14 +295,12 @@ class RSNAPneumoniaDataModule(XrayDataModule):
     def _splits(self, ids: list[str]) -> dict[str, str]:
         if self.split_convention == "hash":
             return {i: hash_split(i, 0, 0.15, 0.15) for i in ids}
-        if self.split_convention == "mgca":
-            from sklearn.model_selection import train_test_split
+        from sklearn.model_selection import train_test_split  # mgca
 
-            n_hold = min(5337 * 2, len(ids) // 2)
-            train, hold = train_test_split(ids, test_size=n_hold, random_state=0)
-            val, test = train_test_split(hold, test_size=0.5, random_state=0)
-            return {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}
-        raise ValueError(f"split_convention must be hash|mgca, got {self.split_convention!r}")
+        n_hold = min(5337 * 2, len(ids) // 2)
+        train, hold = train_test_split(ids, test_size=n_hold, random_state=0)
+        val, test = train_test_split(hold, test_size=0.5, random_state=0)
+        return {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}
 
     def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
         raw = read_image_2d(record["path"])
@@ -320,12 +322,6 @@ class SIIMDataModule(XrayDataModule):
     split of its first row and the number of images whose rows MGCA spreads over several splits is logged)."""
 
     name = "siim_pneumothorax"
-
-    def __init__(self, root: str, split_convention: str = "hash", **kwargs: Any) -> None:
-        super().__init__(root, **kwargs)
-        if split_convention not in ("hash", "mgca"):
-            raise ValueError(f"split_convention must be hash|mgca, got {split_convention!r}")
-        self.split_convention = split_convention
 
     @property
     def label_names(self) -> list[str]:
@@ -385,10 +381,9 @@ class COVIDxDataModule(XrayDataModule):
     CLASSES = ["normal", "pneumonia", "COVID-19"]
 
     def __init__(self, root: str, train_list: str = "train_COVIDx9A.txt", test_list: str = "test_COVIDx9A.txt",
-                 split_convention: str = "hash", **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.train_list, self.test_list = train_list, test_list
-        self.split_convention = split_convention
 
     @property
     def label_names(self) -> list[str]:
@@ -420,8 +415,6 @@ class COVIDxDataModule(XrayDataModule):
             val_rows = set(val)
             for i, r in enumerate(rows):
                 r["split"] = "val" if i in val_rows else "train"
-        elif self.split_convention != "hash":
-            raise ValueError(f"split_convention must be hash|mgca, got {self.split_convention!r}")
         return out
 
 

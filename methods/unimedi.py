@@ -76,7 +76,7 @@ class UniMedI(VLPMethod):
     3D CT volumes through separate 2D/3D patch embeddings into one transformer; reports are the common
     semantic space. Per modality batch the objective is
 
-    ``L = L_itc + L_pseudo (3D only) + L_distill``
+    ``L = L_itc + L_pseudo (3D only) + L_distill + L_token``
 
     * **L_itc** – symmetric image–report InfoNCE on both modalities (§3.1).
     * **Text-guided selection** (§3.2) – visual tokens are projected into the joint space and scored
@@ -88,11 +88,14 @@ class UniMedI(VLPMethod):
       ``mask_ratio`` of its tokens replaced by the mask token, an ``attentive_fraction`` of them being
       the most report-relevant tokens (language-guided masking); an iBOT-style loss matches the
       student's head distribution on masked tokens to the teacher's on the unmasked image.
+    * **L_token** – trains the token projection that scores relevance: the relevance-softmax-weighted
+      token embedding (temperature 0.1) is contrasted with the report embedding (InfoNCE). Without it the
+      relevance head would receive no gradient (selection and masking use detached scores).
 
     Design choices (paper details not public in code): relevance is cosine in the joint space rather
     than raw [CLS] attention weights; pseudo pairs use the middle slice of each selected slab; the
     distillation head is a 2-layer MLP to ``distill_dim`` prototypes with teacher temperature 0.04 and
-    no centering; loss weights are 1. Ablation: ``modalities`` ∈ {joint, 2d, 3d} drops the other
+    no centering; ``L_token`` is our addition to train the relevance scorer; loss weights are 1. Ablation: ``modalities`` ∈ {joint, 2d, 3d} drops the other
     modality's sub-batches (paper Table 4 setting).
 
     Required batch keys: ``image``, ``text``; mixed 2D+3D training uses the ``mixed`` datamodule.
