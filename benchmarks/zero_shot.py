@@ -1,7 +1,6 @@
 """Zero-shot multi-label classification from prompts."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

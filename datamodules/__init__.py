@@ -1,5 +1,5 @@
 """Datamodules producing the common batch schema (importing this registers the built-ins)."""
-from medvlp.datamodules.base import SampleListDataset, VLPDataModule
+from medvlp.datamodules.base import RecordDataset, VLPDataModule
 from medvlp.datamodules.ct import BTCVDataModule, CTRATEDataModule, MSDDataModule
 from medvlp.datamodules.em import CREMIDataModule, LucchiDataModule, SNEMIDataModule
 from medvlp.datamodules.mixed import MixedDataModule, build_datamodule
@@ -13,7 +13,7 @@ from medvlp.datamodules.xray import (
 __all__ = [
     "BTCVDataModule", "BraTSDataModule", "CREMIDataModule", "CTRATEDataModule", "CheXpertDataModule",
     "COVIDxDataModule", "LucchiDataModule", "MIMICCXRDataModule", "MSDDataModule", "MixedDataModule",
-    "PhantomDataModule", "RSNAPneumoniaDataModule", "SIIMDataModule", "SNEMIDataModule", "SampleListDataset",
+    "PhantomDataModule", "RSNAPneumoniaDataModule", "SIIMDataModule", "SNEMIDataModule", "RecordDataset",
     "ShardDataModule", "write_shards",
     "VLPDataModule", "build_datamodule",
 ]

@@ -10,31 +10,39 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medvlp.batch import collate
+from medvlp.datamodules.readers import DataError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+POLICIES = ("fail", "skip")
 
 
-class SampleListDataset(Dataset):
-    """A dataset over a list of sample records and a record → sample function.
+class RecordDataset(Dataset):
+    """Dataset over records with a per-sample failure policy.
 
-    Args:
-        records: one dict per sample (ids, paths, labels …).
-        load: builds the sample dict (batch schema) from a record; may raise :class:`SkipSample`.
-        name: dataset name for messages.
+    With ``on_error="skip"`` an unreadable sample returns ``None`` (dropped by :func:`collate_skipping`),
+    is logged with its file and counted in ``skipped``; with ``"fail"`` the :class:`DataError` propagates.
     """
 
     def __init__(self, records: Sequence[Mapping[str, Any]], load: Callable[[Mapping[str, Any]], dict],
-                 name: str = "dataset") -> None:
-        self.records = list(records)
-        self.load = load
-        self.name = name
+                 on_error: str, name: str) -> None:
+        if on_error not in POLICIES:
+            raise ValueError(f"on_error must be one of {POLICIES}, got {on_error!r}")
+        self.records, self.load, self.on_error, self.name = list(records), load, on_error, name
+        self.skipped: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        sample = self.load(self.records[i])
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        try:
+            sample = self.load(self.records[i])
+        except DataError as exc:
+            if self.on_error == "fail":
+                raise
+            self.skipped[type(exc).__name__] += 1
+            log.warning("%s: skipped sample %d: %s", self.name, i, exc)
+            return None
         sample.setdefault("index", i)
         return sample
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from medvlp.datamodules.readers import DataError, read_volume
+from medvlp.datamodules.tabular import RecordDataModule
 from medvlp.datamodules.volume import VolumeDataModule
 from medvlp.registry import register_datamodule
 
@@ -55,11 +56,8 @@ class EMDataModule(VolumeDataModule):
         return out
 
     def build_dataset(self, split: str, augment: bool) -> Any:
-        from medvlp.datamodules.tabular import RecordDataset
-
-        recs = self.records(split)
-        self.check_split(split, recs)
-        return RecordDataset(recs, lambda r: self.load(r, augment), self.on_error, f"{type(self).__name__}/{split}")
+        # EM blocks are cut from in-memory stacks by ``load``: the record path, not the MONAI pipeline
+        return RecordDataModule.build_dataset(self, split, augment)
 
     def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
         d, h, w = self.volume_size

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
 
-from medvlp.datamodules.base import SampleListDataset, VLPDataModule
+from medvlp.datamodules.base import RecordDataset, VLPDataModule
 from medvlp.datamodules.captions import attach_captions
 from medvlp.datamodules.phantom_render import (
     CT_LABELS, EM_LABELS, MRI_LABELS, XRAY_LABELS, XRAY_REGIONS, render_ct, render_em, render_mri, render_xray,
@@ -173,7 +173,7 @@ class PhantomDataModule(VLPDataModule):
         sizes = "-".join(str(self.sizes[k]) for k in ("train", "val", "test"))
         return f"phantom-v{GENERATOR_VERSION}-{self.modality}-seed{self.seed}-{'x'.join(map(str, self.size))}-n{sizes}-p{self.prevalence:g}"
 
-    def build_dataset(self, split: str, augment: bool) -> SampleListDataset:
+    def build_dataset(self, split: str, augment: bool) -> RecordDataset:
         folder = self._folder(split)
         arrays = dict(np.load(folder / "arrays.npz"))
         records = json.loads((folder / "records.json").read_text())
@@ -209,7 +209,7 @@ class PhantomDataModule(VLPDataModule):
             return sample
 
         recs = [{**r, "_row": i} for i, r in enumerate(records)]
-        ds = SampleListDataset(recs, load, name=f"phantom/{modality}/{split}")
+        ds = RecordDataset(recs, load, on_error="fail", name=f"phantom/{modality}/{split}")
         return attach_captions(ds, self.captions) if self.captions else ds
 
     def region_names(self) -> list[str]:

@@ -6,7 +6,7 @@ import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,11 +14,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medvlp.batch import collate
-from medvlp.datamodules.base import VLPDataModule
+from medvlp.datamodules.base import RecordDataset, VLPDataModule
 from medvlp.datamodules.readers import DataError
 
 log = logging.getLogger(__name__)
-POLICIES = ("fail", "skip")
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore", "mgca")
 # GLoRIA/MGCA per-class uncertainty map (mgca/constants.py); blank → 0
 MGCA_UNCERTAIN_MAP = {"Atelectasis": 1.0, "Cardiomegaly": 0.0, "Consolidation": 0.0, "Edema": 1.0, "Pleural Effusion": 1.0}
@@ -73,36 +72,6 @@ def resize_2d(img: np.ndarray, size: int, mode: str = "bilinear") -> torch.Tenso
     top, left = (size - nh) // 2, (size - nw) // 2
     out[..., top:top + nh, left:left + nw] = t
     return out[0]
-
-
-class RecordDataset(Dataset):
-    """Dataset over records with a per-sample failure policy.
-
-    With ``on_error="skip"`` an unreadable sample returns ``None`` (dropped by :func:`collate_skipping`),
-    is logged with its file and counted in ``skipped``; with ``"fail"`` the :class:`DataError` propagates.
-    """
-
-    def __init__(self, records: Sequence[Mapping[str, Any]], load: Callable[[Mapping[str, Any]], dict],
-                 on_error: str, name: str) -> None:
-        if on_error not in POLICIES:
-            raise ValueError(f"on_error must be one of {POLICIES}, got {on_error!r}")
-        self.records, self.load, self.on_error, self.name = list(records), load, on_error, name
-        self.skipped: Counter[str] = Counter()
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        try:
-            sample = self.load(self.records[i])
-        except DataError as exc:
-            if self.on_error == "fail":
-                raise
-            self.skipped[type(exc).__name__] += 1
-            log.warning("%s: skipped sample %d: %s", self.name, i, exc)
-            return None
-        sample.setdefault("index", i)
-        return sample
 
 
 def collate_skipping(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:

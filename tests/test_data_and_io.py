@@ -12,7 +12,7 @@ from medvlp.datamodules import PhantomDataModule
 from medvlp.datamodules.phantom_render import render_xray
 from medvlp.io import atomic_write_text, safe_load
 from medvlp.method import NonFiniteLossError
-from tests.conftest import build_tiny, first_batch
+from tests.conftest import build_tiny
 
 
 def test_phantom_is_deterministic_and_findings_change_the_image(tmp_path) -> None:
