@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc
-from medvlp.benchmarks.splits import fraction_ids, split_hash
+from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc, random_batches
+from medvlp.benchmarks.splits import fraction_rows
 from medvlp.registry import register_benchmark
 
 
@@ -48,9 +47,7 @@ class Finetune(Protocol):
             images.append(batch["image"])
             labels.append(batch["labels"].float())
         x_all, y_all = torch.cat(images), torch.cat(labels)
-        chosen = fraction_ids(ids, fraction, seed)
-        pos = {s: i for i, s in enumerate(ids)}
-        rows = torch.tensor([pos[s] for s in chosen])
+        rows, subset_hash = fraction_rows(ids, fraction, seed)
         model = copy.deepcopy(ctx.model).to(ctx.device).train()
         with torch.no_grad():
             dim = model.image_representation(x_all[:2].to(ctx.device)).shape[-1]
@@ -61,11 +58,9 @@ class Finetune(Protocol):
                                   "lr": lr * float(p.get("backbone_lr_mult", 0.1))}],
                                 weight_decay=float(p.get("weight_decay", 0.05)))
         bs, epochs = int(p.get("batch_size", 16)), int(p.get("epochs", 5))
-        steps = epochs * max(1, math.ceil(len(rows) / bs))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            idx = rows[torch.randint(len(rows), (min(bs, len(rows)),), generator=g)]
+        batches = list(random_batches(rows, bs, epochs, seed))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(batches))
+        for idx in batches:
             y = y_all[idx].to(ctx.device)
             logits = head(model.image_representation(x_all[idx].to(ctx.device)))
             known = ~torch.isnan(y)
@@ -86,4 +81,4 @@ class Finetune(Protocol):
         d = (f"macro ROC-AUC on test; encoder + linear head fine-tuned {epochs} epochs (AdamW, backbone lr x "
              f"{p.get('backbone_lr_mult', 0.1)}) on {len(rows)} train samples ({fraction:g}, seed {seed})")
         del model
-        return ProtocolResult([MetricValue("auc", float(auc), d)], split_hash(chosen))
+        return ProtocolResult([MetricValue("auc", float(auc), d)], subset_hash)

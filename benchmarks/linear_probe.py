@@ -6,7 +6,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc
-from medvlp.benchmarks.splits import fraction_ids, split_hash
+from medvlp.benchmarks.splits import fraction_rows
 from medvlp.registry import register_benchmark
 
 
@@ -56,9 +56,7 @@ class LinearProbe(Protocol):
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         train = ctx.features.get(ctx.model, ctx.datamodule, "train", ctx.device)
         test = ctx.features.get(ctx.model, ctx.datamodule, "test", ctx.device)
-        chosen = fraction_ids(train.ids, fraction, seed)
-        index = {sid: i for i, sid in enumerate(train.ids)}
-        rows = np.array([index[s] for s in chosen])
+        rows, subset_hash = fraction_rows(train.ids, fraction, seed)
         scores = fit_predict_multilabel(train.representation[rows], train.labels[rows], test.representation,
                                         c=float(ctx.params.get("C", 1.0)))
         auc, _ = macro_auc(test.labels, scores)
@@ -68,4 +66,4 @@ class LinearProbe(Protocol):
         if is_one_hot(test.labels):  # multi-class (e.g. COVIDx, reported as ACC by MGCA/ASG/UniMedI)
             acc = float((scores.argmax(1) == test.labels.argmax(1)).mean())
             values.append(MetricValue("acc", acc, f"accuracy of the arg-max class on test (N={len(test.ids)}); {how}"))
-        return ProtocolResult(values, split_hash(chosen))
+        return ProtocolResult(values, subset_hash)

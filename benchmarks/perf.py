@@ -52,7 +52,7 @@ def bench_probe(quick: bool) -> dict[str, Any]:
     """Cached-feature linear probe vs MGCA-style re-encoding each epoch (same fractions × seeds)."""
     from medvlp.benchmarks.features import FeatureCache
     from medvlp.benchmarks.linear_probe import fit_predict_multilabel
-    from medvlp.benchmarks.splits import fraction_ids
+    from medvlp.benchmarks.splits import fraction_ids, fraction_rows
 
     n_train = 128 if quick else 512
     model, dm = _model_and_data("clip", {"num_train": n_train, "num_test": 128})
@@ -63,7 +63,7 @@ def bench_probe(quick: bool) -> dict[str, Any]:
     tr, te = cache.get(model, dm, "train"), cache.get(model, dm, "test")
     for f in fractions:
         for s in seeds:
-            rows = [tr.ids.index(i) for i in fraction_ids(tr.ids, f, s)]
+            rows, _ = fraction_rows(tr.ids, f, s)
             fit_predict_multilabel(tr.representation[rows], tr.labels[rows], te.representation)
     cached = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -2,9 +2,10 @@
 metric values with their definitions."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +63,14 @@ class Protocol:
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         """Evaluate and return metric values."""
         raise NotImplementedError
+
+
+def random_batches(rows: Sequence[int], batch_size: int, epochs: int, seed: int) -> Iterator[list[int]]:
+    """``epochs · ceil(len(rows) / batch_size)`` batches of rows drawn with replacement (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    size = min(batch_size, len(rows))
+    for _ in range(epochs * max(1, math.ceil(len(rows) / batch_size))):
+        yield [rows[i] for i in torch.randint(len(rows), (size,), generator=g).tolist()]
 
 
 def macro_auc(y: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:

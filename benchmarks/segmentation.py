@@ -9,7 +9,6 @@ DiceCE. Full fine-tuning uses MONAI sliding-window inference for volumes at test
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,8 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from medvlp.benchmarks.dice import DEFINITIONS, dice_score
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult
-from medvlp.benchmarks.splits import fraction_ids, split_hash
+from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, random_batches
+from medvlp.benchmarks.splits import fraction_rows
 from medvlp.registry import register_benchmark
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -122,9 +121,7 @@ class Segmentation(Protocol):
         torch.manual_seed(seed)
         train_x, train_y, train_ids, _ = _collect(ctx, "train", frozen)
         test_x, test_y, _, test_inst = _collect(ctx, "test", frozen)
-        chosen = fraction_ids(train_ids, fraction, seed)
-        pos = {s: i for i, s in enumerate(train_ids)}
-        rows = [pos[s] for s in chosen]
+        rows, subset_hash = fraction_rows(train_ids, fraction, seed)
         num_classes = int(max(int(train_y.max()), int(test_y.max()), 1)) + 1
         sd = train_y.ndim - 2
         size = tuple(train_y.shape[2:])
@@ -146,11 +143,8 @@ class Segmentation(Protocol):
         # foreground-only Dice term: lesions cover <1 % of a volume and a background Dice term swamps them
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
         bs = int(p.get("batch_size", 16))
-        g = torch.Generator().manual_seed(seed)
         epochs = int(p.get("epochs", 30))
-        steps_per_epoch = max(1, math.ceil(len(rows) / bs))
-        for _ in range(epochs * steps_per_epoch):
-            idx = [rows[i] for i in torch.randint(len(rows), (min(bs, len(rows)),), generator=g).tolist()]
+        for idx in random_batches(rows, bs, epochs, seed):
             y = train_y[idx].to(ctx.device)
             logits = decoder(self._maps(model, train_x, idx, frozen, ctx.device), size)
             loss = loss_fn(logits, y)
@@ -174,7 +168,7 @@ class Segmentation(Protocol):
                 probs.append(torch.softmax(logits, 1).cpu())
         mode = "frozen encoder" if frozen else "full fine-tune"
         return {"pred": torch.cat(preds), "prob": torch.cat(probs), "target": test_y, "instances": test_inst,
-                "num_classes": num_classes, "split_hash": split_hash(chosen),
+                "num_classes": num_classes, "split_hash": subset_hash,
                 "how": f"{mode}, {epochs} epochs on {len(rows)} train images, N_test={len(test_x)}"}
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:

@@ -27,6 +27,13 @@ def fraction_ids(ids: Sequence[str], fraction: float, seed: int, min_count: int 
     return sorted(ids, key=lambda s: _rank(seed, str(s)))[:n]
 
 
+def fraction_rows(ids: Sequence[str], fraction: float, seed: int) -> tuple[list[int], str]:
+    """Positions in ``ids`` of the :func:`fraction_ids` subset (in hash-rank order) and its split hash."""
+    chosen = fraction_ids(ids, fraction, seed)
+    position = {sid: i for i, sid in enumerate(ids)}
+    return [position[sid] for sid in chosen], split_hash(chosen)
+
+
 def split_hash(ids: Sequence[str]) -> str:
     """Short sha1 over the sorted ids."""
     return hashlib.sha1("\n".join(sorted(map(str, ids))).encode()).hexdigest()[:16]

@@ -28,10 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-TENSOR_KEYS = ("image", "labels", "mask", "regions", "region_present", "index")
-LIST_KEYS = ("modality", "text", "caption", "triplets", "meta")
-SHARED_KEYS = ("label_names",)
-KNOWN_KEYS = frozenset(TENSOR_KEYS + LIST_KEYS + SHARED_KEYS + ("sections",))
+SHARED_KEYS = ("label_names",)  # one value for the whole batch
 
 
 def is_multimodal(batch: Mapping[str, Any]) -> bool:
