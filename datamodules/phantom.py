@@ -119,6 +119,10 @@ class PhantomDataModule(VLPDataModule):
         augment: random intensity scale/shift on training images (MONAI dict transforms).
         generate_workers: processes used to generate.
         captions: optional caption source spec (see :func:`medvlp.datamodules.captions.attach_captions`).
+        text_sections: report sections joined into ``text``, in order (MGCA's convention, as in
+            :class:`~medvlp.datamodules.xray.MimicCxrDataModule`: impression then findings, so the summary
+            survives truncation); ``None`` keeps the full report with its ``EXAMINATION``/``FINDINGS``/
+            ``IMPRESSION`` headers.
         **loader_kwargs: ``batch_size``, ``num_workers`` … of :class:`VLPDataModule`.
     """
 
@@ -127,7 +131,8 @@ class PhantomDataModule(VLPDataModule):
     def __init__(self, modality: str = "xray", num_train: int = 512, num_val: int = 128, num_test: int = 256,
                  image_size: int = 64, volume_size: Sequence[int] = (32, 64, 64), prevalence: float | None = None,
                  seed: int = 0, cache_dir: str | None = None, augment: bool = True, generate_workers: int = 0,
-                 captions: Mapping[str, Any] | None = None, **loader_kwargs: Any) -> None:
+                 captions: Mapping[str, Any] | None = None,
+                 text_sections: Sequence[str] | None = ("impression", "findings"), **loader_kwargs: Any) -> None:
         super().__init__(**loader_kwargs)
         if modality not in MODALITIES:
             raise ValueError(f"phantom modality must be one of {sorted(MODALITIES)}, got {modality!r}")
@@ -142,6 +147,10 @@ class PhantomDataModule(VLPDataModule):
         self.augment = augment
         self.generate_workers = generate_workers
         self.captions = dict(captions) if captions else None
+        unknown = set(text_sections or ()) - {"findings", "impression"}
+        if unknown:
+            raise ValueError(f"phantom text_sections may name 'findings' and 'impression', got {sorted(unknown)}")
+        self.text_sections = list(text_sections) if text_sections is not None else None
 
     @property
     def label_names(self) -> list[str]:
@@ -183,6 +192,7 @@ class PhantomDataModule(VLPDataModule):
                                  RandShiftIntensityd("image", offsets=0.1, prob=0.8)])
         label_names = self.label_names
         modality = self.modality
+        text_sections = self.text_sections
 
         def load(rec: Mapping[str, Any]) -> dict[str, Any]:
             i = rec["_row"]
@@ -190,7 +200,8 @@ class PhantomDataModule(VLPDataModule):
             sample: dict[str, Any] = {
                 "image": img.unsqueeze(0),
                 "modality": modality,
-                "text": rec["text"],
+                "text": (rec["text"] if text_sections is None
+                         else " ".join(rec["sections"][k] for k in text_sections if rec["sections"][k])),
                 "sections": rec["sections"],
                 "labels": torch.from_numpy(arrays["labels"][i]),
                 "label_names": label_names,

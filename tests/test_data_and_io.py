@@ -37,6 +37,17 @@ def test_phantom_reports_name_positive_findings_and_regions() -> None:
         assert s["image"].shape == (1, 32, 32) and s["regions"].shape == (12, 4)
 
 
+def test_phantom_text_is_impression_then_findings_by_default() -> None:
+    kwargs = dict(num_train=8, num_val=2, num_test=2, image_size=32)
+    default = PhantomDataModule("xray", **kwargs).dataset("train", augment=False)[0]
+    full = PhantomDataModule("xray", text_sections=None, **kwargs).dataset("train", augment=False)[0]
+    impression = default["sections"]["impression"]
+    assert default["text"] == f"{impression} {default['sections']['findings']}"
+    assert full["text"].startswith("EXAMINATION:") and full["text"].rstrip().endswith(impression)
+    with pytest.raises(ValueError, match="text_sections"):
+        PhantomDataModule("xray", text_sections=["indication"])
+
+
 @pytest.mark.parametrize("modality,shape", [("ct", (1, 16, 32, 32)), ("mri", (1, 16, 32, 32)), ("em", (1, 16, 32, 32))])
 def test_phantom_volumes(modality: str, shape: tuple[int, ...]) -> None:
     dm = PhantomDataModule(modality, num_train=4, num_val=2, num_test=2, volume_size=shape[1:], batch_size=2)
