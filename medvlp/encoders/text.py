@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 import string
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence, TypedDict
+from typing import Any, Iterator, Sequence, TypedDict
 
 import torch
 from torch import nn
@@ -91,11 +93,16 @@ class TextEncoder(nn.Module):
         tiny_hidden_size: width of ``builtin:tiny``.
         local_files_only: never contact a hub when loading (default); set False to allow downloads of
             a configured hub model.
+        prefix_cache: keep the frozen prefix's output (embeddings + frozen layers) for up to this many
+            distinct texts (least recently used evicted; 0 = off) and run only the trainable layers on it.
+            Needs ``freeze_layers`` or ``freeze`` and a BERT-like post-LayerNorm encoder. The frozen prefix
+            then runs without dropout (its output must be a function of the text). Token outputs at padding
+            positions differ from the uncached path; every consumer masks them.
     """
 
     def __init__(self, model: str = "builtin:minilm", max_length: int = 128, pooling: str = "cls",
                  freeze_layers: int = 0, freeze: bool = False, tiny_hidden_size: int = 64,
-                 local_files_only: bool = True) -> None:
+                 local_files_only: bool = True, prefix_cache: int = 0) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -116,6 +123,28 @@ class TextEncoder(nn.Module):
             self.model.requires_grad_(False)
         elif freeze_layers:
             self._freeze_first(freeze_layers)
+        if prefix_cache < 0:
+            raise ValueError(f"prefix_cache must be >= 0, got {prefix_cache}")
+        self.prefix_cache_size = prefix_cache
+        self.num_frozen_layers = 0
+        if prefix_cache:
+            if not (freeze or freeze_layers):
+                raise ValueError("prefix_cache needs a frozen prefix: set freeze_layers > 0 or freeze: true")
+            layers = self._layers()
+            self.num_frozen_layers = len(layers) if freeze else min(freeze_layers, len(layers))
+        self._prefix_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_prefix_cache())
+
+    def _layers(self) -> nn.ModuleList:
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if getattr(self.model, "embeddings", None) is None or not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"prefix_cache needs a BERT-like model with .embeddings and .encoder.layer; "
+                             f"{type(self.model).__name__} has neither")
+        return layers
+
+    def clear_prefix_cache(self) -> None:
+        """Forget cached prefix outputs (done automatically when weights are loaded)."""
+        self._prefix_cache.clear()
 
     def _freeze_first(self, n: int) -> None:
         embeddings = getattr(self.model, "embeddings", None)
@@ -153,12 +182,61 @@ class TextEncoder(nn.Module):
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in enc.items()}
 
+    @contextmanager
+    def _swapped(self, embeddings: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
+        """Temporarily run the model with other embeddings and a sub-list of its layers (the model's own
+        forward still builds the attention mask, so this holds across ``transformers`` versions)."""
+        encoder = self.model.encoder
+        old_embeddings, old_layers = self.model.embeddings, encoder.layer
+        try:
+            self.model.embeddings, encoder.layer = embeddings, layers
+            yield
+        finally:
+            self.model.embeddings, encoder.layer = old_embeddings, old_layers
+
+    def _prefix_states(self, texts: Sequence[str], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, L, D)`` output of the frozen prefix, from the cache where possible."""
+        lengths = inputs["attention_mask"].sum(1).tolist()
+        missing = [i for i, t in enumerate(texts) if t not in self._prefix_cache]
+        if missing:
+            prefix = nn.ModuleList([self.model.embeddings, *self._layers()[: self.num_frozen_layers]])
+            sub = {k: v[missing] for k, v in inputs.items()}
+            modes = [(m, m.training) for m in prefix.modules()]
+            prefix.eval()  # no dropout: the cached output must be a function of the text alone
+            try:
+                with torch.no_grad(), self._swapped(self.model.embeddings, nn.ModuleList(list(prefix)[1:])):
+                    states = self.model(**sub).last_hidden_state
+            finally:
+                for module, mode in modes:
+                    module.training = mode
+            for row, i in enumerate(missing):
+                self._prefix_cache[texts[i]] = states[row, : int(lengths[i])].clone()
+        mask = inputs["attention_mask"]
+        dtype = next(iter(self._prefix_cache.values())).dtype
+        out = torch.zeros((len(texts), mask.shape[1], self.embed_dim), dtype=dtype, device=mask.device)
+        for i, t in enumerate(texts):
+            cached = self._prefix_cache[t]
+            self._prefix_cache.move_to_end(t)
+            out[i, : cached.shape[0]] = cached.to(out.device)
+        while len(self._prefix_cache) > self.prefix_cache_size:
+            self._prefix_cache.popitem(last=False)
+        return out
+
+    def _encode(self, texts: Sequence[str] | None, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.prefix_cache_size or texts is None:
+            return self.model(**inputs).last_hidden_state
+        states = self._prefix_states(texts, inputs)
+        layers = self._layers()
+        with self._swapped(_Precomputed(states), layers[self.num_frozen_layers:]):
+            return self.model(**inputs).last_hidden_state
+
     def forward(self, texts: Sequence[str] | dict[str, torch.Tensor]) -> TextOutput:
         """Encode raw strings (or an output of :meth:`tokenize`)."""
-        enc = self.tokenize(texts) if not isinstance(texts, dict) else texts
+        raw = None if isinstance(texts, dict) else list(texts)
+        enc = self.tokenize(texts) if raw is not None else texts
         offsets = enc["offset_mapping"]
         inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        tokens = self.model(**inputs).last_hidden_state
+        tokens = self._encode(raw, inputs)
         mask = enc["attention_mask"]
         if self.pooling == "cls":
             pooled = tokens[:, 0]
@@ -166,3 +244,14 @@ class TextEncoder(nn.Module):
             w = mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
         return TextOutput(pooled=pooled, tokens=tokens, attention_mask=mask, offsets=offsets)
+
+
+class _Precomputed(nn.Module):
+    """Stands in for the embedding layer: returns hidden states computed earlier."""
+
+    def __init__(self, states: torch.Tensor) -> None:
+        super().__init__()
+        self.states = states
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.states
