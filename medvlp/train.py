@@ -55,6 +55,33 @@ def build_method(cfg: Mapping[str, Any], datamodule: Any | None = None) -> VLPMe
     return cls(**kwargs)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this x86 CPU multiplies bf16 in hardware (``avx512_bf16`` or ``amx_bf16`` in
+    ``/proc/cpuinfo``); False where that cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
+    """Lightning precision for ``trainer.precision``; ``"auto"`` picks ``"bf16-mixed"`` where bf16 is
+    native (a CUDA GPU that supports it, or a CPU with bf16 instructions) and ``"32-true"`` elsewhere.
+    Other values pass through unchanged."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    accel = str(accelerator or "auto")
+    if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    if accel in ("auto", "cpu"):
+        return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    return "32-true"
+
+
 def run_dir(cfg: Mapping[str, Any]) -> Path:
     """``run.dir`` or ``<run.root>/<method>_<data>``."""
     r = cfg["run"]
@@ -87,6 +114,9 @@ def pretrain(cfg: DictConfig) -> Path:
                                every_n_train_steps=int(c["run"]["checkpoint_every_n_steps"]),
                                save_on_train_epoch_end=True)
     trainer_kwargs = {k: v for k, v in c["trainer"].items() if v is not None}
+    if "precision" in trainer_kwargs:
+        trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs.get("accelerator"))
+        log.info("precision: %s", trainer_kwargs["precision"])
     trainer = L.Trainer(default_root_dir=str(out), callbacks=[callback], plugins=[AtomicCheckpointIO()],
                         logger=CSVLogger(str(out), name="logs"), **trainer_kwargs)
     last = ckpt_dir / "last.ckpt"
@@ -96,12 +126,13 @@ def pretrain(cfg: DictConfig) -> Path:
     start = time.time()
     trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path,
                 weights_only=bool(c["run"].get("weights_only_resume", True)) if ckpt_path else None)
-    trainer.save_checkpoint(str(last))
+    trainer.save_checkpoint(str(last), weights_only=False)  # full state: a rerun resumes from it
     skipped = dm.skip_report() if hasattr(dm, "skip_report") else {}
     if skipped:
         log.warning("skipped samples under the datamodule's policy: %s", skipped)
     summary = {"method": c["method"]["name"], "data": c["data"]["name"], "steps": trainer.global_step,
                "seconds": round(time.time() - start, 2), "checkpoint": str(last),
+               "precision": str(trainer_kwargs.get("precision", "32-true")),
                "train_loss": _metric(trainer, "train/loss_epoch"), "skipped": skipped}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return last

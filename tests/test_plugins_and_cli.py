@@ -96,3 +96,19 @@ def test_evaluate_command_on_a_checkpoint(tmp_path: Path, capsys: pytest.Capture
     df = pd.read_csv(tmp_path / "eval" / "results.csv")
     assert set(df["protocol"]) == {"zero_shot", "retrieval", "finetune"}
     assert df["checkpoint"].str.endswith("last.ckpt").all()
+
+
+def test_auto_precision_uses_bf16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from medvlp import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.resolve_precision("16-mixed", "cpu") == "16-mixed"  # explicit values pass through
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.resolve_precision("auto", "auto") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train.resolve_precision("auto", "gpu") == "bf16-mixed"
