@@ -7,10 +7,15 @@
    head trains) on the same phantom data and fractions × seeds;
 2. **throughput**: pretraining samples/s and peak memory per method (each in its own process; CUDA
    peak allocated on a GPU, peak RSS on CPU), relative to the CLIP baseline;
-3. **clip_step**: our CLIP step (SDPA attention, bf16 autocast on CUDA) vs a straightforward
+3. **clip_step**: our CLIP step (SDPA attention, the demo preset's precision) vs a straightforward
    MGCA/ConVIRT-style step (explicit attention matrix, fp32) with the same model sizes;
 4. **loader3d**: 3D datamodule volumes/s in the second epoch with MONAI ``CacheDataset`` vs uncached;
-5. **mfu** (CUDA only): model FLOPs utilisation of ViT-B/16 image-encoder training in bf16.
+5. **text_cache**: demo CLIP training steps/s with the text encoder's frozen-prefix cache vs without
+   (same batches and precision; the cache is warm after one pass, as from the second epoch on);
+6. **mfu** (CUDA only): model FLOPs utilisation of ViT-B/16 image-encoder training in bf16.
+
+Training steps use the demo preset's precision as :func:`medvlp.train.resolve_precision` resolves it on
+this machine (``auto``: bf16 autocast where bf16 is native), except ``clip_step``'s naive baseline (fp32).
 """
 from __future__ import annotations
 
@@ -35,12 +40,22 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _model_and_data(method: str, steps_data: dict[str, Any] | None = None, preset: str = "demo") -> tuple[Any, Any]:
+def _bf16(device: str, preset: str = "demo") -> bool:
+    """Whether ``preset``'s ``trainer.precision`` resolves to bf16 autocast on ``device``."""
+    from medvlp.compose import compose
+    from medvlp.train import resolve_precision
+
+    precision = compose(["method=clip", f"preset={preset}"])["trainer"]["precision"]
+    return resolve_precision(precision, device) == "bf16-mixed"
+
+
+def _model_and_data(method: str, steps_data: dict[str, Any] | None = None, preset: str = "demo",
+                    overrides: tuple[str, ...] = ()) -> tuple[Any, Any]:
     from medvlp.compose import compose
     from medvlp.config import to_container
     from medvlp.train import build_datamodule_from_config, build_method
 
-    cfg = to_container(compose([f"method={method}", f"preset={preset}"]))
+    cfg = to_container(compose([f"method={method}", f"preset={preset}", *overrides]))
     if steps_data:
         cfg["data"]["init_args"].update(steps_data)
     dm = build_datamodule_from_config(cfg)
@@ -115,6 +130,7 @@ def _throughput_one(method: str, steps: int) -> dict[str, Any]:
         except StopIteration:
             it = iter(loader)
     n_samples = 0
+    amp = _bf16(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i, b in enumerate(batches):
@@ -122,7 +138,7 @@ def _throughput_one(method: str, steps: int) -> dict[str, Any]:
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
             loss = model._total(model._losses(b), "train")
         opt.zero_grad()
         loss.backward()
@@ -133,7 +149,8 @@ def _throughput_one(method: str, steps: int) -> dict[str, Any]:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": method, "samples_per_s": n_samples / dt, "peak_mb": peak, "memory": "cuda_allocated" if device == "cuda" else "rss"}
+    return {"method": method, "samples_per_s": n_samples / dt, "peak_mb": peak, "bf16": amp,
+            "memory": "cuda_allocated" if device == "cuda" else "rss"}
 
 
 def bench_throughput(methods: list[str], steps: int) -> dict[str, Any]:
@@ -158,8 +175,9 @@ def bench_clip_step(steps: int) -> dict[str, Any]:
     from medvlp.losses import clip_loss
 
     device = _device()
+    bf16 = _bf16(device)
     results = {}
-    for name, impl, amp in (("ours_sdpa", "sdpa", device == "cuda"), ("naive_fp32", "naive", False)):
+    for name, impl, amp in (("ours_sdpa", "sdpa", bf16), ("naive_fp32", "naive", False)):
         torch.manual_seed(0)
         model, dm = _model_and_data("clip", None)
         for blk in model.image_encoder.blocks:
@@ -183,7 +201,42 @@ def bench_clip_step(steps: int) -> dict[str, Any]:
         results[name] = steps / (time.perf_counter() - t0)
     return {"steps_per_s": {k: round(v, 3) for k, v in results.items()},
             "speedup": round(results["ours_sdpa"] / results["naive_fp32"], 3),
-            "note": "bf16 autocast only on CUDA; on CPU both run fp32 and differ only in the attention kernel"}
+            "note": f"ours: SDPA attention{', bf16 autocast' if bf16 else ', fp32'} (demo preset precision "
+                    f"on this {device}); baseline: explicit attention matrix, fp32"}
+
+
+def bench_text_cache(steps: int) -> dict[str, Any]:
+    """Demo CLIP training steps/s with the frozen-prefix text cache vs without, on the same batches."""
+    device = _device()
+    amp = _bf16(device)
+    results: dict[str, float] = {}
+    for name, size in (("cached", 4096), ("uncached", 0)):
+        torch.manual_seed(0)
+        model, dm = _model_and_data("clip", None, overrides=(f"method.init_args.text_encoder.prefix_cache={size}",))
+        model.to(device).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
+        it = iter(dm.train_dataloader())
+        batches = [next(it) for _ in range(steps)]
+
+        def step(b: dict[str, Any]) -> None:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+                loss = model._total(model._losses({**b, "image": b["image"].to(device)}), "train")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        for b in batches:  # first pass fills the cache (and warms up both variants alike)
+            step(b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in batches:
+            step(b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        results[name] = steps / (time.perf_counter() - t0)
+    return {"steps_per_s": {k: round(v, 3) for k, v in results.items()}, "bf16": amp,
+            "speedup": round(results["cached"] / results["uncached"], 3)}
 
 
 def bench_loader3d(n: int, epochs: int = 2) -> dict[str, Any]:
@@ -255,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes on 2 CPU cores)")
     ap.add_argument("--out", default="results/perf.json")
-    ap.add_argument("--only", nargs="*", default=["probe", "throughput", "clip_step", "loader3d", "mfu"])
+    ap.add_argument("--only", nargs="*", default=["probe", "throughput", "clip_step", "text_cache", "loader3d", "mfu"])
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args(argv)
@@ -269,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {"probe": lambda: bench_probe(args.quick),
             "throughput": lambda: bench_throughput(["clip", "asg", "umcl", "unimedi", "gtgm"], steps),
             "clip_step": lambda: bench_clip_step(steps),
+            "text_cache": lambda: bench_text_cache(steps),
             "loader3d": lambda: bench_loader3d(6 if args.quick else 12),
             "mfu": lambda: bench_mfu(steps)}
     for key in args.only:
