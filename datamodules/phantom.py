@@ -120,7 +120,7 @@ class PhantomDataModule(VLPDataModule):
         generate_workers: processes used to generate.
         captions: optional caption source spec (see :func:`medvlp.datamodules.captions.attach_captions`).
         text_sections: report sections joined into ``text``, in order (MGCA's convention, as in
-            :class:`~medvlp.datamodules.xray.MimicCxrDataModule`: impression then findings, so the summary
+            :class:`~medvlp.datamodules.xray.MIMICCXRDataModule`: impression then findings, so the summary
             survives truncation); ``None`` keeps the full report with its ``EXAMINATION``/``FINDINGS``/
             ``IMPRESSION`` headers.
         **loader_kwargs: ``batch_size``, ``num_workers`` … of :class:`VLPDataModule`.

@@ -136,10 +136,11 @@ class TextEncoder(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: module.clear_prefix_cache())
 
     def _layers(self) -> nn.ModuleList:
+        """The transformer layers of a BERT-like model (``.embeddings`` + ``.encoder.layer``)."""
         layers = getattr(getattr(self.model, "encoder", None), "layer", None)
         if getattr(self.model, "embeddings", None) is None or not isinstance(layers, nn.ModuleList):
-            raise ValueError(f"prefix_cache needs a BERT-like model with .embeddings and .encoder.layer; "
-                             f"{type(self.model).__name__} has neither")
+            raise ValueError(f"freeze_layers and prefix_cache need a BERT-like model with .embeddings and "
+                             f".encoder.layer; {type(self.model).__name__} has neither")
         return layers
 
     def clear_prefix_cache(self) -> None:
@@ -147,12 +148,8 @@ class TextEncoder(nn.Module):
         self._prefix_cache.clear()
 
     def _freeze_first(self, n: int) -> None:
-        embeddings = getattr(self.model, "embeddings", None)
-        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
-        if embeddings is None or layers is None:
-            raise ValueError(f"freeze_layers needs a BERT-like model with .embeddings and .encoder.layer; "
-                             f"{type(self.model).__name__} has neither")
-        embeddings.requires_grad_(False)
+        layers = self._layers()
+        self.model.embeddings.requires_grad_(False)
         for layer in list(layers)[:n]:
             layer.requires_grad_(False)
 
