@@ -352,7 +352,10 @@ def load_method(path: str, map_location: str = "cpu") -> VLPMethod:
         raise ValueError(f"{path} is not a medvlp checkpoint (no 'medvlp' metadata)")
     name = meta["method"]
     cls = METHODS.get(name) if name in METHODS else METHODS.get(meta["class_path"])
-    model = cls(**meta["hparams"])
+    from medvlp.encoders.vit import skip_pretrained_init
+
+    with skip_pretrained_init():  # the checkpoint's weights replace any init_from initialisation
+        model = cls(**meta["hparams"])
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: state dict mismatch for {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")

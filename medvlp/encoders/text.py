@@ -98,11 +98,12 @@ class TextEncoder(nn.Module):
             Needs ``freeze_layers`` or ``freeze`` and a BERT-like post-LayerNorm encoder. The frozen prefix
             then runs without dropout (its output must be a function of the text). Token outputs at padding
             positions differ from the uncached path; every consumer masks them.
+        num_layers: keep only the first N transformer layers of the loaded model (ASG: 6); None = all.
     """
 
     def __init__(self, model: str = "builtin:minilm", max_length: int = 128, pooling: str = "cls",
                  freeze_layers: int = 0, freeze: bool = False, tiny_hidden_size: int = 64,
-                 local_files_only: bool = True, prefix_cache: int = 0) -> None:
+                 local_files_only: bool = True, prefix_cache: int = 0, num_layers: int | None = None) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -117,6 +118,8 @@ class TextEncoder(nn.Module):
             path: str | Path = builtin_minilm_path() if model == "builtin:minilm" else model
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
             self.model = AutoModel.from_pretrained(str(path), local_files_only=local_files_only)
+        if num_layers is not None:
+            self._truncate(int(num_layers))
         self.embed_dim = int(self.model.config.hidden_size)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps per-module modes
         if freeze:
@@ -142,6 +145,14 @@ class TextEncoder(nn.Module):
             raise ValueError(f"freeze_layers and prefix_cache need a BERT-like model with .embeddings and "
                              f".encoder.layer; {type(self.model).__name__} has neither")
         return layers
+
+    def _truncate(self, n: int) -> None:
+        """Keep the embeddings and the first ``n`` transformer layers (ASG: 6 of Bio_ClinicalBERT's 12)."""
+        layers = self._layers()
+        if not 1 <= n <= len(layers):
+            raise ValueError(f"text_encoder.num_layers must be in [1, {len(layers)}] for {self.model_name}, got {n}")
+        self.model.encoder.layer = nn.ModuleList(list(layers)[:n])
+        self.model.config.num_hidden_layers = n
 
     def clear_prefix_cache(self) -> None:
         """Forget cached prefix outputs (done automatically when weights are loaded)."""

@@ -9,12 +9,28 @@ where available).
 from __future__ import annotations
 
 import math
-from typing import Sequence, TypedDict
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Sequence, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+_SKIP_PRETRAINED_INIT: ContextVar[bool] = ContextVar("medvlp_skip_pretrained_init", default=False)
+
+
+@contextmanager
+def skip_pretrained_init() -> Iterator[None]:
+    """Build encoders without reading their ``init_from`` files (used when a checkpoint's own weights are
+    loaded right after, so the original initialisation file need not exist any more)."""
+    token = _SKIP_PRETRAINED_INIT.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_PRETRAINED_INIT.reset(token)
 
 
 class ImageFeatures(TypedDict):
@@ -116,6 +132,11 @@ class ViTEncoder(nn.Module):
             segmentation decoders); defaults to 4 evenly spaced blocks ending with the last.
         grad_checkpointing: recompute blocks in backward to save memory (3D).
         attn_impl: ``sdpa`` (default) or ``naive`` (explicit attention matrix; benchmark baseline).
+        init_from: initialise the 2D trunk from a timm / DeiT / Hugging Face ViT checkpoint file (or a hub
+            id with ``init_allow_download``): RGB kernels summed for 1 channel, the CLS position folded into
+            ``cls_token``, the position embedding resampled to ``img_size_2d`` (see
+            :mod:`medvlp.pretrained.vit`). The mask token and 3D embeddings keep their initialisation.
+        init_allow_download: allow ``init_from`` to name a hub repository (network needed).
 
     Example:
         >>> enc = ViTEncoder(embed_dim=64, depth=2, num_heads=2, spatial_dims=[2, 3], img_size_2d=32,
@@ -139,6 +160,8 @@ class ViTEncoder(nn.Module):
         feature_layers: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
         attn_impl: str = "sdpa",
+        init_from: str | None = None,
+        init_allow_download: bool = False,
     ) -> None:
         super().__init__()
         self.spatial_dims = tuple(sorted(int(s) for s in spatial_dims))
@@ -169,6 +192,10 @@ class ViTEncoder(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.apply(self._init_weights)
+        if init_from and not _SKIP_PRETRAINED_INIT.get():
+            from medvlp.pretrained.vit import init_vit_from  # lazy: only when asked
+
+            init_vit_from(self, str(init_from), init_allow_download)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
