@@ -160,8 +160,8 @@ def test_gtgm_swin_backbone_option() -> None:
 def test_roi_align_averages_inside_the_box() -> None:
     fmap = torch.zeros(1, 1, 4, 4)
     fmap[..., :, :2] = 1.0  # left half of the image is 1
-    boxes = torch.tensor([[[0.0, 0.0, 12.0, 31.0], [19.0, 0.0, 31.0, 31.0]]])  # 32x32 image
-    out = roi_align(fmap, boxes, (32, 32), samples=4)
+    boxes = torch.tensor([[[0.0, 0.0, 8.0, 31.0], [20.0, 0.0, 31.0, 31.0]]])  # 32x32 image, map cells at x = 0..3
+    out = roi_align(fmap, boxes, 4 / 32, sampling_ratio=4)
     assert out[0, 0, 0] > 0.95 and out[0, 1, 0] < 0.05
 
 

@@ -2,6 +2,7 @@
 from medvlp.losses.alignment import region_sentence_alignment_loss
 from medvlp.losses.barlow import barlow_twins_loss
 from medvlp.losses.contrastive import (
+    asg_soft_targets,
     clip_loss,
     contrastive_logits,
     soft_target_contrastive_loss,
@@ -11,6 +12,7 @@ from medvlp.losses.distill import masked_token_distillation_loss
 from medvlp.losses.distributed import gather_with_grad
 
 __all__ = [
+    "asg_soft_targets",
     "barlow_twins_loss",
     "clip_loss",
     "contrastive_logits",

@@ -2,8 +2,8 @@
 
 * :func:`clip_loss` – symmetric InfoNCE (ConVIRT eq. 2–3 with λ=0.5; CLIP).
 * :func:`soft_target_contrastive_loss` – cross-entropy against soft targets (UniCL/UMCL).
-* :func:`symmetric_kl_contrastive_loss` – ASG's soft-label term: forward and backward KL between
-  the soft target distribution and the softmax of the logits, for i2t and t2i.
+* :func:`asg_soft_targets` / :func:`symmetric_kl_contrastive_loss` – ASG's soft-label term: forward and
+  backward KL between the soft target distribution and the softmax of the logits, for i2t and t2i.
 """
 from __future__ import annotations
 
@@ -68,25 +68,51 @@ def soft_target_contrastive_loss(image: torch.Tensor, text: torch.Tensor, target
     return 0.5 * (loss_i2t + loss_t2i)
 
 
-def symmetric_kl_contrastive_loss(image: torch.Tensor, text: torch.Tensor, soft_targets: torch.Tensor,
-                                  temperature: float | torch.Tensor = 0.07) -> torch.Tensor:
-    """ASG's soft-label contrastive term (official ``main.py``).
+def asg_soft_targets(tags: torch.Tensor, soft_weight: float = 0.2, eps: float = 1e-6) -> torch.Tensor:
+    """ASG's ERL target (official ``main.py``): ``L1norm((1 − w)·I + w·S + eps)`` row-wise.
 
-    ``p = softmax(logits)``; loss = ``KL(target‖p) + KL(p‖target)`` averaged over rows, for both i2t and
-    t2i logits, summed and halved.
+    ``S_ij = cos(tag_i, tag_j)`` with ``F.normalize`` semantics: a sample without positive tags has a zero
+    tag vector, hence a zero row/column in ``S`` (it is no soft positive of anything), and its target row
+    is ``(1 − w)·e_i + eps`` renormalised.
 
     Args:
-        soft_targets: ``(B, B)`` row-stochastic targets (e.g. ``L1norm(0.8·I + 0.2·soft)``).
+        tags: ``(B, T)`` tag vectors (ASG: 1 positive, 0 otherwise; uncertain already mapped to 0).
+        soft_weight: ``w`` (official 0.2).
+        eps: the official ``+ 1e-6`` that keeps every entry positive (finite ``log``).
     """
+    unit = F.normalize(tags.float(), dim=-1)
+    soft = unit @ unit.t()
+    hard = torch.eye(len(tags), device=tags.device, dtype=soft.dtype)
+    return F.normalize((1 - soft_weight) * hard + soft_weight * soft + eps, p=1, dim=-1)
+
+
+def symmetric_kl_contrastive_loss(image: torch.Tensor, text: torch.Tensor, soft_targets: torch.Tensor,
+                                  temperature: float | torch.Tensor = 0.07) -> torch.Tensor:
+    """ASG's soft-label contrastive term ``loss_soft`` (official ``main.py``).
+
+    With ``p = softmax(logits)`` and ``batchmean`` KL divergences::
+
+        loss_i2t = (KL(target ‖ p_i2t) + KL(p_i2t ‖ target)) / 2
+        loss_t2i = (KL(target ‖ p_t2i) + KL(p_t2i ‖ target)) / 2
+        loss     = (loss_i2t + loss_t2i) / 2
+
+    i.e. the four KL terms divided by 4. The t2i direction uses the same row-normalised target as
+    i2t (the official code does not transpose it).
+
+    Args:
+        image: ``(B, D)``; text: ``(B, D)`` (normalised here).
+        soft_targets: ``(B, B)`` row-stochastic, strictly positive targets (:func:`asg_soft_targets`).
+        temperature: τ.
+    """
+    if soft_targets.shape != (image.shape[0], text.shape[0]):
+        raise ValueError(f"soft_targets shape {tuple(soft_targets.shape)} != ({image.shape[0]}, {text.shape[0]})")
     logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t() / temperature
-    eps = 1e-8
-    target = soft_targets.clamp_min(eps)
+    log_t = soft_targets.clamp_min(1e-12).log()
 
-    def sym_kl(lg: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def sym_kl(lg: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(lg, dim=1)
-        p = log_p.exp()
-        forward = (tgt * (tgt.log() - log_p)).sum(1)
-        backward = (p * (log_p - tgt.log())).sum(1)
-        return (forward + backward).mean()
+        forward = (soft_targets * (log_t - log_p)).sum(1).mean()
+        backward = (log_p.exp() * (log_p - log_t)).sum(1).mean()
+        return (forward + backward) / 2
 
-    return 0.5 * (sym_kl(logits, target) + sym_kl(logits.t(), target.t() / target.t().sum(1, keepdim=True)))
+    return (sym_kl(logits) + sym_kl(logits.t())) / 2
