@@ -40,6 +40,9 @@ class ProtocolResult:
 
     values: list[MetricValue]
     split_hash: str = ""
+    #: what makes this number comparable with another (protocol variant, fraction source …), merged
+    #: with the runner's fields into the result row's ``comparability`` (see :mod:`.paper_view`)
+    comparability: dict[str, Any] = field(default_factory=dict)
 
 
 class Protocol:
@@ -52,6 +55,9 @@ class Protocol:
     """
 
     name: ClassVar[str] = "protocol"
+    #: protocol variant recorded with every result (``fast`` = medvlp's quick protocol; reference
+    #: variants name their source, e.g. ``mgca_linear``)
+    variant: ClassVar[str] = "fast"
     uses_fractions: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     needs_mask: ClassVar[bool] = False

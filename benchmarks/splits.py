@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def _rank(seed: int, sid: str) -> str:
@@ -58,3 +58,106 @@ def read_split_file(path: Path, expected_hash: str | None = None) -> list[str]:
     if expected_hash is not None and h != expected_hash:
         raise ValueError(f"split file {path} has hash {h}, expected {expected_hash}: the split changed")
     return ids
+
+
+FRACTION_SOURCES = ("hash", "mgca", "file")
+
+
+def mgca_fraction_ids(ids: Sequence[str], fraction: float, random_state: int = 42) -> list[str]:
+    """MGCA's label fraction: ``df.sample(frac=fraction, random_state=42)`` over its train table.
+
+    ``ids`` must be in the order of MGCA's train CSV (the datamodule's record order under
+    ``split_convention: mgca``). pandas draws ``round(fraction · N)`` positions with
+    ``np.random.RandomState(random_state).choice(N, size, replace=False)`` (numpy's frozen legacy
+    generator, so the draw is the same on every version); ``fraction == 1`` keeps every id, as MGCA.
+    """
+    import pandas as pd
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return list(ids)
+    return pd.Series(list(ids)).sample(frac=fraction, random_state=random_state).tolist()
+
+
+def read_subset_file(path: str | Path) -> list[str]:
+    """Ids listed in a label-fraction file: the first whitespace-separated token of each non-empty line.
+
+    Accepts medvlp's id files (one id per line) and BenchX's shipped subset files (``train_1.txt``,
+    ``train_10.txt``: ``<image> <label> <label> …`` per line).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"label-fraction file {p} does not exist")
+    return [line.split()[0] for line in p.read_text().splitlines() if line.strip()]
+
+
+def match_subset(ids: Sequence[str], listed: Sequence[str], where: str) -> list[int]:
+    """Positions in ``ids`` of the ``listed`` ids, matching exactly or by a unique trailing path.
+
+    BenchX lists file names (``00000001_000.png``) where medvlp ids may be relative paths; a listed
+    name matches an id equal to it or ending in ``/<name>`` (only when exactly one id does).
+
+    Raises:
+        ValueError: naming ``where`` when listed ids are not in the train split or are ambiguous.
+    """
+    position = {sid: i for i, sid in enumerate(ids)}
+    tails: dict[str, list[int]] = {}
+    for i, sid in enumerate(ids):
+        parts = str(sid).split("/")
+        for k in range(1, len(parts)):
+            tails.setdefault("/".join(parts[k:]), []).append(i)
+    rows, missing, ambiguous = [], [], []
+    for name in listed:
+        if name in position:
+            rows.append(position[name])
+        elif len(tails.get(name, [])) == 1:
+            rows.append(tails[name][0])
+        elif name in tails:
+            ambiguous.append(name)
+        else:
+            missing.append(name)
+    if missing or ambiguous:
+        raise ValueError(f"{where}: {len(missing)} listed ids not in the train split (e.g. {missing[:3]}), "
+                         f"{len(ambiguous)} ambiguous (e.g. {ambiguous[:3]})")
+    if len(set(rows)) != len(rows):
+        raise ValueError(f"{where}: lists some training samples twice")
+    return rows
+
+
+def select_fraction(ids: Sequence[str], fraction: float, seed: int, source: str = "hash",
+                    files: dict[Any, str] | None = None, materialise: Path | None = None) -> tuple[list[int], str, str]:
+    """Training rows of one label fraction under a named source; returns ``(rows, split_hash, description)``.
+
+    Sources: ``hash`` (:func:`fraction_ids`, per seed), ``mgca`` (:func:`mgca_fraction_ids`, the same
+    subset for every seed, as MGCA), ``file`` (``files[fraction]``: an id file or a BenchX subset
+    file, read by :func:`read_subset_file`). With ``materialise`` (a folder) the chosen ids are written
+    as ``<source>_<fraction>_s<seed>.txt`` (one id per line) so the subset can be inspected and reused.
+
+    Raises:
+        ValueError: unknown source, or ``file`` without a file for this fraction.
+    """
+    if source not in FRACTION_SOURCES:
+        raise ValueError(f"fraction_source must be one of {FRACTION_SOURCES}, got {source!r}")
+    if source == "hash":
+        rows, _ = fraction_rows(ids, fraction, seed)
+        desc = f"sha1-rank fraction {fraction:g}, seed {seed}"
+    elif source == "mgca":
+        position = {sid: i for i, sid in enumerate(ids)}
+        rows = [position[s] for s in mgca_fraction_ids(ids, fraction)]
+        desc = f"MGCA df.sample(frac={fraction:g}, random_state=42)"
+    else:
+        files = {float(k): v for k, v in (files or {}).items()}
+        if float(fraction) == 1.0 and 1.0 not in files:
+            rows, desc = list(range(len(ids))), "full train split"
+        elif float(fraction) not in files:
+            raise ValueError(f"fraction_source 'file' has no file for fraction {fraction:g} (fraction_files: {sorted(files)})")
+        else:
+            path = files[float(fraction)]
+            rows = match_subset(ids, read_subset_file(path), str(path))
+            desc = f"subset file {Path(path).name}"
+    chosen = [ids[r] for r in rows]
+    h = split_hash(chosen)
+    if materialise is not None:
+        write_split_file(Path(materialise) / f"{source}_{fraction:g}_s{seed}.txt", chosen)
+    return rows, h, f"{desc}: {len(rows)} of {len(ids)} train samples"

@@ -127,6 +127,8 @@ class PhantomDataModule(VLPDataModule):
     """
 
     name = "phantom"
+    #: ``(mean, std)`` applied to [0, 1] intensities (reference protocols renormalise from it)
+    intensity_norm = (NORM_MEAN, NORM_STD)
 
     def __init__(self, modality: str = "xray", num_train: int = 512, num_val: int = 128, num_test: int = 256,
                  image_size: int = 64, volume_size: Sequence[int] = (32, 64, 64), prevalence: float | None = None,

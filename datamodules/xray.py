@@ -62,6 +62,8 @@ class XrayDataModule(RecordDataModule):
 
     modality = "xray"
     SPLIT_CONVENTIONS = ("hash", "mgca")
+    #: ``(mean, std)`` applied to [0, 1] intensities (reference protocols renormalise from it)
+    intensity_norm = (NORM_MEAN, NORM_STD)
 
     def __init__(self, root: str, image_size: int = 224, split_convention: str = "hash", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
