@@ -2,11 +2,17 @@
 
 * ``foreground`` (default): MONAI ``DiceMetric(include_background=False, ignore_empty=True)``: Dice
   of the foreground class(es) per image, averaged over images whose ground truth is non-empty (images
-  with an empty ground truth are excluded), then over classes. MMSeg/BenchX-comparable.
+  with an empty ground truth are excluded), then over classes. A per-image mean: *not* MMSeg's
+  number (MMSeg sums areas over the whole dataset first; see ``mmseg_dataset``).
 * ``mgca_per_image``: MGCA's ``get_dice``: per-image binary Dice where an image with empty ground
   truth and empty prediction scores 1 (and empty GT with a non-empty prediction scores 0), averaged
   over all images. Inflated on datasets with many negatives; kept for comparison.
 * ``with_background``: MONAI ``include_background=True`` (GTGM's finetune code); inflated.
+* ``mmseg_dataset``: MMSeg's ``mDice`` (``IoUMetric``/``total_area_to_metrics``, used by BenchX):
+  per class, intersection and the predicted and true areas are summed over the *whole dataset*, Dice
+  = 2·ΣI / (ΣP + ΣT), then the mean over all classes, background included (NaN classes skipped).
+* ``mmseg_dataset_foreground``: the same dataset-level Dice, mean over foreground classes only (the
+  per-class "Dice" MMSeg prints for the lesion class of a binary task such as BenchX's SIIM).
 """
 from __future__ import annotations
 
@@ -18,6 +24,10 @@ DEFINITIONS = {
                   "images with empty ground truth excluded), mean over images then classes",
     "mgca_per_image": "MGCA per-image binary Dice; empty GT & empty prediction = 1, mean over all images",
     "with_background": "MONAI Dice with include_background=True (background counted), mean over images",
+    "mmseg_dataset": "MMSeg mDice: per class 2·ΣI/(ΣP+ΣT) with areas summed over the whole test set, "
+                     "mean over all classes incl. background",
+    "mmseg_dataset_foreground": "dataset-level Dice (areas summed over the whole test set, as MMSeg) of the "
+                                "foreground classes, mean over foreground classes",
 }
 
 
@@ -36,6 +46,8 @@ def dice_score(pred: torch.Tensor, target: torch.Tensor, num_classes: int, defin
         denom = p.sum(1) + t.sum(1)
         per = torch.where(denom == 0, torch.ones_like(denom), 2 * inter / denom.clamp_min(1e-8))
         return float(per.mean())
+    if definition.startswith("mmseg_dataset"):
+        return mmseg_dataset_dice(pred, target, num_classes, background=definition == "mmseg_dataset")
     one_hot = lambda x: torch.nn.functional.one_hot(x[:, 0].long(), num_classes).movedim(-1, 1).float()  # noqa: E731
     metric = DiceMetric(include_background=definition == "with_background", reduction="mean_batch",
                         ignore_empty=True)
@@ -45,3 +57,21 @@ def dice_score(pred: torch.Tensor, target: torch.Tensor, num_classes: int, defin
     if valid.numel() == 0:
         raise ValueError("Dice undefined: no test image has a non-empty ground truth")
     return float(valid.mean())
+
+
+def mmseg_dataset_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, background: bool = True) -> float:
+    """Dataset-level Dice as MMSeg's ``total_area_to_metrics``: areas summed over every image first.
+
+    Raises:
+        ValueError: when no counted class occurs in the prediction or the ground truth.
+    """
+    p, t = pred.reshape(-1).long(), target.reshape(-1).long()
+    scores = []
+    for c in range(0 if background else 1, num_classes):
+        pc, tc = p == c, t == c
+        denom = int(pc.sum() + tc.sum())
+        if denom:
+            scores.append(2 * float((pc & tc).sum()) / denom)
+    if not scores:
+        raise ValueError("Dice undefined: no counted class occurs in prediction or ground truth")
+    return float(sum(scores) / len(scores))

@@ -14,7 +14,9 @@ import pandas as pd
 from medvlp.io import atomic_write_text
 
 COLUMNS = ["suite", "method", "label", "checkpoint", "weights", "dataset", "dataset_version", "split_hash",
-           "protocol", "params", "fraction", "seed", "metric", "value", "definition", "config_hash", "timestamp"]
+           "protocol", "params", "fraction", "seed", "metric", "value", "definition", "config_hash", "timestamp", "comparability"]
+#: columns added after the first release: filled with "" when an older file lacks them
+OPTIONAL = ("comparability",)
 UNIT = ["label", "dataset", "protocol", "params", "fraction", "seed"]
 
 
@@ -28,7 +30,10 @@ class ResultStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if self.path.is_file():
-            df = pd.read_csv(self.path, dtype={"split_hash": str, "weights": str, "config_hash": str})
+            df = pd.read_csv(self.path, dtype={"split_hash": str, "weights": str, "config_hash": str, "comparability": str})
+            for col in OPTIONAL:
+                if col not in df.columns:
+                    df[col] = ""
             missing = set(COLUMNS) - set(df.columns)
             if missing:
                 raise ValueError(f"{self.path}: not a medvlp result file (missing columns {sorted(missing)})")

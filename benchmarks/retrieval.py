@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medvlp.benchmarks.features import Features
 from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult
 from medvlp.registry import register_benchmark
 
@@ -39,6 +40,48 @@ def label_precision_at_k(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...
     return out, chance
 
 
+def text_reason(ctx: EvalContext) -> str | None:
+    """``None`` when the test split has paired text, else why a retrieval protocol cannot run."""
+    ds = ctx.datamodule.dataset("test", augment=False)
+    if len(ds) == 0:
+        return "test split is empty"
+    for i in range(min(len(ds), 8)):
+        sample = ds[i]
+        if sample is not None:
+            return None if sample.get("text") else "dataset has no paired text (reports)"
+    return "no readable test sample among the first 8"
+
+
+def paired(ctx: EvalContext) -> tuple[Features, str]:
+    """Test features restricted to samples with paired text, and a note when some had none.
+
+    Raises:
+        ValueError: when fewer than 2 test samples have text.
+    """
+    feats = ctx.features.get(ctx.model, ctx.datamodule, "test", ctx.device)
+    ok = ~np.isnan(feats.text_embedding).any(1)
+    if ok.sum() < 2:
+        raise ValueError(f"retrieval needs paired text: only {int(ok.sum())} of {len(ok)} test samples have a report")
+    if ok.all():
+        return feats, ""
+    keep = np.flatnonzero(ok)
+    sub = Features(feats.representation[keep], feats.image_embedding[keep], feats.text_embedding[keep],
+                   feats.labels[keep], [feats.ids[i] for i in keep], [feats.texts[i] for i in keep])
+    return sub, f"; {len(keep)} of {len(ok)} test samples have a report (the others are left out)"
+
+
+def hit_at_k(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> dict[int, float]:
+    """Share of queries with at least one item of the same label set among the top K (Hit@K)."""
+    known = ~np.isnan(labels).any(1)
+    keys = [r.tobytes() if ok else None for r, ok in zip(labels, known)]
+    order = np.argsort(-sim, axis=1, kind="stable")
+    out = {}
+    for k in ks:
+        hits = [keys[i] is not None and any(keys[j] == keys[i] for j in row[:k]) for i, row in enumerate(order)]
+        out[k] = float(np.mean(hits))
+    return out
+
+
 @register_benchmark("retrieval")
 class Retrieval(Protocol):
     """Image→text and text→image retrieval among the N test pairs (cosine similarity of the joint
@@ -50,13 +93,11 @@ class Retrieval(Protocol):
     needs_text = True
 
     def applicable(self, ctx: EvalContext) -> str | None:
-        return None
+        return text_reason(ctx)
 
     @torch.no_grad()
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
-        feats = ctx.features.get(ctx.model, ctx.datamodule, "test", ctx.device)
-        if np.isnan(feats.text_embedding).any():
-            raise ValueError("retrieval needs paired text for every test sample")
+        feats, note = paired(ctx)
         sim = feats.image_embedding @ feats.text_embedding.T
         ks = tuple(ctx.params.get("ks", (1, 5, 10)))
         n = sim.shape[0]
@@ -65,12 +106,51 @@ class Retrieval(Protocol):
             for k, v in recall_at_k(s, ks).items():
                 out.append(MetricValue(f"{direction}_R@{k}", v,
                                        f"{direction} recall@{k} among N={n} test pairs (chance {k / n:.3f}); "
-                                       "ties ranked pessimistically"))
+                                       f"ties ranked pessimistically{note}"))
         if not np.isnan(feats.labels).all() and feats.labels.size:
             for direction, s in (("i2t", sim), ("t2i", sim.T)):
                 prec, chance = label_precision_at_k(s, feats.labels, ks)
                 for k, v in prec.items():
                     out.append(MetricValue(f"{direction}_P@{k}", v,
                                            f"{direction} label-set precision@{k}: share of the top {k} of N={n} whose "
-                                           f"label set equals the query's (chance {chance:.3f})"))
+                                           f"label set equals the query's (chance {chance:.3f}){note}"))
         return ProtocolResult(out)
+
+
+@register_benchmark("category_retrieval")
+class CategoryRetrieval(Protocol):
+    """Category-level image↔report retrieval as GLoRIA, ConVIRT and BenchX report it on CheXpert 5x200 /
+    MIMIC 5x200: a retrieved item is relevant when its class (label set) equals the query's.
+
+    Metrics per direction (``i2t``: image query over the test reports; ``t2i``: report query over the
+    test images): ``P@K`` = mean share of relevant items among the top K (GLoRIA's Precision@K,
+    K up to 100) and ``Hit@K`` = share of queries with at least one relevant item in the top K. Cosine
+    similarity of the joint embeddings; stable sort (ties keep test order). Params: ``ks`` (default
+    ``[1, 5, 10, 50, 100]``, capped at N).
+    """
+
+    name = "category_retrieval"
+    variant = "gloria_category"
+    needs_text = True
+
+    def applicable(self, ctx: EvalContext) -> str | None:
+        return text_reason(ctx) or (None if ctx.datamodule.label_names else "dataset has no labels")
+
+    @torch.no_grad()
+    def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
+        feats, note = paired(ctx)
+        if np.isnan(feats.labels).all():
+            raise ValueError("category retrieval needs test labels")
+        sim = feats.image_embedding @ feats.text_embedding.T
+        n = sim.shape[0]
+        ks = tuple(sorted({min(int(k), n) for k in ctx.params.get("ks", (1, 5, 10, 50, 100))}))
+        out = []
+        for direction, s in (("i2t", sim), ("t2i", sim.T)):
+            prec, chance = label_precision_at_k(s, feats.labels, ks)
+            for k, v in prec.items():
+                out.append(MetricValue(f"{direction}_P@{k}", v, f"{direction} category precision@{k} among N={n} "
+                                       f"(same class as the query; chance {chance:.3f}){note}"))
+            for k, v in hit_at_k(s, feats.labels, ks).items():
+                out.append(MetricValue(f"{direction}_Hit@{k}", v, f"{direction} share of queries with a same-class "
+                                       f"item in the top {k} of N={n}{note}"))
+        return ProtocolResult(out, comparability={"protocol_variant": self.variant})

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from medvlp.benchmarks.features import FeatureCache, model_fingerprint
+from medvlp.benchmarks.paper_view import model_fields, pretrain_data_of, row_fields
 from medvlp.benchmarks.protocol import EvalContext
 from medvlp.benchmarks.results import ResultStore
 from medvlp.compose import compose, split_args
@@ -111,6 +112,8 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
         entry = dict(entry or {})
         model, ckpt, chash = obtain_model(suite, label, entry)
         weights = model_fingerprint(model)
+        data_cfg = None if entry.get("ckpt") or ckpt == "random-init" else _method_config(suite, label, entry).get("data")
+        mfields = model_fields(model, pretrain_data_of(entry, to_container(data_cfg) if data_cfg is not None else None, ckpt))
         enc_dims = getattr(model.image_backbone(), "spatial_dims", None)
         for ds_name, dm in datasets.items():
             if enc_dims is not None and dm.spatial_dims not in enc_dims:
@@ -137,10 +140,12 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
                         log.info("%s %s %s f=%g s=%d: %s (%.1fs)", label, ds_name, key, fraction, seed,
                                  ", ".join(f"{v.metric}={v.value:.3f}" for v in res.values), time.time() - t0)
                         now = time.strftime("%Y-%m-%dT%H:%M:%S")
+                        comp = json.dumps({**mfields, **row_fields(proto, params, dm, res)}, sort_keys=True, default=str)
                         store.add([{**unit, "suite": suite["name"], "method": entry.get("method", label),
                                     "checkpoint": ckpt, "weights": weights, "dataset_version": dm.dataset_version,
                                     "split_hash": res.split_hash, "metric": v.metric, "value": v.value,
-                                    "definition": v.definition, "config_hash": chash, "timestamp": now}
+                                    "definition": v.definition, "config_hash": chash, "timestamp": now,
+                                    "comparability": comp}
                                    for v in res.values])
     log.info("feature cache: %d hits, %d misses", cache.hits, cache.misses)
     return store.path

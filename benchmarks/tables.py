@@ -97,27 +97,6 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-def paper_table(summary: pd.DataFrame) -> str:
-    """Paper-reported numbers (``benchmarks/paper_numbers.yaml``, each with its source) beside the
-    reproduced mean ± std of rows with the same method, dataset, protocol, fraction and metric.
-    Reproduced values are shown ×100 to match the papers' percent scale."""
-    from importlib import resources
-
-    import yaml
-
-    rows = yaml.safe_load(resources.files("medvlp.benchmarks").joinpath("paper_numbers.yaml").read_text())
-    lines = ["| method | dataset | protocol | metric | fraction | paper | reproduced | source |", "|" + "---|" * 8]
-    for r in rows:
-        for frac, val in r["values"].items():
-            m = summary[(summary["label"] == r["method"]) & (summary["dataset"] == r["dataset"]) &
-                        (summary["protocol"] == r["protocol"]) & (summary["metric"] == r["metric"]) &
-                        (summary["fraction"].astype(float) == float(frac))]
-            rep = (f"{100 * m['mean'].iloc[0]:.1f} ± {100 * m['std'].iloc[0]:.1f}" if len(m) else "—")
-            lines.append(f"| {r['method']} ({r['backbone']}) | {r['dataset']} | {r['protocol']} | {r['metric']} | "
-                         f"{float(frac):g} | {val} | {rep} | {r['source']} |")
-    return "\n".join(lines) + "\n"
-
-
 def report(results: str | Path, out: str | Path | None = None, plots: bool = True, paper: bool = False) -> str:
     """Write ``table.md``, ``table.tex``, ``summary.csv`` (+ PNG plots) next to ``results``; returns Markdown."""
     df = ResultStore(results).df
@@ -134,7 +113,9 @@ def report(results: str | Path, out: str | Path | None = None, plots: bool = Tru
         tex_parts.append(f"% {ds}\n" + to_latex(table))
     md = "\n".join(md_parts) + "\n**Metric definitions**\n\n" + definitions(df)
     if paper:
-        ptable = paper_table(summary)
+        from medvlp.benchmarks.paper_view import paper_table
+
+        ptable = paper_table(df)
         atomic_write_text(out / "paper_table.md", ptable)
         md += "\n### Paper vs reproduced\n\n" + ptable
     atomic_write_text(out / "table.md", md)

@@ -269,12 +269,16 @@ class RSNAPneumoniaDataModule(XrayDataModule):
     """RSNA Pneumonia: ``stage_2_train_labels.csv`` (one row per box) + ``stage_2_train_images/<id>.dcm``.
 
     Boxes ``[x, y, x+w, y+h]`` are grouped per patient (Target = any box) and rasterised into masks
-    (``mask[y1:y2, x1:x2] = 1``, MGCA). DICOM MONOCHROME1 is inverted. Split: ``mgca`` reproduces MGCA's
-    ``train_test_split(test_size=5337*2, random_state=0)`` then 50/50 val/test; ``hash`` uses
-    deterministic 70/15/15 by id.
+    (``mask[y1:y2, x1:x2] = 1``, MGCA). DICOM MONOCHROME1 is inverted. Splits over patients (sorted by
+    id, as MGCA's ``groupby("patientId")``): ``mgca`` = MGCA's classification split
+    (``preprocess_rsna_data(test_fac=0.15)``: ``train_test_split(test_size=0.3, random_state=0)``, the
+    held-out part split 50/50 into test (first) and val; 70/15/15, as ASG's README states);
+    ``mgca_detection`` = MGCA's detection/segmentation split (``prepare_detection_data``: test_size
+    5337·2, then test/val 50/50); ``hash`` = deterministic 70/15/15 by id.
     """
 
     name = "rsna_pneumonia"
+    SPLIT_CONVENTIONS = ("hash", "mgca", "mgca_detection")
 
     @property
     def label_names(self) -> list[str]:
@@ -297,11 +301,11 @@ class RSNAPneumoniaDataModule(XrayDataModule):
     def _splits(self, ids: list[str]) -> dict[str, str]:
         if self.split_convention == "hash":
             return {i: hash_split(i, 0, 0.15, 0.15) for i in ids}
-        from sklearn.model_selection import train_test_split  # mgca
+        from sklearn.model_selection import train_test_split
 
-        n_hold = min(5337 * 2, len(ids) // 2)
-        train, hold = train_test_split(ids, test_size=n_hold, random_state=0)
-        val, test = train_test_split(hold, test_size=0.5, random_state=0)
+        hold_size = 0.15 * 2 if self.split_convention == "mgca" else min(5337 * 2, len(ids) // 2)
+        train, hold = train_test_split(ids, test_size=hold_size, random_state=0)
+        test, val = train_test_split(hold, test_size=0.5, random_state=0)  # MGCA: test_df, valid_df = ...
         return {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}
 
     def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
@@ -377,9 +381,13 @@ class COVIDxDataModule(XrayDataModule):
     """COVIDx: headerless space-separated ``train_*.txt``/``test_*.txt`` (``patient_id filename class
     source``) with images in ``train/`` and ``test/``. Classes normal / pneumonia / COVID-19 (MGCA
     mapping normal→0, pneumonia→1, else→2) as one-hot labels; val = 20 % of train by hash, or with
-    ``split_convention: mgca`` MGCA's ``train_test_split(train_size=0.8, random_state=0)`` over the rows."""
+    ``split_convention: mgca`` MGCA's ``train_test_split(train_size=0.8, random_state=0)`` over the rows,
+    or with ``asg`` 10 % of the training rows (ASG's README: "split 10% of original training set for
+    validation"; ASG publishes no code for the draw, so it is ``train_test_split(test_size=0.1,
+    random_state=0)`` over the rows)."""
 
     name = "covidx"
+    SPLIT_CONVENTIONS = ("hash", "mgca", "asg")
     CLASSES = ["normal", "pneumonia", "COVID-19"]
 
     def __init__(self, root: str, train_list: str = "train_COVIDx9A.txt", test_list: str = "test_COVIDx9A.txt",
@@ -409,11 +417,12 @@ class COVIDxDataModule(XrayDataModule):
                 split = hash_split(parts[1], 0, 0.2, 0.0) if default == "train" else "test"
                 out.append({"id": f"{folder}/{parts[1]}", "split": split, "path": self.root / folder / parts[1],
                             "labels": lab})
-        if self.split_convention == "mgca":
+        if self.split_convention in ("mgca", "asg"):
             from sklearn.model_selection import train_test_split
 
             rows = [r for r in out if r["split"] != "test"]
-            _, val = train_test_split(list(range(len(rows))), train_size=0.8, random_state=0)
+            size = {"train_size": 0.8} if self.split_convention == "mgca" else {"test_size": 0.1}
+            _, val = train_test_split(list(range(len(rows))), random_state=0, **size)
             val_rows = set(val)
             for i, r in enumerate(rows):
                 r["split"] = "val" if i in val_rows else "train"

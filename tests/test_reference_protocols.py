@@ -127,3 +127,177 @@ def test_mgca_linear_uses_cross_entropy_for_one_hot_labels(tmp_path) -> None:
     logits = parts["logits_of"](batch, False)
     y = batch["labels"].float()
     assert float(parts["loss_of"](logits, y).detach()) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y.argmax(1)).detach()))
+
+
+# ----------------------------------------------------------------------------- zero-shot / retrieval
+class _StubFeatures:
+    def __init__(self, feats):
+        self.feats = feats
+
+    def get(self, *a, **k):
+        return self.feats
+
+
+class _StubDM:
+    label_names = ["a", "b", "c"]
+
+    def class_prompts(self):
+        return {"a": ["pa1", "pa2"], "b": ["pb"], "c": ["pc"]}
+
+    def negative_prompts(self):
+        return {n: [f"no {n}"] for n in self.label_names}
+
+
+class _StubModel:
+    table = {"pa1": [1, 0, 0], "pa2": [0.6, 0.8, 0], "pb": [0, 1, 0], "pc": [0, 0, 1],
+             "no a": [0, 1, 1], "no b": [1, 0, 1], "no c": [1, 1, 0]}
+
+    def encode_text(self, texts):
+        return torch.nn.functional.normalize(torch.tensor([self.table[t] for t in texts], dtype=torch.float32), dim=-1)
+
+    def zero_shot_classifier(self, prompts):
+        return torch.stack([torch.nn.functional.normalize(self.encode_text(p).mean(0), dim=-1) for p in prompts.values()])
+
+
+def _zs_features():
+    from medvlp.benchmarks.features import Features
+
+    img = np.array([[1, 0.1, 0], [0.1, 1, 0], [0, 0.2, 1], [0.9, 0, 0.3], [0, 0.1, 1], [0.2, 1, 0.1]], np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    labels = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]  # not every image is nearest its own class
+    n = len(img)
+    return Features(img, img, np.full_like(img, np.nan), labels, [str(i) for i in range(n)], [""] * n)
+
+
+def test_zero_shot_argmax_is_gloria_max_over_prompts_zscored(tmp_path) -> None:
+    from medvlp.benchmarks.zero_shot import ZeroShotArgmax
+
+    feats = _zs_features()
+    ctx = EvalContext(_StubModel(), _StubDM(), _StubFeatures(feats), {}, "cpu", tmp_path)
+    vals = {v.metric: v.value for v in ZeroShotArgmax().run(ctx).values}
+    # by hand: max cosine over each class's prompts, z-score per class column, arg-max
+    t = {k: _StubModel().encode_text(v).numpy() for k, v in _StubDM().class_prompts().items()}
+    sim = np.stack([(feats.image_embedding @ t[k].T).max(1) for k in "abc"], 1)
+    sim = (sim - sim.mean(0)) / sim.std(0)
+    expected = float((sim.argmax(1) == feats.labels.argmax(1)).mean())
+    assert vals["acc"] == pytest.approx(expected) and expected == pytest.approx(4 / 6)
+    assert {"f1_macro", "max_f1", "auc"} <= set(vals)
+
+
+def test_zero_shot_softmax_branch_is_reachable_without_negated_prompts(tmp_path) -> None:
+    from medvlp.benchmarks.zero_shot import ZeroShot
+
+    ctx = EvalContext(_StubModel(), _StubDM(), _StubFeatures(_zs_features()), {"negatives": False}, "cpu", tmp_path)
+    res = ZeroShot().run(ctx)
+    assert "softmax over class prompts" in res.values[0].definition
+    ctx.params = {}
+    assert "negated prompt" in ZeroShot().run(ctx).values[0].definition
+
+
+def test_category_retrieval_precision_and_hit_at_k() -> None:
+    from medvlp.benchmarks.retrieval import hit_at_k, label_precision_at_k
+
+    labels = np.eye(2)[[0, 0, 1, 1]]
+    sim = np.array([[0, 1, .9, .8], [1, 0, .9, .8], [.9, .8, 0, 1], [.9, .8, 1, 0]], float)
+    hits = hit_at_k(sim, labels, (1, 2, 3))
+    prec, _ = label_precision_at_k(sim, labels, (1, 2, 3))
+    # query 0 ranks [1 (same), 2, 3, 0]: every query finds its class-mate at rank 1
+    assert hits == {1: 1.0, 2: 1.0, 3: 1.0} and prec[2] == pytest.approx(0.5)
+
+
+def test_retrieval_on_dataset_without_text_is_skipped_not_raised(tmp_path) -> None:
+    from medvlp.benchmarks.runner import run_suite
+
+    root = __import__("tests.fixtures", fromlist=["make_covidx"]).make_covidx(tmp_path / "covidx")
+    suite = {"name": "t", "output": str(tmp_path / "out"), "preset": "tiny",
+             "methods": {"random_init": {"method": "clip", "pretrain": False}},
+             "datasets": {"covidx": {"name": "covidx", "init_args": {"root": str(root), "image_size": 32}}},
+             "protocols": {"retrieval": {}, "category_retrieval": {}, "zero_shot_argmax": {}}}
+    df = pd.read_csv(run_suite(suite, "cpu"))
+    assert set(df["protocol"]) == {"zero_shot_argmax"}  # both retrieval protocols skipped with a reason
+    comp = __import__("json").loads(df["comparability"].iloc[0])
+    assert comp["protocol_variant"] == "gloria_argmax" and comp["dataset_class"] == "COVIDxDataModule"
+    assert comp["method_class"] == "CLIP" and comp["pretrain_data"] == "none"
+
+
+# ----------------------------------------------------------------------------- splits as the references
+def test_rsna_mgca_split_is_the_classification_split_70_15_15(tmp_path) -> None:
+    from sklearn.model_selection import train_test_split
+
+    from medvlp.datamodules.xray import RSNAPneumoniaDataModule
+    from tests.fixtures import make_rsna
+
+    root = make_rsna(tmp_path / "rsna", n=20)
+    recs = RSNAPneumoniaDataModule(str(root), split_convention="mgca").records
+    ids = sorted(r["id"] for r in RSNAPneumoniaDataModule(str(root)).index())
+    _, hold = train_test_split(ids, test_size=0.3, random_state=0)
+    test, val = train_test_split(hold, test_size=0.5, random_state=0)
+    assert sorted(r["id"] for r in recs("test")) == sorted(test) and sorted(r["id"] for r in recs("val")) == sorted(val)
+    assert (len(recs("train")), len(recs("val")), len(recs("test"))) == (14, 3, 3)
+    det = RSNAPneumoniaDataModule(str(root), split_convention="mgca_detection").records
+    assert len(det("train")) == 10  # test_size 5337·2 capped at half the patients
+
+
+def test_covidx_asg_split_holds_out_ten_percent_for_validation(tmp_path) -> None:
+    from medvlp.datamodules.xray import COVIDxDataModule
+    from tests.fixtures import make_covidx
+
+    root = make_covidx(tmp_path / "covidx")
+    dm = COVIDxDataModule(str(root), split_convention="asg")
+    assert (len(dm.records("train")), len(dm.records("val"))) == (9, 1)
+
+
+# ----------------------------------------------------------------------------- paper view
+def _result_rows(fields: dict, label: str = "asg", dataset: str = "chexpert", values=(0.88, 0.90)) -> pd.DataFrame:
+    import json
+
+    return pd.DataFrame([{"label": label, "method": "asg", "dataset": dataset, "protocol": "mgca_linear",
+                          "fraction": 0.01, "seed": s, "metric": "auc", "value": v,
+                          "comparability": json.dumps(fields)} for s, v in enumerate(values)])
+
+
+def test_paper_view_fills_only_comparable_rows() -> None:
+    from medvlp.benchmarks.paper_view import paper_numbers, paper_table
+
+    row = next(r for r in paper_numbers() if r["method"] == "asg" and r["dataset"] == "chexpert")
+    good = {k: row[k] for k in ("protocol_variant", "split_convention", "fraction_source", "dataset_class",
+                                "method_class", "backbone", "pretrain_data")}
+    md = paper_table(_result_rows(good), [row])
+    assert "| 87.9 | 89.0 ± 1.4 (n=2, asg) | yes |" in md
+    # the example: a demo CLIP on phantom data under the key "chexpert", labelled "asg"
+    bad = {**good, "method_class": "CLIP", "dataset_class": "PhantomDataModule", "protocol_variant": "fast",
+           "backbone": "ViT(d32,L1)/8"}
+    md = paper_table(_result_rows(bad), [row])
+    line = next(ln for ln in md.splitlines() if "| 0.01 |" in ln)
+    assert "| — | no: asg/chexpert:" in line and "method_class CLIP ≠ ASG" in line and "88." not in line
+
+
+def test_report_paper_on_phantom_results_shows_no_paper_number_next_to_a_phantom_number(tmp_path) -> None:
+    from medvlp.benchmarks.runner import load_suite, run_suite
+    from medvlp.benchmarks.tables import report
+
+    suite = load_suite("smoke", [f"output={tmp_path}", "protocols={linear_probe: {fractions: [0.01, 1.0], seeds: [0]}}"])
+    # label the phantom runs like the paper rows to tempt a wrong match
+    suite["methods"] = {"asg": {"method": "clip", "pretrain": False}}
+    suite["datasets"] = {"chexpert": suite["datasets"]["phantom_xray"]}
+    path = run_suite(suite, "cpu")
+    report(path, tmp_path / "rep", plots=False, paper=True)
+    lines = [ln for ln in (tmp_path / "rep" / "paper_table.md").read_text().splitlines()[2:]]
+    assert lines and all("| — | no" in ln for ln in lines)
+    assert any("dataset_class PhantomDataModule ≠ CheXpertDataModule" in ln for ln in lines)
+
+
+def test_mmseg_dataset_dice_sums_areas_over_the_dataset() -> None:
+    from medvlp.benchmarks.dice import dice_score
+
+    target = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    pred = torch.zeros_like(target)
+    target[0, 0, :2, :2] = 1  # 4 px, prediction 8 px with 4 overlapping
+    pred[0, 0, :2, :4] = 1
+    target[1, 0, 0, 0] = 1  # 1 px, missed
+    # foreground: dataset level 2·4/(8+5) — not the per-image mean (8/12 + 0)/2
+    assert dice_score(pred, target, 2, "mmseg_dataset_foreground") == pytest.approx(8 / 13)
+    assert dice_score(pred, target, 2, "foreground") == pytest.approx((8 / 12 + 0) / 2)
+    bg_pred, bg_true = 32 - 8, 32 - 5
+    bg = 2 * (32 - 9) / (bg_pred + bg_true)  # background overlap: pixels that are 0 in both
+    assert dice_score(pred, target, 2, "mmseg_dataset") == pytest.approx((bg + 8 / 13) / 2)
