@@ -63,13 +63,22 @@ def _method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any
         layers.append(OmegaConf.create({"trainer": entry["trainer"]}))
     cfg = merge(*layers, overrides=[f"run.dir={Path(suite['output']) / 'runs' / label}",
                                     f"run.seed={suite.get('seed', 42)}"])
-    return cfg
+    if OmegaConf.select(cfg, "run.weights_only_resume", default=True) is False:
+        raise ValueError(f"suite {suite.get('name')!r}, method {label!r}: a suite cannot set "
+                         "run.weights_only_resume=false; only the command line can "
+                         "(medvlp benchmark suite=... run.weights_only_resume=false)")
+    return merge(cfg, overrides=[f"run.weights_only_resume={bool(suite.get(UNSAFE_RESUME_KEY, True))}"])
+
+
+#: suite key set only by ``benchmark_command`` from the command line (never read from a suite file)
+UNSAFE_RESUME_KEY = "_cli_weights_only_resume"
 
 
 def obtain_model(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any]) -> tuple[Any, str, str]:
     """Return ``(model, checkpoint, config_hash)`` for a suite method entry (pretraining if needed)."""
     if entry.get("ckpt"):
-        return load_method(entry["ckpt"]), str(entry["ckpt"]), "external"
+        model = load_method(entry["ckpt"], allow_class_path=bool(entry.get("allow_class_path", False)))
+        return model, str(entry["ckpt"]), "external"
     cfg = _method_config(suite, label, entry)
     chash = _config_hash(cfg)
     if entry.get("pretrain", True) is False:
@@ -159,9 +168,17 @@ def benchmark_command(args: Sequence[str]) -> int:
         name = files[0]
     if name is None:
         raise ValueError("benchmark needs suite=NAME or a suite file")
-    rest = [o for o in overrides if not o.startswith("suite=") and not o.startswith("device=")]
+    resume_flag = "run.weights_only_resume="
+    rest = [o for o in overrides if not o.startswith(("suite=", "device=", resume_flag))]
     device = next((o.split("=", 1)[1] for o in overrides if o.startswith("device=")), None)
-    path = run_suite(load_suite(name, rest), device)
+    suite = load_suite(name, rest)
+    suite.pop(UNSAFE_RESUME_KEY, None)  # only the command line sets it
+    weights_only = [o.split("=", 1)[1].lower() for o in overrides if o.startswith(resume_flag)]
+    if weights_only and weights_only[-1] in ("false", "0", "no"):
+        log.warning("run.weights_only_resume=false from the command line: pretraining resumes will unpickle "
+                    "checkpoints, which can run code")
+        suite[UNSAFE_RESUME_KEY] = False
+    path = run_suite(suite, device)
     print(f"results: {path}")
     return 0
 
@@ -172,6 +189,7 @@ def evaluate_command(args: Sequence[str]) -> int:
     cfg = OmegaConf.from_dotlist(overrides)
     if "ckpt" not in cfg:
         raise ValueError("evaluate needs ckpt=PATH")
+    allow_class_path = bool(cfg.get("allow_class_path", False))
     data = to_container(cfg.get("data", {"name": "phantom"}))
     if isinstance(data, str):
         data = {"name": data}
@@ -179,7 +197,8 @@ def evaluate_command(args: Sequence[str]) -> int:
     suite = {
         "name": "evaluate",
         "output": str(cfg.get("out", "results/evaluate")),
-        "methods": {Path(str(cfg.ckpt)).parent.parent.name or "model": {"ckpt": str(cfg.ckpt)}},
+        "methods": {Path(str(cfg.ckpt)).parent.parent.name or "model": {"ckpt": str(cfg.ckpt),
+                                                                         "allow_class_path": allow_class_path}},
         "datasets": {data["name"]: data},
         "protocols": {p: to_container(cfg.get("protocol_params", {})).get(p, {}) for p in protocols},
     }

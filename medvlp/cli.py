@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             code = benchmark_command(["suite=quickstart", *rest])
             return code or report_command(["results=results/quickstart/results.csv", "out=results/quickstart"])
-    except (KeyError, ValueError, FileNotFoundError, ImportError) as exc:
+    except (KeyError, ValueError, ImportError, OSError) as exc:
         print(f"medvlp {command}: error: {exc}", file=sys.stderr)
         return 2
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -6,6 +6,7 @@ execute code are never registered.
 """
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -59,24 +60,56 @@ def to_container(cfg: Any) -> Any:
     return cfg
 
 
-def instantiate(spec: Mapping[str, Any] | DictConfig, **extra: Any) -> Any:
+def instantiate(spec: Mapping[str, Any] | DictConfig, *, expected: type | tuple[type, ...], **extra: Any) -> Any:
     """Build an object from ``{class_path: ..., init_args: {...}}``.
 
     Args:
         spec: mapping with ``class_path`` and optional ``init_args``.
+        expected: base class (or classes) that ``class_path`` must subclass; checked before the call.
         **extra: keyword arguments that override ``init_args``.
+
+    Raises:
+        medvlp.registry.ClassPathError: when ``class_path`` is not a subclass of ``expected``.
     """
     spec = to_container(spec)
-    if "class_path" not in spec:
-        raise KeyError(f"instantiate needs a 'class_path' key, got keys {sorted(spec)}")
-    cls = import_class_path(spec["class_path"])
+    if not isinstance(spec, Mapping) or "class_path" not in spec:
+        raise KeyError(f"instantiate needs a mapping with a 'class_path' key, got {spec!r}")
+    cls = import_class_path(spec["class_path"], expected)
     kwargs = dict(spec.get("init_args") or {})
     kwargs.update(extra)
     return cls(**kwargs)
 
 
+_ENV_INTERPOLATION = re.compile(r"(?<!\\)\$\{(oc\.env|env):")
+
+
+def persistable(cfg: Any) -> Any:
+    """Plain containers for writing to disk: interpolations resolved, except environment reads.
+
+    Every ``${oc.env:NAME}`` stays the literal text ``${oc.env:NAME}``, also where another key
+    interpolates it, so a secret passed through the environment never reaches ``config.yaml``, a run
+    folder name or a results row.
+    """
+    if not isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.create(cfg) if isinstance(cfg, (Mapping, list)) else cfg
+        if not isinstance(cfg, (DictConfig, ListConfig)):
+            return cfg
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    return OmegaConf.to_container(OmegaConf.create(_escape_env(raw)), resolve=True)
+
+
+def _escape_env(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _escape_env(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_escape_env(v) for v in x]
+    if isinstance(x, str):
+        return _ENV_INTERPOLATION.sub(lambda m: "\\${" + m.group(1) + ":", x)
+    return x
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write a resolved config as YAML atomically."""
+    """Write a config as YAML atomically, with environment reads kept unresolved (:func:`persistable`)."""
     from medvlp.io import atomic_write_text
 
-    return atomic_write_text(Path(path), OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))
+    return atomic_write_text(Path(path), OmegaConf.to_yaml(OmegaConf.create(persistable(cfg))))

@@ -1,6 +1,7 @@
 """Atomic file writes and safe checkpoint loading."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -10,21 +11,66 @@ from typing import Any, Iterator
 import torch
 
 
+class WriteError(OSError):
+    """A file could not be written; the message names the path and the cause (e.g. no space left)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where ``/proc`` allows (else set and restored)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_target(path: Path) -> Iterator[str]:
     """Yield a temp path next to ``path``; on success it replaces ``path`` (``os.replace``), on error it
-    is removed, so readers only ever see the old or the complete new file."""
+    is removed, so readers only ever see the old or the complete new file.
+
+    The new file gets the mode a plain ``open`` would give (``0o666`` less the umask), not the
+    temp file's ``0o600``.
+
+    Raises:
+        WriteError: when the folder, the temp file, the write or the rename fails (no space, permission,
+            read-only file system), naming ``path`` and the cause; the previous file is left untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        if isinstance(exc, WriteError):
+            raise
+        cause = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise WriteError(exc.errno or errno.EIO, f"cannot write {path}: {cause.lower()} "
+                         f"(the previous file, if any, is unchanged)") from exc
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: str | None) -> None:
+    if tmp and os.path.exists(tmp):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -43,8 +89,10 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
     """``torch.save`` through a temp file and rename, so a crash never leaves a truncated file."""
-    with atomic_target(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_target(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)  # through a Python file, so a full disk raises OSError(ENOSPC), not RuntimeError
+        fh.flush()
+        os.fsync(fh.fileno())
     return Path(path)
 
 

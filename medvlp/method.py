@@ -337,25 +337,42 @@ def _plain(x: Any) -> Any:
     raise TypeError(f"hyperparameter value {x!r} of type {type(x).__name__} cannot be stored safely")
 
 
-def load_method(path: str, map_location: str = "cpu") -> VLPMethod:
+def load_method(path: str, map_location: str = "cpu", allow_class_path: bool = False) -> VLPMethod:
     """Rebuild a method from a medvlp checkpoint, loading with ``weights_only=True``.
 
+    The checkpoint's metadata may name only a *registered* method; its recorded ``class_path`` is used
+    only with ``allow_class_path=True`` and then only if it names a :class:`VLPMethod` subclass. Nested
+    encoder specs in the hyperparameters resolve only to ``nn.Module`` subclasses. All checks run before
+    any class is called.
+
     Raises:
-        ValueError: naming the file when it is not a medvlp checkpoint.
+        ValueError: naming the file when it is not a medvlp checkpoint, names an unregistered method
+            (without ``allow_class_path``), or its class path is not a ``VLPMethod``.
     """
     from medvlp.io import safe_load
     from medvlp.registry import METHODS
 
     ckpt = safe_load(path, map_location)
     meta = ckpt.get("medvlp") if isinstance(ckpt, dict) else None
-    if not meta:
+    if not meta or not isinstance(meta, Mapping):
         raise ValueError(f"{path} is not a medvlp checkpoint (no 'medvlp' metadata)")
-    name = meta["method"]
-    cls = METHODS.get(name) if name in METHODS else METHODS.get(meta["class_path"])
+    name, class_path = meta.get("method"), meta.get("class_path")
+    if isinstance(name, str) and name in METHODS:
+        cls = METHODS.get(name)
+    elif allow_class_path:
+        cls = METHODS.get(str(class_path))  # a class path resolves only to a VLPMethod subclass
+    else:
+        raise ValueError(
+            f"{path}: checkpoint names method {name!r} (class_path {class_path!r}), which is not registered; "
+            f"registered: {', '.join(METHODS.names())}. Install its plugin, or pass allow_class_path=true to "
+            f"import the class path (only a VLPMethod subclass is accepted)")
+    hparams = meta.get("hparams") or {}
+    if not isinstance(hparams, Mapping):
+        raise ValueError(f"{path}: checkpoint hparams must be a mapping, got {type(hparams).__name__}")
     from medvlp.encoders.vit import skip_pretrained_init
 
     with skip_pretrained_init():  # the checkpoint's weights replace any init_from initialisation
-        model = cls(**meta["hparams"])
+        model = cls(**hparams)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: state dict mismatch for {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
-from medvlp.config import save_config, to_container
+from medvlp.config import persistable, save_config, to_container
 from medvlp.io import atomic_torch_save, atomic_write_text
 from medvlp.method import VLPMethod
 from medvlp.registry import METHODS
@@ -83,16 +84,32 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
 
 
 def run_dir(cfg: Mapping[str, Any]) -> Path:
-    """``run.dir`` or ``<run.root>/<method>_<data>``."""
+    """``run.dir`` as given, or ``<run.root>/<method>_<data>[-<modality>]``.
+
+    The derived name uses only the method and datamodule names (and a known modality), read from the
+    config with environment reads unresolved (:func:`~medvlp.config.persistable`) and reduced to
+    ``[A-Za-z0-9._-]``, so no environment value can become part of a folder name.
+    """
     r = cfg["run"]
     if r.get("dir"):
-        return Path(r["dir"])
-    data = cfg["data"]
-    tag = data["name"]
+        return Path(str(to_container(r["dir"])))
+    names = persistable(cfg)
+    data = names["data"]
+    tag = _safe_name(data["name"])
     modality = (data.get("init_args") or {}).get("modality")
-    if modality:
+    if modality in KNOWN_MODALITIES:
         tag = f"{tag}-{modality}"
-    return Path(r.get("root", "runs")) / f"{cfg['method']['name'].split('.')[-1]}_{tag}"
+    return Path(str(to_container(r.get("root", "runs")))) / f"{_safe_name(str(names['method']['name']).split('.')[-1])}_{tag}"
+
+
+KNOWN_MODALITIES = ("xray", "ct", "mri", "em", "mixed")
+
+
+def _safe_name(name: Any) -> str:
+    text = str(name)
+    if "${" in text:
+        return "env"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"
 
 
 def pretrain(cfg: DictConfig) -> Path:
@@ -103,9 +120,12 @@ def pretrain(cfg: DictConfig) -> Path:
     ``run.resume`` a rerun continues from ``last.ckpt`` (loaded with ``weights_only=True``).
     """
     c = to_container(cfg)
-    out = run_dir(c)
+    out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(c, out / "config.yaml")
+    save_config(cfg, out / "config.yaml")  # environment reads stay unresolved on disk
+    if not c["run"].get("weights_only_resume", True):
+        log.warning("run.weights_only_resume=false: resuming will unpickle %s/checkpoints/last.ckpt, which can "
+                    "run code; use this only for checkpoints you wrote yourself", out)
     L.seed_everything(int(c["run"]["seed"]), workers=True)
     dm = build_datamodule_from_config(c)
     method = build_method(c, dm)
@@ -130,7 +150,8 @@ def pretrain(cfg: DictConfig) -> Path:
     skipped = dm.skip_report() if hasattr(dm, "skip_report") else {}
     if skipped:
         log.warning("skipped samples under the datamodule's policy: %s", skipped)
-    summary = {"method": c["method"]["name"], "data": c["data"]["name"], "steps": trainer.global_step,
+    names = persistable(cfg)
+    summary = {"method": names["method"]["name"], "data": names["data"]["name"], "steps": trainer.global_step,
                "seconds": round(time.time() - start, 2), "checkpoint": str(last),
                "precision": str(trainer_kwargs.get("precision", "32-true")),
                "train_loss": _metric(trainer, "train/loss_epoch"), "skipped": skipped}

@@ -20,7 +20,8 @@ DEFAULT_TEXT_ENCODER = "medvlp.encoders.text.TextEncoder"
 def build_encoder(spec: Mapping[str, Any] | nn.Module, default_class_path: str) -> nn.Module:
     """Build an encoder from ``{class_path, init_args}`` or a bare mapping of init args.
 
-    A bare mapping (no ``class_path``) is passed to ``default_class_path``.
+    A bare mapping (no ``class_path``) is passed to ``default_class_path``. A ``class_path`` must name an
+    ``nn.Module`` subclass (checked before it is called).
     """
     from medvlp.config import instantiate, to_container
 
@@ -29,7 +30,7 @@ def build_encoder(spec: Mapping[str, Any] | nn.Module, default_class_path: str) 
     spec = dict(to_container(spec) or {})
     if "class_path" not in spec:
         spec = {"class_path": default_class_path, "init_args": spec}
-    return instantiate(spec)
+    return instantiate(spec, expected=nn.Module)
 
 
 __all__ = [
