@@ -86,7 +86,9 @@ class MSDDataModule(VolumeDataModule):
     """Medical Segmentation Decathlon task folder: ``dataset.json`` + ``imagesTr``/``labelsTr``.
 
     ``training`` entries are split by hash (val/test fractions); macOS ``._*`` files are ignored. The
-    modality (``CT`` → HU window, else percentiles) and label names come from ``dataset.json``.
+    modality (``CT`` → HU window, else percentiles) and label names come from ``dataset.json``; a task whose
+    ``dataset.json`` lists several modalities (4D images) keeps all of them as channels unless ``channels``
+    selects some.
     """
 
     name = "msd"
@@ -96,6 +98,8 @@ class MSDDataModule(VolumeDataModule):
         meta = self._meta(Path(root))
         self.task_modality = str(meta.get("modality", {}).get("0", "")).upper()
         default_window = (-175.0, 250.0) if self.task_modality == "CT" else None
+        if len(meta.get("modality", {}) or {}) > 1:  # 4D task (e.g. BrainTumour): dataset.json lists the channels
+            kwargs.setdefault("channels", "all")
         super().__init__(root, window=window if window is not None else default_window, **kwargs)
         self.modality = "ct" if self.task_modality == "CT" else "mri"
         self.meta = meta

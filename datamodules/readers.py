@@ -15,6 +15,10 @@ class DataError(ValueError):
     """A sample or file cannot be used; the message names the file (and row) and what is wrong."""
 
 
+#: what a reader does with NaN/Inf voxels: ``fail`` (DataError naming the file) or ``zero``
+NONFINITE_POLICIES = ("fail", "zero")
+
+
 def _check_finite(arr: np.ndarray, path: Path, policy: str = "fail") -> np.ndarray:
     bad = ~np.isfinite(arr)
     if bad.any():

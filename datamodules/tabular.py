@@ -6,7 +6,7 @@ import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +74,18 @@ def resize_2d(img: np.ndarray, size: int, mode: str = "bilinear") -> torch.Tenso
     return out[0]
 
 
+def duplicate_ids(ids: Iterable[Any]) -> list[Any]:
+    """Sorted ids that occur more than once (one pass with a set: linear in the number of ids)."""
+    seen: set[Any] = set()
+    dup: set[Any] = set()
+    for i in ids:
+        if i in seen:
+            dup.add(i)
+        else:
+            seen.add(i)
+    return sorted(dup, key=str)
+
+
 def collate_skipping(samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """:func:`medvlp.batch.collate` after dropping skipped (``None``) samples."""
     kept = [s for s in samples if s is not None]
@@ -99,7 +111,10 @@ class RecordDataModule(VLPDataModule):
         self.root = Path(root)
         if not self.root.exists():
             raise FileNotFoundError(f"{type(self).__name__}: dataset root {self.root} does not exist")
-        self.on_error = on_error
+        from medvlp.checks import check_choice
+        from medvlp.datamodules.base import POLICIES
+
+        self.on_error = check_choice("on_error", on_error, POLICIES, type(self).__name__)
         self.limit = limit
         self._records: list[dict[str, Any]] | None = None
         self.index_skips: Counter[str] = Counter()
@@ -124,8 +139,7 @@ class RecordDataModule(VLPDataModule):
         """Records of one split (after ``limit``)."""
         if self._records is None:
             self._records = self.index()
-            ids = [r["id"] for r in self._records]
-            dup = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+            dup = duplicate_ids(r["id"] for r in self._records)
             if dup:
                 raise DataError(f"{self.root}: duplicate sample ids {dup[:5]}")
             if self.index_skips:

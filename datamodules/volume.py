@@ -21,7 +21,8 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
-from medvlp.datamodules.readers import DataError, read_volume
+from medvlp.checks import check_choice
+from medvlp.datamodules.readers import NONFINITE_POLICIES, DataError, read_volume
 from medvlp.datamodules.tabular import RecordDataModule
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,20 @@ log = logging.getLogger(__name__)
 
 class ReadVolumed(MapTransform):
     """Read ``record[key]`` (a path, ``path:h5key`` or a list of paths = channels) into a channel-first
-    MetaTensor with its affine. 4D NIfTI keeps ``channels`` (indices of the last axis)."""
+    MetaTensor with its affine.
 
-    def __init__(self, keys: Sequence[str], channels: Sequence[int] | None = None, allow_missing_keys: bool = True,
-                 nonfinite: str = "fail") -> None:
+    A 4D volume (e.g. NIfTI ``(x, y, z, c)``) needs an explicit ``channels`` selection (indices of the
+    last axis, or ``"all"``); with ``channels=None`` it is a :class:`DataError` naming the file and its
+    shape, never a silent first channel.
+    """
+
+    def __init__(self, keys: Sequence[str], channels: Sequence[int] | str | None = None,
+                 allow_missing_keys: bool = True, nonfinite: str = "fail") -> None:
         super().__init__(keys, allow_missing_keys)
-        self.channels, self.nonfinite = channels, nonfinite
+        if isinstance(channels, str):
+            check_choice("channels", channels, ("all",), type(self).__name__)
+        self.channels = channels
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES, type(self).__name__)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -44,7 +53,13 @@ class ReadVolumed(MapTransform):
             for p in paths:
                 arr, affine = read_volume(p, nonfinite=self.nonfinite)
                 if arr.ndim == 4:
-                    chans = list(self.channels) if self.channels is not None else list(range(arr.shape[-1]))
+                    if self.channels is None:
+                        raise DataError(f"{p}: 4D volume of shape {tuple(arr.shape)} where a 3D volume is expected; "
+                                        f"select channels (e.g. channels=[0], or channels=all)")
+                    chans = list(range(arr.shape[-1])) if self.channels == "all" else [int(c) for c in self.channels]
+                    bad = [c for c in chans if not -arr.shape[-1] <= c < arr.shape[-1]]
+                    if bad:
+                        raise DataError(f"{p}: channels {bad} out of range for a 4D volume with {arr.shape[-1]} channels")
                     arrays.extend(arr[..., c] for c in chans)
                 else:
                     arrays.append(arr)
@@ -83,7 +98,9 @@ class VolumeDataModule(RecordDataModule):
             0.5–99.5 percentile range (MRI/EM).
         resize: ``pad_crop`` (centre pad/crop after spacing) or ``resize`` (interpolate the whole volume).
         cache: ``none`` | ``memory`` (CacheDataset) | ``disk`` (PersistentDataset in ``cache_dir``).
-        channels: channels kept from 4D volumes.
+        channels: channels kept from 4D volumes (indices of the last axis, or ``all``); ``None``: a 4D
+            volume is an error naming the file.
+        nonfinite: ``fail`` (NaN/Inf is an error naming the file) or ``zero`` (replaced by 0).
         orientation: RAS reorientation (off for EM stacks without a meaningful affine).
         captions: caption source spec for GTGM (see :mod:`medvlp.datamodules.captions`).
     """
@@ -92,8 +109,8 @@ class VolumeDataModule(RecordDataModule):
 
     def __init__(self, root: str, volume_size: Sequence[int] = (32, 96, 96), pixdim: Sequence[float] | None = None,
                  window: Sequence[float] | None = None, resize: str = "resize", cache: str = "none",
-                 cache_dir: str | None = None, channels: Sequence[int] | None = (0,), orientation: bool = True,
-                 captions: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+                 cache_dir: str | None = None, channels: Sequence[int] | str | None = None, orientation: bool = True,
+                 captions: Mapping[str, Any] | None = None, nonfinite: str = "fail", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         from medvlp.datamodules.captions import build_caption_source
 
@@ -102,8 +119,12 @@ class VolumeDataModule(RecordDataModule):
         self.pixdim, self.window, self.resize, self.cache = pixdim, window, resize, cache
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.channels, self.orientation = channels, orientation
-        if cache not in ("none", "memory", "disk"):
-            raise ValueError(f"cache must be none|memory|disk, got {cache!r}")
+        owner = type(self).__name__
+        if isinstance(channels, str):
+            check_choice("channels", channels, ("all",), owner)
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES, owner)
+        check_choice("resize", resize, ("resize", "pad_crop"), owner)
+        check_choice("cache", cache, ("none", "memory", "disk"), owner)
         if cache == "disk" and self.cache_dir is None:
             raise ValueError("cache='disk' needs cache_dir")
 
@@ -117,7 +138,7 @@ class VolumeDataModule(RecordDataModule):
     def transforms(self, augment: bool) -> Compose:
         keys = ["image", "label"]
         xyz = list(reversed(self.volume_size))  # MONAI works in (x, y, z)
-        steps: list[Any] = [ReadVolumed(keys, self.channels)]
+        steps: list[Any] = [ReadVolumed(keys, self.channels, nonfinite=self.nonfinite)]
         if self.modality == "ct":
             steps.append(RescaleHUd(["image"]))
         if self.orientation:

@@ -14,15 +14,25 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medvlp.checks import check_choice
 from medvlp.datamodules.readers import DataError, read_image_2d, rle_decode_siim
-from medvlp.datamodules.tabular import RecordDataModule, apply_uncertainty, hash_split, resize_2d
+from medvlp.datamodules.tabular import (
+    UNCERTAINTY_POLICIES, RecordDataModule, apply_uncertainty, hash_split, resize_2d,
+)
 from medvlp.registry import register_datamodule
-from medvlp.reports import parse_sections
+from medvlp.reports import ADDENDUM_POLICIES, parse_sections
 
 CHEXPERT_14 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
                "Pneumothorax", "Support Devices"]
 log = logging.getLogger(__name__)
+#: why a MIMIC-CXR study's report gave no text (the skip-count keys under ``empty_report=skip``)
+REPORT_PROBLEMS = {
+    "missing_file": "report file is missing",
+    "empty_file": "report file is empty",
+    "decode": "report is not UTF-8",
+    "no_sections": "empty or missing FINDINGS/IMPRESSION",
+}
 CHEXPERT_5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 NORM_MEAN, NORM_STD = 0.5, 0.25
 
@@ -67,9 +77,7 @@ class XrayDataModule(RecordDataModule):
 
     def __init__(self, root: str, image_size: int = 224, split_convention: str = "hash", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
-        if split_convention not in self.SPLIT_CONVENTIONS:
-            raise ValueError(f"{type(self).__name__}: split_convention must be one of {self.SPLIT_CONVENTIONS}, "
-                             f"got {split_convention!r}")
+        check_choice("split_convention", split_convention, self.SPLIT_CONVENTIONS, type(self).__name__)
         self.image_size = image_size
         self.split_convention = split_convention
 
@@ -103,13 +111,18 @@ class MIMICCXRDataModule(XrayDataModule):
 
     Layout: ``<root>/files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg``, ``mimic-cxr-2.0.0-{metadata,split,chexpert,
     negbio}.csv(.gz)``; reports ``<reports_root>/files/pXX/pSUBJECT/sSTUDY.txt`` (default: ``root``).
-    MGCA conventions: frontal views only (``views``), caption = impression + findings, studies with
-    neither section follow ``empty_report`` (``skip``: counted and logged; ``fail``: error naming the
-    file); official split with ``validate`` → val.
+    MGCA conventions: frontal views only (``views``), caption = impression + findings; official split
+    with ``validate`` → val. Sections are read by :func:`~medvlp.reports.parse_sections` (MIMIC section
+    names, case-insensitive; sub-headers stay in their section; addenda per ``addendum``; a report without
+    headers gives its last paragraph as impression). A study whose report is missing, empty, not UTF-8,
+    or has neither section follows ``empty_report`` (``skip``: counted per reason — ``missing_file``,
+    ``empty_file``, ``decode``, ``no_sections`` — and logged once per reason; ``fail``: error naming the
+    file).
 
     Args:
         label_source: ``chexpert`` | ``negbio``. uncertainty: see :func:`apply_uncertainty`.
         views: ViewPosition values kept. text_sections: sections joined into ``text``.
+        empty_report: ``skip`` | ``fail``. addendum: ``impression`` | ``separate`` | ``drop``.
     """
 
     name = "mimic_cxr"
@@ -118,11 +131,18 @@ class MIMICCXRDataModule(XrayDataModule):
     def __init__(self, root: str, reports_root: str | None = None, label_source: str = "chexpert",
                  uncertainty: str = "zeros", views: Sequence[str] = ("PA", "AP"),
                  text_sections: Sequence[str] = ("impression", "findings"), empty_report: str = "skip",
-                 **kwargs: Any) -> None:
+                 addendum: str = "impression", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.reports_root = Path(reports_root) if reports_root else self.root
-        self.label_source, self.uncertainty = label_source, uncertainty
-        self.views, self.text_sections, self.empty_report = tuple(views), tuple(text_sections), empty_report
+        self.label_source = check_choice("label_source", label_source, ("chexpert", "negbio"), type(self).__name__)
+        self.uncertainty = check_choice("uncertainty", uncertainty, UNCERTAINTY_POLICIES, type(self).__name__)
+        self.empty_report = check_choice("empty_report", empty_report, ("skip", "fail"), type(self).__name__)
+        self.addendum = check_choice("addendum", addendum, ADDENDUM_POLICIES, type(self).__name__)
+        self.views, self.text_sections = tuple(views), tuple(text_sections)
+        for section in self.text_sections:
+            check_choice("text_sections", section, ("impression", "findings"), type(self).__name__)
+        self._report_cache: dict[Path, tuple[str, dict[str, str], str | None]] = {}
+        self._logged_reports: set[str] = set()
 
     @property
     def label_names(self) -> list[str]:
@@ -144,27 +164,44 @@ class MIMICCXRDataModule(XrayDataModule):
             sid, study = str(row.subject_id), str(row.study_id)
             rel = Path("files") / f"p{sid[:2]}" / f"p{sid}" / f"s{study}"
             report = self.reports_root / rel.with_suffix(".txt")
-            text, sections = self._report(report)
-            if not text:
+            text, sections, problem = self._report(report)
+            if problem:
                 if self.empty_report == "fail":
-                    raise DataError(f"{report}: empty or missing FINDINGS/IMPRESSION (study {study})")
-                self.index_skips["empty_report"] += 1
+                    raise DataError(f"{report}: {REPORT_PROBLEMS[problem]} (study {study})")
+                if problem not in self._logged_reports:
+                    log.warning("%s: %s (study %s); skipped under empty_report=skip", report,
+                                REPORT_PROBLEMS[problem], study)
+                    self._logged_reports.add(problem)
+                self.index_skips[problem] += 1
                 continue
             out.append({"id": str(row.dicom_id), "split": {"validate": "val"}.get(row.split, row.split),
                         "path": self.root / rel / f"{row.dicom_id}.jpg", "labels": lab[i], "text": text,
                         "sections": sections})
         return out
 
-    def _report(self, path: Path) -> tuple[str, dict[str, str]]:
+    def _report(self, path: Path) -> tuple[str, dict[str, str], str | None]:
+        """``(text, sections, problem)``; ``problem`` is a key of :data:`REPORT_PROBLEMS` or ``None``."""
+        cached = self._report_cache.get(path)
+        if cached is not None:
+            return cached
         if not path.is_file():
-            return "", {}
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: report is not UTF-8 ({exc})") from exc
-        sections = parse_sections(raw)
-        text = " ".join(sections[s] for s in self.text_sections if sections.get(s))
-        return text.strip(), {k: v for k, v in sections.items() if k in ("findings", "impression")}
+            out: tuple[str, dict[str, str], str | None] = ("", {}, "missing_file")
+        else:
+            data = path.read_bytes()
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError:
+                out = ("", {}, "decode")
+            else:
+                if not raw.strip():
+                    out = ("", {}, "empty_file")
+                else:
+                    sections = parse_sections(raw, addendum=self.addendum)
+                    text = " ".join(sections[s] for s in self.text_sections if sections.get(s)).strip()
+                    kept = {k: v for k, v in sections.items() if k in ("findings", "impression")}
+                    out = (text, kept, None if text else "no_sections")
+        self._report_cache[path] = out  # several images share one study report
+        return out
 
 
 @register_datamodule("chexpert")
@@ -191,10 +228,10 @@ class CheXpertDataModule(XrayDataModule):
                  frontal_only: bool = True, val_size: int = 5000, image_root: str | None = None,
                  test_set: str = "valid", **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
-        if test_set not in ("valid", "5x200"):
-            raise ValueError(f"test_set must be valid|5x200, got {test_set!r}")
+        check_choice("test_set", test_set, ("valid", "5x200"), type(self).__name__)
         self.test_set = test_set
-        self.classes, self.uncertainty = list(classes), uncertainty
+        self.classes = list(classes)
+        self.uncertainty = check_choice("uncertainty", uncertainty, UNCERTAINTY_POLICIES, type(self).__name__)
         self.frontal_only, self.val_size = frontal_only, val_size
         self.image_root = Path(image_root) if image_root else self.root.parent
 

@@ -1,7 +1,8 @@
 """Radiology report processing: sections, sentences, and <region, finding, existence> triplets.
 
-* :func:`parse_sections` – MIMIC-CXR section headers (``\\n FINDINGS:``), MGCA's regex and name
-  normalisation (``conclusion`` → ``impression``).
+* :func:`parse_sections` – MIMIC-CXR section headers from a whitelist of section names (case-insensitive,
+  sub-headers such as ``LUNGS:`` stay in their section), addenda, and the official parser's last-paragraph
+  fallback for reports without headers.
 * :func:`split_sentences` – sentence spans (character offsets kept, so token features can be pooled
   per sentence).
 * :class:`TripletParser` – rule-based extraction of ``(region, finding, existence)`` with NegEx-style
@@ -14,26 +15,80 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-SECTION_RE = re.compile(r"\n ?([A-Z][A-Z ()/,-]+):\s")
-SECTION_ALIASES = {"conclusion": "impression", "impressions": "impression", "finding": "findings",
-                   "summary": "impression", "comparisons": "comparison", "history": "indication"}
+#: MIMIC-CXR section names (lower case) recognised as headers; any other ``WORD:`` (``LUNGS:``, ``HEART:``,
+#: ``PA AND LATERAL VIEWS:``) is text of the section it stands in. Values are the canonical names; a tuple
+#: fills several sections (``FINDINGS AND IMPRESSION:``).
+SECTION_NAMES: dict[str, str | tuple[str, ...]] = {
+    "findings": "findings", "finding": "findings",
+    "impression": "impression", "impressions": "impression", "conclusion": "impression",
+    "conclusions": "impression", "summary": "impression", "opinion": "impression",
+    "findings and impression": ("findings", "impression"), "impression and findings": ("findings", "impression"),
+    "findings/impression": ("findings", "impression"), "findings / impression": ("findings", "impression"),
+    "addendum": "addendum", "addenda": "addendum",
+    "comparison": "comparison", "comparisons": "comparison", "prior": "comparison", "priors": "comparison",
+    "indication": "indication", "indications": "indication", "history": "indication",
+    "clinical history": "indication", "clinical information": "indication", "clinical indication": "indication",
+    "reason for exam": "indication", "reason for examination": "indication", "reason for study": "indication",
+    "examination": "examination", "exam": "examination", "type of examination": "examination",
+    "study": "examination", "procedure": "examination",
+    "technique": "technique", "wet read": "wet read", "final report": "final report",
+    "notification": "notification", "recommendation": "recommendation", "recommendations": "recommendation",
+    "impression and recommendation": ("impression", "recommendation"),
+    "impression and recommendations": ("impression", "recommendation"),
+}
+#: kept for callers that normalise names themselves
+SECTION_ALIASES = {k: v for k, v in SECTION_NAMES.items() if isinstance(v, str) and k != v}
+_HEADER_RE = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /()&,-]{0,40}?)[ \t]*:[ \t]*", re.MULTILINE)
+ADDENDUM_POLICIES = ("impression", "separate", "drop")
 
 
-def parse_sections(text: str) -> dict[str, str]:
-    """Split a report into lower-case sections; text before the first header is ``preamble``."""
-    text = "\n" + text.replace("\r\n", "\n")
+def parse_sections(text: str, addendum: str = "impression") -> dict[str, str]:
+    """Split a MIMIC-CXR report into lower-case sections.
+
+    Headers are matched at the start of a line, case-insensitively, with or without a space after the
+    colon, and only from :data:`SECTION_NAMES` (the MIMIC-CXR section names), so sub-headers inside
+    FINDINGS (``LUNGS:``, ``HEART:``) stay in the findings. ``FINDINGS AND IMPRESSION:`` fills both.
+    Text before the first header is ``preamble``. A report without findings and impression falls back to
+    the official MIMIC-CXR section parser's rule: its last paragraph is the impression.
+
+    Args:
+        text: the report.
+        addendum: ``impression`` (append addenda to the impression), ``separate`` (an ``addendum``
+            section) or ``drop``.
+
+    Raises:
+        ValueError: for an unknown ``addendum`` policy.
+    """
+    if addendum not in ADDENDUM_POLICIES:
+        raise ValueError(f"addendum must be one of {ADDENDUM_POLICIES}, got {addendum!r}")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    headers = []
+    for m in _HEADER_RE.finditer(text):
+        name = " ".join(m.group(1).lower().split())
+        if name in SECTION_NAMES:
+            headers.append((m, SECTION_NAMES[name]))
     out: dict[str, str] = {}
-    matches = list(SECTION_RE.finditer(text))
-    if not matches:
-        return {"preamble": " ".join(text.split())}
-    if matches[0].start() > 0 and text[: matches[0].start()].strip():
-        out["preamble"] = " ".join(text[: matches[0].start()].split())
-    for m, nxt in zip(matches, matches[1:] + [None]):
-        name = m.group(1).strip().lower()
-        name = SECTION_ALIASES.get(name, name)
-        body = text[m.end(): nxt.start() if nxt else len(text)]
+
+    def add(name: str, body: str) -> None:
         body = " ".join(body.split())
-        out[name] = (out[name] + " " + body).strip() if name in out else body
+        if body:
+            out[name] = f"{out[name]} {body}" if out.get(name) else body
+
+    first = headers[0][0].start() if headers else len(text)
+    add("preamble", text[:first])
+    for (m, names), nxt in zip(headers, [h[0].start() for h in headers[1:]] + [len(text)]):
+        for name in (names,) if isinstance(names, str) else names:
+            add(name, text[m.end(): nxt])
+    if "addendum" in out and addendum != "separate":
+        extra = out.pop("addendum")
+        if addendum == "impression":
+            add("impression", extra)
+    if not out.get("findings") and not out.get("impression"):
+        paragraphs = [p for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+        last = paragraphs[-1] if paragraphs else ""
+        header = _HEADER_RE.match(last.lstrip("\n"))
+        if last.strip() and not (header and " ".join(header.group(1).lower().split()) in SECTION_NAMES):
+            add("impression", last)
     return out
 
 

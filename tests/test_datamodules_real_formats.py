@@ -37,7 +37,7 @@ def test_mimic_layout_views_sections_and_empty_report_policy(tmp_path) -> None:
     root = fx.make_mimic(tmp_path / "mimic")
     dm = MIMICCXRDataModule(str(root), image_size=32)
     train = dm.records("train")
-    assert dm.index_skips["empty_report"] == 1  # study 0: FINDINGS header with no text
+    assert dm.index_skips["no_sections"] == 1  # study 0: FINDINGS header with no text
     all_ids = {r["id"] for s in ("train", "val", "test") for r in dm.records(s)}
     assert len(all_ids) == 6  # 8 images − 1 lateral − 1 empty report
     b = _batch(dm)
@@ -269,8 +269,12 @@ def test_non_utf8_report_truncated_csv_duplicate_ids_and_skip_report(tmp_path) -
     root = fx.make_mimic(tmp_path / "mimic")
     report = next((root / "files").rglob("s50414268.txt"))
     report.write_bytes(b"FINDINGS: caf\xe9 \xff\xfe broken")
+    next((root / "files").rglob("s50414267.txt")).write_text("FINDINGS: Clear lungs.\n")  # only one bad report
     with pytest.raises(DataError, match="s50414268.txt: report is not UTF-8"):
-        MIMICCXRDataModule(str(root)).records("train")
+        MIMICCXRDataModule(str(root), empty_report="fail").records("train")
+    skipping = MIMICCXRDataModule(str(root))  # default skip: a per-study skip, counted by reason
+    skipping.records("train")
+    assert skipping.index_skips["decode"] == 1
     csv = root / "mimic-cxr-2.0.0-split.csv.gz"
     csv.write_bytes(csv.read_bytes()[:20])  # truncated gzip
     with pytest.raises(DataError, match="mimic-cxr-2.0.0-split.csv.gz: cannot parse CSV"):
