@@ -2,13 +2,19 @@
 
 Precedence (later wins): built-in defaults < ``methods/<method>.yaml`` < ``datamodules/<data>.yaml`` <
 the method's ``example_data`` (when no ``data`` or the example's datamodule is given) < ``presets/<preset>.yaml`` (its
-``data_defaults.<datamodule>`` block applies only to that datamodule) < ``-c FILE`` files < ``key=value``
-overrides. Shorthands: ``method=NAME``,
+``data_defaults.<datamodule>`` block applies only to that datamodule) < under ``preset=paper`` only, the method's
+paper config ``methods/<method>.paper.yaml`` (same layout as a preset; every value cites its source, and it
+wins over the generic paper preset) < ``-c FILE`` files < ``key=value`` overrides. Shorthands: ``method=NAME``,
 ``data=NAME``, ``preset=NAME``, ``suite=NAME``.
+
+Presets set defaults: a preset value that replaces a value of the method's own YAML or paper config is
+not silent — every such override (and every user override of them) is logged as a warning naming the key,
+both values and both sources (:func:`compose_with_overrides` returns them).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from typing import Any, NamedTuple, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,6 +49,20 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 SHORTHANDS = {"method": "method.name", "data": "data.name"}
+LOG = logging.getLogger(__name__)
+
+
+class Override(NamedTuple):
+    """A value of the method's own config replaced by a later layer."""
+
+    key: str
+    old: Any
+    old_source: str
+    new: Any
+    new_source: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old!r} ({self.old_source}) -> {self.new!r} ({self.new_source})"
 
 
 def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -64,7 +84,17 @@ def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def compose(args: Sequence[str], defaults: dict[str, Any] | None = None) -> DictConfig:
-    """Build the full config for ``args`` (see module docstring for precedence)."""
+    """Build the full config for ``args`` (see module docstring for precedence); logs each override of a
+    method-config value."""
+    cfg, overrides = compose_with_overrides(args, defaults)
+    for o in overrides:
+        LOG.warning("config override of the method's value: %s", o)
+    return cfg
+
+
+def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None = None
+                           ) -> tuple[DictConfig, list[Override]]:
+    """:func:`compose` plus the list of method-config values that later layers replaced."""
     files, overrides = split_args(args)
     base = OmegaConf.create(defaults or DEFAULTS)
     user = merge(*[load_yaml(f) for f in files], overrides=overrides) if (files or overrides) else OmegaConf.create({})
@@ -80,19 +110,82 @@ def compose(args: Sequence[str], defaults: dict[str, Any] | None = None) -> Dict
         data = example["name"]
         example_layer = OmegaConf.create({"data": {"name": data, "init_args": example.get("init_args", {})}})
     preset = OmegaConf.select(user, "preset", default=base.preset)
-    layers = [base]
+    layers: list[tuple[str, DictConfig, bool]] = [("defaults", base, False)]  # (source, layer, method-owned)
     if "." not in str(method):
-        layers.append(OmegaConf.create({"method": {"init_args": packaged_yaml("medvlp.methods", method)}}))
+        layers.append((f"methods/{method}.yaml",
+                       OmegaConf.create({"method": {"init_args": packaged_yaml("medvlp.methods", method)}}), True))
     if "." not in str(data):
-        layers.append(OmegaConf.create({"data": {"init_args": packaged_yaml("medvlp.datamodules", data)}}))
-    layers.append(example_layer)
+        layers.append((f"datamodules/{data}.yaml",
+                       OmegaConf.create({"data": {"init_args": packaged_yaml("medvlp.datamodules", data)}}), False))
+    layers.append((f"{method}.example_data", example_layer, False))
     if preset:
         p = packaged_yaml("medvlp.presets", preset)
         if not p:
             raise FileNotFoundError(f"unknown preset {preset!r} (packaged presets: demo, tiny, paper)")
-        per_data = p.pop("data_defaults", None) or {}
-        layers.append(p)
-        if data in per_data:  # datamodule-specific preset keys (e.g. phantom sizes) only for that datamodule
-            layers.append(OmegaConf.create({"data": {"init_args": per_data[data]}}))
-    layers.append(user)
-    return merge(*layers)
+        layers += _preset_layers(f"presets/{preset}.yaml", p, str(data), False)
+        if preset == "paper" and "." not in str(method):
+            paper = packaged_yaml("medvlp.methods", f"{method}.paper")
+            if paper:
+                layers += _preset_layers(f"methods/{method}.paper.yaml", paper, str(data), True)
+    layers.append(("command line / -c files", user, False))
+    return _merge_layers([layer for _, layer, _ in layers]), _overrides(layers)
+
+
+def _merge_layers(layers: Sequence[DictConfig]) -> DictConfig:
+    """Merge left to right; a mapping that names a different ``class_path`` than the one merged so far
+    replaces that node instead of merging into it (ViT init args must not leak into a Swin encoder)."""
+    out = OmegaConf.create({})
+    for layer in layers:
+        for key in _class_path_nodes(layer):
+            old = OmegaConf.select(out, key)
+            if isinstance(old, DictConfig) and old.get("class_path") != OmegaConf.select(layer, f"{key}.class_path"):
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(out, parent) if parent else out
+                node.pop(leaf)
+        out = merge(out, layer)
+    return out
+
+
+def _class_path_nodes(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the mappings in ``cfg`` that contain a ``class_path``."""
+    if not isinstance(cfg, DictConfig):
+        return []
+    found = [prefix] if prefix and "class_path" in cfg else []
+    for k in cfg.keys():
+        found += _class_path_nodes(cfg._get_node(k), f"{prefix}.{k}" if prefix else str(k))
+    return found
+
+
+def _preset_layers(source: str, cfg: DictConfig, data: str, owned: bool) -> list[tuple[str, DictConfig, bool]]:
+    """A preset-style config and its ``data_defaults.<data>`` block (applied only to that datamodule)."""
+    per_data = cfg.pop("data_defaults", None) or {}
+    out = [(source, cfg, owned)]
+    if data in per_data:
+        out.append((f"{source}:data_defaults.{data}", OmegaConf.create({"data": {"init_args": per_data[data]}}), owned))
+    return out
+
+
+def _leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key → value for every non-mapping leaf of ``cfg`` (lists are leaves)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    if not isinstance(cfg, dict):
+        return {prefix: cfg}
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _overrides(layers: Sequence[tuple[str, DictConfig, bool]]) -> list[Override]:
+    """Values set by a method-owned layer and then changed by a later layer that is not method-owned."""
+    owner: dict[str, tuple[str, Any]] = {}
+    found: list[Override] = []
+    for source, layer, owned in layers:
+        for key, value in _leaves(layer).items():
+            if owned:
+                owner[key] = (source, value)
+            elif key in owner and owner[key][1] != value:
+                found.append(Override(key, owner[key][1], owner[key][0], value, source))
+                owner.pop(key)
+    return found

@@ -30,6 +30,8 @@ DEFAULT_OPTIMIZER: dict[str, Any] = {
     "warmup_ratio": 0.0,
     "min_lr_ratio": 0.0,
     "schedule": "cosine",
+    "restart_steps": 0,
+    "decay_all": False,
 }
 
 
@@ -51,9 +53,13 @@ class VLPMethod(L.LightningModule):
         learn_temperature: learn ``log(1/τ)`` as in CLIP (clamped to τ ≥ 0.01).
         gather_negatives: gather embeddings across ranks for global negatives (off = per-device, as in
             the official MGCA/ASG/GTGM code).
-        loss_weights: weight per ``*_loss`` key; unlisted keys weigh 1.
+        loss_weights: weight per loss term (see :meth:`_weight` for the matching rule); unlisted terms weigh
+            1; a key naming no term of the method is an error.
         optimizer: keys of ``DEFAULT_OPTIMIZER`` (``lr``, ``weight_decay``, ``betas``, ``text_lr_mult``,
-            ``warmup_ratio``, ``min_lr_ratio``, ``schedule`` ∈ {cosine, constant}).
+            ``warmup_ratio``, ``min_lr_ratio``, ``schedule`` ∈ {cosine, constant, cosine_restarts},
+            ``restart_steps`` (period T₀ of ``cosine_restarts``: SGDR / ``CosineAnnealingWarmRestarts`` with
+            T_mult 1, floor ``min_lr_ratio · lr``), ``decay_all`` (weight decay also on biases, norms and
+            embeddings, as ``AdamW(model.parameters())`` in GTGM's code)).
         ema_momentum: ``[start, end]`` momentum of EMA pairs, cosine-increased over training.
         nan_guard: raise :class:`NonFiniteLossError` on a non-finite loss term or gradient.
         compile_encoders: wrap the encoders' ``forward`` with ``torch.compile`` at fit start (parameter
@@ -62,6 +68,9 @@ class VLPMethod(L.LightningModule):
 
     name: ClassVar[str] = "base"
     required_keys: ClassVar[frozenset[str]] = frozenset({"image", "text"})
+    #: every ``*_loss`` term :meth:`compute_losses` can return (unprefixed); ``loss_weights`` keys are checked
+    #: against it at construction (empty: checked against the terms of the first step instead)
+    loss_terms: ClassVar[tuple[str, ...]] = ()
     #: datamodule spec this method trains on in the demo and the contract tests
     example_data: ClassVar[dict[str, Any]] = {"name": "phantom", "init_args": {"modality": "xray"}}
 
@@ -97,7 +106,10 @@ class VLPMethod(L.LightningModule):
         else:
             self.register_buffer("logit_scale", init)
         self.gather_negatives = gather_negatives
-        self.loss_weights = dict(loss_weights or {})
+        self.loss_weights = {str(k): float(v) for k, v in dict(to_container(loss_weights) or {}).items()}
+        self._weights_checked = False
+        if self.loss_terms:
+            self._check_weight_keys(self.loss_terms)
         self.optim_cfg = {**DEFAULT_OPTIMIZER, **dict(to_container(optimizer) or {})}
         unknown = set(self.optim_cfg) - set(DEFAULT_OPTIMIZER)
         if unknown:
@@ -192,14 +204,32 @@ class VLPMethod(L.LightningModule):
                     raise NonFiniteLossError(
                         f"{type(self).__name__}: loss term {k!r} is {v.item()} at {stage} step {self.global_step}"
                     )
+        if not self._weights_checked:  # methods without declared loss_terms: check against the first step's terms
+            self._check_weight_keys(list(loss_terms))
         return sum(self._weight(k) * v for k, v in loss_terms.items())  # type: ignore[return-value]
 
     def _weight(self, key: str) -> float:
-        """Weight of a loss term; ``<modality>_<term>_loss`` falls back to the weight of ``<term>_loss``."""
+        """Weight of a produced loss term ``key``.
+
+        Rule: an exact ``loss_weights`` key wins; otherwise the longest weight key ``w`` with
+        ``key.endswith("_" + w)`` applies (a ``<modality>_`` prefix of any length, e.g.
+        ``msd_liver_barlow_loss`` → ``barlow_loss``); otherwise 1. Weight keys that name no term the
+        method can produce (:attr:`loss_terms`, or the terms seen at the first step) raise ``ValueError``.
+        """
         if key in self.loss_weights:
             return float(self.loss_weights[key])
-        unprefixed = key.split("_", 1)[-1]
-        return float(self.loss_weights.get(unprefixed, 1.0))
+        matches = [w for w in self.loss_weights if key.endswith("_" + w)]
+        return float(self.loss_weights[max(matches, key=len)]) if matches else 1.0
+
+    def _check_weight_keys(self, produced: Sequence[str]) -> None:
+        """Raise on ``loss_weights`` keys that match none of ``produced`` (exactly or as a suffix)."""
+        known = set(produced)
+        unknown = [w for w in self.loss_weights
+                   if not any(t == w or t.endswith("_" + w) or w.endswith("_" + t) for t in known)]
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown loss_weights keys {sorted(unknown)}; "
+                             f"known loss terms: {sorted(known)}")
+        self._weights_checked = True
 
     def _log_terms(self, terms: Mapping[str, torch.Tensor], total: torch.Tensor, stage: str, bs: int) -> None:
         on_step = stage == "train"
@@ -274,7 +304,8 @@ class VLPMethod(L.LightningModule):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            no_decay = p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name
+            no_decay = not self.optim_cfg["decay_all"] and (
+                p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name)
             groups.setdefault((id(p) in text_ids, no_decay), []).append(p)
         out = []
         for (is_text, no_decay), params in sorted(groups.items()):
@@ -292,14 +323,20 @@ class VLPMethod(L.LightningModule):
         warmup = int(total * float(self.optim_cfg["warmup_ratio"]))
         min_ratio = float(self.optim_cfg["min_lr_ratio"])
         schedule = self.optim_cfg["schedule"]
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"optimizer.schedule must be cosine|constant, got {schedule!r}")
+        if schedule not in ("cosine", "constant", "cosine_restarts"):
+            raise ValueError(f"optimizer.schedule must be cosine|constant|cosine_restarts, got {schedule!r}")
+        period = int(self.optim_cfg["restart_steps"])
+        if schedule == "cosine_restarts" and period <= 0:
+            raise ValueError(f"optimizer.schedule cosine_restarts needs restart_steps > 0, got {period}")
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / max(warmup, 1)
             if schedule == "constant":
                 return 1.0
+            if schedule == "cosine_restarts":  # T_cur = steps since the last restart
+                cycle = ((step - warmup) % period) / period
+                return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * cycle))
             progress = min((step - warmup) / max(total - warmup, 1), 1.0)
             return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

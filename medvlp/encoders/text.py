@@ -88,7 +88,10 @@ class TextEncoder(nn.Module):
         model: ``builtin:minilm``, ``builtin:tiny``, a hub name or a local path.
         max_length: truncation length in tokens (ASG/MGCA: 112).
         pooling: ``"cls"`` (first token) or ``"mean"`` (masked mean over tokens).
-        freeze_layers: freeze the embeddings and the first N transformer layers (GTGM: 6).
+        freeze_layers: freeze the first N transformer layers (GTGM: 6) and, with ``freeze_embeddings``,
+            the embeddings.
+        freeze_embeddings: also freeze the embeddings under ``freeze_layers`` (GTGM's code freezes only
+            ``encoder.layer[0:6]``: set False).
         freeze: freeze the whole text model.
         tiny_hidden_size: width of ``builtin:tiny``.
         local_files_only: never contact a hub when loading (default); set False to allow downloads of
@@ -103,7 +106,8 @@ class TextEncoder(nn.Module):
 
     def __init__(self, model: str = "builtin:minilm", max_length: int = 128, pooling: str = "cls",
                  freeze_layers: int = 0, freeze: bool = False, tiny_hidden_size: int = 64,
-                 local_files_only: bool = True, prefix_cache: int = 0, num_layers: int | None = None) -> None:
+                 local_files_only: bool = True, prefix_cache: int = 0, num_layers: int | None = None,
+                 freeze_embeddings: bool = True) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -125,7 +129,7 @@ class TextEncoder(nn.Module):
         if freeze:
             self.model.requires_grad_(False)
         elif freeze_layers:
-            self._freeze_first(freeze_layers)
+            self._freeze_first(freeze_layers, freeze_embeddings)
         if prefix_cache < 0:
             raise ValueError(f"prefix_cache must be >= 0, got {prefix_cache}")
         self.prefix_cache_size = prefix_cache
@@ -133,6 +137,8 @@ class TextEncoder(nn.Module):
         if prefix_cache:
             if not (freeze or freeze_layers):
                 raise ValueError("prefix_cache needs a frozen prefix: set freeze_layers > 0 or freeze: true")
+            if not (freeze or freeze_embeddings):
+                raise ValueError("prefix_cache needs frozen embeddings: freeze_embeddings=false trains them")
             layers = self._layers()
             self.num_frozen_layers = len(layers) if freeze else min(freeze_layers, len(layers))
         self._prefix_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -158,9 +164,10 @@ class TextEncoder(nn.Module):
         """Forget cached prefix outputs (done automatically when weights are loaded)."""
         self._prefix_cache.clear()
 
-    def _freeze_first(self, n: int) -> None:
+    def _freeze_first(self, n: int, embeddings: bool = True) -> None:
         layers = self._layers()
-        self.model.embeddings.requires_grad_(False)
+        if embeddings:
+            self.model.embeddings.requires_grad_(False)
         for layer in list(layers)[:n]:
             layer.requires_grad_(False)
 
