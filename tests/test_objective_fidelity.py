@@ -141,7 +141,7 @@ def test_gtgm_paper_config_composes_the_official_setup_with_sources() -> None:
     assert (m.optimizer.lr, m.optimizer.schedule, m.optimizer.restart_steps) == (2e-5, "cosine_restarts", 10000)
     assert m.optimizer.lr * m.optimizer.min_lr_ratio == pytest.approx(1e-8)
     assert (cfg.trainer.max_steps, cfg.trainer.sync_batchnorm, cfg.data.init_args.batch_size) == (200000, True, 2)
-    for name in ("gtgm.yaml", "gtgm.paper.yaml", "unimedi.yaml", "unimedi.paper.yaml"):
+    for name in ("gtgm.yaml", "gtgm.paper.yaml"):
         text = resources.files("medvlp.methods").joinpath(name).read_text()
         for line in text.splitlines():
             if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
