@@ -7,6 +7,7 @@ import copy
 from typing import Any, ClassVar, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from medvlp.encoders import ProjectionHead
@@ -17,55 +18,74 @@ from medvlp.registry import register_method
 ABLATIONS = {"joint": (2, 3), "2d": (2,), "3d": (3,)}
 
 
-def text_guided_relevance(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Cosine relevance ``(B, N)`` of each visual token (already in the joint space) to its report."""
-    return torch.einsum("bnd,bd->bn", F.normalize(tokens, dim=-1), F.normalize(text, dim=-1))
+def cls_attention(encoder: Any, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a :class:`~medvlp.encoders.ViTEncoder` and return its final patch tokens ``(B, N, D)`` and the
+    [CLS]→patch attention ``(B, N)`` averaged over layers and heads (A-CLIP ``forward_features`` with
+    ``need_attn``: mean over blocks of the attention maps, row 0, columns 1:, mean over heads)."""
+    tokens, _ = encoder.embed(image)
+    x = torch.cat([encoder.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    att = torch.zeros(x.shape[0], x.shape[1] - 1, device=x.device, dtype=torch.float32)
+    for blk in encoder.blocks:
+        b, n, d = x.shape
+        heads = blk.attn.num_heads
+        q, k, _ = blk.attn.qkv(blk.norm1(x)).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        a = ((q[:, :, :1] @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)).softmax(-1)  # (B, H, 1, N+1)
+        att += a[:, :, 0, 1:].float().mean(1)
+        x = blk(x)
+    return encoder.norm(x)[:, 1:], att / len(encoder.blocks)
 
 
-def slice_scores(relevance: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-    """Mean relevance per depth index of a 3D token grid ``(d, h, w)`` → ``(B, d)``."""
+def keep_most_attended(attention: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Bool mask ``(B, N)`` of the ``ratio`` most-attended tokens (A-CLIP ``get_att_mask`` keeps the top half)."""
+    n = attention.shape[1]
+    k = max(1, int(round(ratio * n)))
+    idx = attention.topk(k, dim=1).indices
+    return torch.zeros_like(attention, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def slab_scores(attention: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """Mean attention per depth index of a 3D token grid ``(d, h, w)`` → ``(B, d)``."""
     if len(grid) != 3:
         raise ValueError(f"slice scores need a 3D token grid, got {grid}")
-    return relevance.reshape(relevance.shape[0], *grid).mean(dim=(2, 3))
+    return attention.reshape(attention.shape[0], *grid).mean(dim=(2, 3))
 
 
-def select_slices(relevance: torch.Tensor, grid: tuple[int, ...], k: int) -> torch.Tensor:
-    """Indices ``(B, k)`` of the ``k`` depth token-slabs most relevant to the report (lesion slices)."""
-    scores = slice_scores(relevance, grid)
-    return scores.topk(min(k, scores.shape[1]), dim=1).indices
+def select_slices(attention: torch.Tensor, grid: tuple[int, ...], k: int) -> torch.Tensor:
+    """Indices ``(B, k)`` of the ``k`` depth slabs with the highest attention (lesion slices).
 
-
-def select_patches(relevance: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Bool mask ``(B, N)`` of the ``ratio`` most report-relevant tokens (affected areas)."""
-    n = relevance.shape[1]
-    k = max(1, int(round(ratio * n)))
-    idx = relevance.topk(k, dim=1).indices
-    return torch.zeros_like(relevance, dtype=torch.bool).scatter_(1, idx, True)
-
-
-def attentive_token_mask(relevance: torch.Tensor, mask_ratio: float, attentive_fraction: float,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mask ``mask_ratio · N`` tokens: an ``attentive_fraction`` of them are the most text-relevant
-    tokens (AttMask-style "hide the informative part"), the rest are drawn at random."""
-    b, n = relevance.shape
-    n_mask = max(1, int(round(mask_ratio * n)))
-    n_att = int(round(attentive_fraction * n_mask))
-    mask = torch.zeros(b, n, dtype=torch.bool, device=relevance.device)
-    if n_att:
-        mask.scatter_(1, relevance.topk(n_att, dim=1).indices, True)
-    noise = torch.rand(b, n, generator=generator).to(relevance.device)
-    noise = noise.masked_fill(mask, 2.0)  # never re-pick attentive tokens
-    rand_idx = noise.argsort(dim=1)[:, : n_mask - n_att]
-    mask.scatter_(1, rand_idx, True)
-    return mask
+    Raises:
+        ValueError: when ``k`` is not smaller than the number of candidate slabs (selection would be a no-op).
+    """
+    scores = slab_scores(attention, grid)
+    if not 0 < k < scores.shape[1]:
+        raise ValueError(f"select_slices k={k} must be in [1, {scores.shape[1] - 1}]: the volume has "
+                         f"{scores.shape[1]} candidate slabs (lower patch_size_3d depth or k)")
+    return scores.topk(k, dim=1).indices
 
 
 def slices_from_slabs(volume: torch.Tensor, slab_index: torch.Tensor, patch_depth: int) -> torch.Tensor:
-    """Middle 2D slice of each selected token slab: ``(B, C, D, H, W)``, ``(B, k)`` → ``(B·k, C, H, W)``."""
+    """Middle 2D slice of each selected slab: ``(B, C, D, H, W)``, ``(B, k)`` → ``(B·k, C, H, W)``."""
     b, k = slab_index.shape
     z = (slab_index * patch_depth + patch_depth // 2).clamp(max=volume.shape[2] - 1)
     batch_idx = torch.arange(b, device=volume.device).repeat_interleave(k)
     return volume[batch_idx, :, z.reshape(-1)]
+
+
+def attentive_token_mask(attention: torch.Tensor, mask_ratio: float, attentive_fraction: float,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mask ``mask_ratio · N`` tokens: an ``attentive_fraction`` of them are the most-attended tokens
+    (AttMask, Kakogeorgiou et al. 2022: hiding the informative part makes masked distillation harder),
+    the rest are drawn at random."""
+    b, n = attention.shape
+    n_mask = max(1, int(round(mask_ratio * n)))
+    n_att = int(round(attentive_fraction * n_mask))
+    mask = torch.zeros(b, n, dtype=torch.bool, device=attention.device)
+    if n_att:
+        mask.scatter_(1, attention.topk(n_att, dim=1).indices, True)
+    noise = torch.rand(b, n, generator=generator).to(attention.device)
+    noise = noise.masked_fill(mask, 2.0)  # never re-pick attentive tokens
+    mask.scatter_(1, noise.argsort(dim=1)[:, : n_mask - n_att], True)
+    return mask
 
 
 @register_method("unimedi")
@@ -74,109 +94,165 @@ class UniMedI(VLPMethod):
 
     One ViT (:class:`~medvlp.encoders.ViTEncoder` with ``spatial_dims=[2, 3]``) encodes 2D X-rays and
     3D CT volumes through separate 2D/3D patch embeddings into one transformer; reports are the common
-    semantic space. Per modality batch the objective is
+    semantic space. Per modality batch the objective is ``L = L_itc + L_pseudo (3D only) + L_distill``.
 
-    ``L = L_itc + L_pseudo (3D only) + L_distill + L_token``
+    * **Token relevance** (§3.2) is the EMA teacher's [CLS]→patch attention averaged over layers and
+      heads, as in A-CLIP (``microsoft/A-CLIP`` ``models.py``, same group): the teacher's [CLS] is the
+      token that ITC aligns with the report, so its attention marks report-relevant regions, and the score
+      depends on the image only — the report cannot leak into it.
+    * **2D selection** — the student encodes only the ``select_ratio`` most-attended tokens (the affected
+      areas); **L_itc** is computed on that embedding. This is A-CLIP's direction (``get_att_mask`` keeps
+      the top half, the student sees only kept tokens): dropping text-irrelevant tokens keeps what the
+      report describes, so the image–report pair stays a valid positive, whereas removing the attended
+      tokens would drop exactly the described content.
+    * **3D selection** — the ``select_slices`` depth slabs with the highest mean attention (patch depth
+      ≤ ``max_slab_depth`` slices, so selection is at slice resolution; ``k`` must be smaller than the
+      number of slabs) give one middle slice each. The slices' 2D tokens are fed with the volume's 3D tokens
+      as one sequence for the volume's **L_itc**, and each slice alone is a pseudo 2D image paired with the
+      volume's report (**L_pseudo**: InfoNCE of the mean slice embedding vs. the report).
+    * **L_distill** — self-distillation with the EMA teacher (§3.3): the student sees the full image with
+      ``mask_ratio`` of its tokens replaced by the mask token (an ``attentive_fraction`` of them the most
+      attended, AttMask's direction for masked modelling); an iBOT loss matches the student's prototype
+      distribution on masked tokens to the teacher's, whose logits are centred (DINO/iBOT: running mean
+      with momentum ``center_momentum``, all-reduced across ranks) and sharpened (``teacher_temp``).
+    * Multimodal batches run all image (and all text) projections as one concatenated head forward, so
+      the BatchNorm heads see the mixed population their running statistics average.
 
-    * **L_itc** – symmetric image–report InfoNCE on both modalities (§3.1).
-    * **Text-guided selection** (§3.2) – visual tokens are projected into the joint space and scored
-      by cosine with the report embedding. 3D: the ``select_slices`` depth slabs with the highest
-      mean relevance are the lesion slices; their middle slices go through the 2D path as pseudo 2D
-      images paired with the volume's report (**L_pseudo**, InfoNCE of the mean pseudo-slice embedding
-      vs. the report). 2D: the top ``select_ratio`` tokens are the affected areas.
-    * **L_distill** – self-distillation with an EMA teacher (§3.3): the student sees the image with
-      ``mask_ratio`` of its tokens replaced by the mask token, an ``attentive_fraction`` of them being
-      the most report-relevant tokens (language-guided masking); an iBOT-style loss matches the
-      student's head distribution on masked tokens to the teacher's on the unmasked image.
-    * **L_token** – trains the token projection that scores relevance: the relevance-softmax-weighted
-      token embedding (temperature 0.1) is contrasted with the report embedding (InfoNCE). Without it the
-      relevance head would receive no gradient (selection and masking use detached scores).
-
-    Design choices (paper details not public in code): relevance is cosine in the joint space rather
-    than raw [CLS] attention weights; pseudo pairs use the middle slice of each selected slab; the
-    distillation head is a 2-layer MLP to ``distill_dim`` prototypes with teacher temperature 0.04 and
-    no centering; ``L_token`` is our addition to train the relevance scorer; loss weights are 1. Ablation: ``modalities`` ∈ {joint, 2d, 3d} drops the other
-    modality's sub-batches (paper Table 4 setting).
+    Deviations / choices not fixed by the paper: the relevance scorer (A-CLIP attention, see above); the
+    middle slice represents a selected slab; the distillation head is a 2-layer MLP to ``distill_dim``
+    prototypes; the hyperparameters marked "not from the paper" in ``unimedi.yaml``/``unimedi.paper.yaml``.
+    Ablation: ``modalities`` ∈ {joint, 2d, 3d} drops the other modality's sub-batches (paper Table 4).
 
     Required batch keys: ``image``, ``text``; mixed 2D+3D training uses the ``mixed`` datamodule.
 
     Args:
         modalities: ``joint`` | ``2d`` | ``3d``.
-        select_slices: lesion slabs selected per volume.
-        select_ratio: fraction of 2D tokens marked as affected areas (logged; guides masking).
-        mask_ratio: fraction of tokens masked for the student.
-        attentive_fraction: share of masked tokens chosen by text relevance.
+        select_slices: slabs (slices) selected per volume, ``k``.
+        select_ratio: fraction of 2D tokens the student keeps (affected areas).
+        mask_ratio: fraction of tokens masked for the distillation student.
+        attentive_fraction: share of masked tokens chosen by attention.
         distill_dim: prototypes of the distillation head.
         student_temp: student temperature. teacher_temp: teacher temperature.
+        center_momentum: momentum of the teacher-logit center.
+        max_slab_depth: largest 3D patch depth accepted for slice selection.
         **kwargs: :class:`~medvlp.method.VLPMethod` arguments.
     """
 
     name: ClassVar[str] = "unimedi"
     required_keys: ClassVar[frozenset[str]] = frozenset({"image", "text"})
+    loss_terms: ClassVar[tuple[str, ...]] = ("itc_loss", "pseudo_itc_loss", "distill_loss")
     example_data: ClassVar[dict[str, Any]] = {"name": "mixed", "init_args": {"datamodules": {
         "xray": {"name": "phantom", "init_args": {"modality": "xray"}},
         "ct": {"name": "phantom", "init_args": {"modality": "ct"}}}}}
 
-    def __init__(self, modalities: str = "joint", select_slices: int = 2, select_ratio: float = 0.25,
+    def __init__(self, modalities: str = "joint", select_slices: int = 2, select_ratio: float = 0.5,
                  mask_ratio: float = 0.3, attentive_fraction: float = 0.5, distill_dim: int = 256,
-                 student_temp: float = 0.1, teacher_temp: float = 0.04, **kwargs: Any) -> None:
+                 student_temp: float = 0.1, teacher_temp: float = 0.04, center_momentum: float = 0.9,
+                 max_slab_depth: int = 4, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if modalities not in ABLATIONS:
             raise ValueError(f"modalities must be one of {sorted(ABLATIONS)}, got {modalities!r}")
+        enc_dims = tuple(getattr(self.image_encoder, "spatial_dims", ()))
+        if not hasattr(self.image_encoder, "blocks") or not hasattr(self.image_encoder, "embed"):
+            raise ValueError("UniMedI needs a ViTEncoder (attention-based selection, token removal)")
+        if 3 in ABLATIONS[modalities] and 2 not in enc_dims:
+            raise ValueError(f"UniMedI feeds selected CT slices through the 2D path, but the image encoder has "
+                             f"spatial_dims={list(enc_dims)}: set image_encoder.spatial_dims: [2, 3]")
+        if 3 in enc_dims and self.image_encoder.patch_size(3)[0] > max_slab_depth:
+            raise ValueError(f"patch_size_3d depth {self.image_encoder.patch_size(3)[0]} > max_slab_depth "
+                             f"{max_slab_depth}: slice selection would pick whole slabs, not slices")
+        if not 0 < select_ratio <= 1:
+            raise ValueError(f"select_ratio must be in (0, 1], got {select_ratio}")
         self.modalities = modalities
         self.select_k = select_slices
         self.select_ratio = select_ratio
         self.mask_ratio = mask_ratio
         self.attentive_fraction = attentive_fraction
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
+        self.center_momentum = center_momentum
         d = self.image_encoder.embed_dim
-        self.token_proj = ProjectionHead(d, self.embed_dim, None, 2, "ln")
         self.distill_head = ProjectionHead(d, distill_dim, d, 2, "ln")
         self.teacher_encoder = copy.deepcopy(self.image_encoder).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.distill_head).requires_grad_(False)
+        self.register_buffer("center", torch.zeros(distill_dim))
 
     def momentum_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         return [(self.image_encoder, self.teacher_encoder), (self.distill_head, self.teacher_head)]
 
-    def relevance(self, tokens: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Text-guided token relevance ``(B, N)``."""
-        return text_guided_relevance(self.token_proj(tokens), text_emb)
+    # ------------------------------------------------------------------ pieces
+    def _student_pooled(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        return self.image_encoder.forward_tokens(tokens, grid)["pooled"]
 
+    @torch.no_grad()
+    def _update_center(self, teacher_logits: torch.Tensor) -> None:
+        batch_center = teacher_logits.float().mean(0)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            batch_center /= dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    def _encode(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Backbone work of one modality batch: pre-projection image features, text features, distillation."""
+        image = batch["image"]
+        sd = image.ndim - 2
+        if sd not in ABLATIONS[self.modalities]:
+            raise ValueError(f"UniMedI with modalities={self.modalities!r} got a {sd}D batch")
+        enc = self.image_encoder
+        with torch.no_grad():
+            t_tokens, attention = cls_attention(self.teacher_encoder, image)
+            teacher = self.teacher_head(t_tokens)
+        tokens, grid = enc.embed(image)
+        parts: dict[str, Any] = {"text": self.text_encoder(list(batch["text"]))["pooled"]}
+        if sd == 2:
+            keep = keep_most_attended(attention, self.select_ratio)
+            kept = tokens[keep].reshape(tokens.shape[0], -1, tokens.shape[-1])  # same count per row
+            parts["image"] = self._student_pooled(kept, grid)
+            parts["affected_area_attention"] = (attention * keep).sum(1).mean()
+        else:
+            slabs = select_slices(attention, grid, self.select_k)
+            slices = slices_from_slabs(image, slabs, enc.patch_size(3)[0])
+            s_tokens, s_grid = enc.embed(slices)  # (B·k, N2, D) through the 2D path
+            joint = torch.cat([tokens, s_tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])], dim=1)
+            parts["image"] = self._student_pooled(joint, grid)
+            parts["pseudo"] = self._student_pooled(s_tokens, s_grid)
+        mask = attentive_token_mask(attention, self.mask_ratio, self.attentive_fraction)
+        student = self.distill_head(enc.forward_tokens(tokens, grid, mask)["tokens"])
+        parts["distill_loss"] = masked_token_distillation_loss(student, teacher, mask, self.student_temp,
+                                                               self.teacher_temp, self.center)
+        parts["_teacher"] = teacher.reshape(-1, teacher.shape[-1])
+        return parts
+
+    def _losses_from(self, parts: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Project every modality's features in one head forward each (image, text), then the losses."""
+        names = list(parts)
+        img_in = [parts[m]["image"] for m in names] + [parts[m]["pseudo"] for m in names if "pseudo" in parts[m]]
+        img_out = self.image_proj(torch.cat(img_in)).split([x.shape[0] for x in img_in])
+        txt = self.text_proj(torch.cat([parts[m]["text"] for m in names])).split(
+            [parts[m]["text"].shape[0] for m in names])
+        pseudo_out = iter(img_out[len(names):])
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for i, m in enumerate(names):
+            p = parts[m]
+            terms = {"itc_loss": clip_loss(img_out[i], txt[i], self.temperature, self.gather_negatives),
+                     "distill_loss": p["distill_loss"]}
+            if "pseudo" in p:
+                pseudo = next(pseudo_out).reshape(txt[i].shape[0], -1, txt[i].shape[-1]).mean(1)
+                terms["pseudo_itc_loss"] = clip_loss(pseudo, txt[i], self.temperature, self.gather_negatives)
+            else:
+                terms["affected_area_attention"] = p["affected_area_attention"].detach()
+            out[m] = terms
+        if self.training:
+            self._update_center(torch.cat([p["_teacher"] for p in parts.values()]))
+        return out
+
+    # ------------------------------------------------------------------ objective
     def compute_multimodal_losses(self, batches: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         allowed = ABLATIONS[self.modalities]
         kept = {k: b for k, b in batches.items() if b["image"].ndim - 2 in allowed}
         if not kept:
             raise ValueError(f"modalities={self.modalities!r} leaves no sub-batch of {sorted(batches)}")
-        return super().compute_multimodal_losses(kept)
+        per = self._losses_from({m: self._encode(b) for m, b in kept.items()})
+        return {f"{m}_{k}": v for m, terms in per.items() for k, v in terms.items()}
 
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        image = batch["image"]
-        sd = image.ndim - 2
-        if sd not in ABLATIONS[self.modalities]:
-            raise ValueError(f"UniMedI with modalities={self.modalities!r} got a {sd}D batch")
-        feats = self.image_features(image)
-        txt_emb = self.text_proj(self.text_encoder(list(batch["text"]))["pooled"])
-        img_emb = self.image_proj(feats["pooled"])
-        out = {"itc_loss": clip_loss(img_emb, txt_emb, self.temperature, self.gather_negatives)}
-        rel = self.relevance(feats["tokens"], txt_emb.detach())
-        if sd == 3:
-            slabs = select_slices(rel.detach(), feats["grid"], self.select_k)
-            pd = self.image_encoder.patch_size(3)[0]
-            slices = slices_from_slabs(image, slabs, pd)
-            if 2 in getattr(self.image_encoder, "spatial_dims", (2,)):
-                pseudo = self.image_proj(self.image_features(slices)["pooled"])
-                pseudo = pseudo.reshape(image.shape[0], -1, pseudo.shape[-1]).mean(1)
-                out["pseudo_itc_loss"] = clip_loss(pseudo, txt_emb, self.temperature, self.gather_negatives)
-        else:
-            out["affected_area_relevance"] = (rel * select_patches(rel.detach(), self.select_ratio)).sum(1).mean().detach()
-        mask = attentive_token_mask(rel.detach(), self.mask_ratio, self.attentive_fraction)
-        with torch.no_grad():
-            teacher = self.teacher_head(self.teacher_encoder(image)["tokens"])
-        student = self.distill_head(self.image_features(image, token_mask=mask)["tokens"])
-        out["distill_loss"] = masked_token_distillation_loss(student, teacher, mask, self.student_temp, self.teacher_temp)
-        # the relevance head learns to find report-relevant tokens: align the relevance-weighted token
-        # embedding with the report (a token-level ITC; keeps token_proj trained)
-        att = torch.softmax(rel / 0.1, dim=1)
-        pooled_rel = torch.einsum("bn,bnd->bd", att, self.token_proj(feats["tokens"]))
-        out["token_itc_loss"] = clip_loss(pooled_rel, txt_emb, self.temperature, self.gather_negatives)
-        return out
+        return self._losses_from({"_": self._encode(batch)})["_"]

@@ -12,7 +12,7 @@ from tests.conftest import build_tiny, first_batch
 
 # ----------------------------------------------------------------------------------------- UniMedI
 def test_unimedi_selects_the_lesion_slice_from_relevance() -> None:
-    from medvlp.methods.unimedi import select_patches, select_slices, slices_from_slabs
+    from medvlp.methods.unimedi import keep_most_attended, select_slices, slices_from_slabs
 
     grid = (8, 4, 4)
     rel = torch.randn(2, 128) * 0.05
@@ -23,7 +23,7 @@ def test_unimedi_selects_the_lesion_slice_from_relevance() -> None:
     vol = torch.arange(32, dtype=torch.float).view(1, 1, 32, 1, 1).expand(2, 1, 32, 2, 2)
     sl = slices_from_slabs(vol, slabs, 4)
     assert sl[:, 0, 0, 0].tolist() == [22.0, 10.0]  # middle slice of slab 5 (20..23) and slab 2 (8..11)
-    patches = select_patches(torch.tensor([[0.1, 0.9, 0.2, 0.8]]), 0.5)
+    patches = keep_most_attended(torch.tensor([[0.1, 0.9, 0.2, 0.8]]), 0.5)
     assert patches.tolist() == [[False, True, False, True]]
 
 

@@ -141,7 +141,7 @@ def test_gtgm_paper_config_composes_the_official_setup_with_sources() -> None:
     assert (m.optimizer.lr, m.optimizer.schedule, m.optimizer.restart_steps) == (2e-5, "cosine_restarts", 10000)
     assert m.optimizer.lr * m.optimizer.min_lr_ratio == pytest.approx(1e-8)
     assert (cfg.trainer.max_steps, cfg.trainer.sync_batchnorm, cfg.data.init_args.batch_size) == (200000, True, 2)
-    for name in ("gtgm.yaml", "gtgm.paper.yaml"):
+    for name in ("gtgm.yaml", "gtgm.paper.yaml", "unimedi.yaml", "unimedi.paper.yaml"):
         text = resources.files("medvlp.methods").joinpath(name).read_text()
         for line in text.splitlines():
             if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
@@ -210,3 +210,83 @@ def test_gtgm_bn_heads_agree_between_train_and_eval_on_mixed_modalities(monkeypa
     assert set(batch) == {"ct", "mri", "em"}
     worst = _train_eval_agreement(method, batch)
     assert worst["image_proj"] > 0.999 and worst["text_proj"] > 0.999, worst
+
+
+def test_unimedi_bn_heads_agree_between_train_and_eval_on_mixed_modalities() -> None:
+    method, dm = build_tiny("unimedi")
+    batch = first_batch(dm)
+    assert set(batch) == {"xray", "ct"}
+    worst = _train_eval_agreement(method, batch)
+    assert worst["image_proj"] > 0.999 and worst["text_proj"] > 0.999, worst
+
+
+# ----------------------------------------------------------------------------------------- UniMedI
+def test_unimedi_terms_cannot_be_driven_below_chance_by_unrelated_text() -> None:
+    """Identical images with distinct, unrelated texts: no image–text term may learn to tell the pairs
+    apart (the old token_itc pooled each image by its own report and reached ~0 here)."""
+    method, dm = build_tiny("unimedi")
+    batch = dict(first_batch(dm)["xray"])
+    b = batch["image"].shape[0]
+    batch["image"] = torch.randn(1, *batch["image"].shape[1:]).expand_as(batch["image"]).contiguous()
+    batch["text"] = [f"unrelated words {w} number {i}" for i, w in enumerate(["apple", "river", "cloud", "stone"][:b])]
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-2)
+    method.train()
+    lowest: dict[str, float] = {}
+    for _ in range(15):
+        terms = method.compute_losses(batch)
+        itc = {k: v for k, v in terms.items() if k.endswith("itc_loss")}
+        for k, v in itc.items():
+            lowest[k] = min(lowest.get(k, math.inf), v.item())
+        opt.zero_grad()
+        sum(itc.values()).backward()
+        opt.step()
+    assert lowest and all(v >= math.log(b) - 1e-3 for v in lowest.values()), lowest
+
+
+def test_unimedi_2d_selection_steers_the_itc_term() -> None:
+    method, dm = build_tiny("unimedi")
+    batch = first_batch(dm)["xray"]
+    method.eval()
+    out = {}
+    for ratio in (0.05, 0.95):
+        method.select_ratio = ratio
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out[ratio] = method.compute_losses(batch)["itc_loss"].item()
+    assert out[0.05] != pytest.approx(out[0.95], abs=1e-4), out
+
+
+def test_unimedi_3d_selection_is_at_slice_resolution_and_feeds_pseudo_pairs() -> None:
+    from medvlp.methods.unimedi import select_slices
+
+    with pytest.raises(ValueError, match="candidate slabs"):
+        select_slices(torch.rand(2, 2 * 4), (2, 2, 2), 2)  # k = number of slabs: no selection
+    with pytest.raises(ValueError, match="max_slab_depth"):
+        build_tiny("unimedi", "method.init_args.image_encoder.patch_size_3d=[16,8,8]")
+    with pytest.raises(ValueError, match="2D path"):
+        build_tiny("unimedi", "method.init_args.image_encoder.spatial_dims=[3]")
+    method, dm = build_tiny("unimedi")
+    out = method._losses(first_batch(dm))
+    assert "ct_pseudo_itc_loss" in out and torch.isfinite(out["ct_pseudo_itc_loss"])
+
+
+def test_unimedi_self_distillation_centers_the_teacher_and_does_not_collapse(tmp_path) -> None:
+    import lightning as L
+
+    method, dm = build_tiny("unimedi", "trainer.max_steps=12", "method.init_args.optimizer.lr=1e-3")
+    L.Trainer(max_steps=12, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path, enable_checkpointing=False).fit(method, datamodule=dm)
+    assert method.center.abs().sum() > 0  # the center is tracked
+    batch = first_batch(dm)
+    method.eval()
+    with torch.no_grad():
+        for sub in batch.values():
+            from medvlp.methods.unimedi import cls_attention
+
+            tokens, _ = cls_attention(method.teacher_encoder, sub["image"])
+            probs = torch.softmax((method.teacher_head(tokens) - method.center) / method.teacher_temp, -1)
+            probs = probs.reshape(-1, probs.shape[-1])
+            used = probs.argmax(-1).unique().numel()
+            mean = probs.mean(0)
+            entropy = -(mean * mean.clamp_min(1e-12).log()).sum().item()
+            assert used > 1 and entropy > 1.0, (used, entropy)
