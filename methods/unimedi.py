@@ -170,6 +170,7 @@ class UniMedI(VLPMethod):
         self.attentive_fraction = attentive_fraction
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.center_momentum = center_momentum
+        self.image_encoder.enable_mask_token()  # the student masks tokens (L_distill)
         d = self.image_encoder.embed_dim
         self.distill_head = ProjectionHead(d, distill_dim, d, 2, "ln")
         self.teacher_encoder = copy.deepcopy(self.image_encoder).requires_grad_(False)

@@ -1,9 +1,17 @@
-"""Global negatives under DDP: with 2 gloo processes on CPU, the gathered contrastive loss and the
-(DDP-averaged) gradients equal the single-process loss and gradients on the same global batch."""
+"""Distributed training on 2 CPU gloo processes: global negatives (function level and through a real
+Lightning ``strategy="ddp"`` Trainer), every registered method under Lightning DDP."""
 from __future__ import annotations
 
+import configparser
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -62,3 +70,99 @@ def test_per_device_negatives_differ_from_global() -> None:
     full = clip_loss(f_img(x_img), f_txt(x_txt), 0.1)
     halves = [clip_loss(f_img(x_img[s]), f_txt(x_txt[s]), 0.1) for s in (slice(0, 4), slice(4, 8))]
     assert abs(float(sum(halves) / 2) - float(full)) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- Lightning DDP
+ROOT = Path(__file__).resolve().parents[1]
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _install_plugin(site: Path) -> Path:
+    """Make ``tests/plugin_pkg`` importable and discoverable from ``site`` the way an installed wheel is:
+    the package plus a ``.dist-info`` whose ``entry_points.txt`` comes from the plugin's ``setup.cfg``."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "tests" / "plugin_pkg" / "setup.cfg")
+    name, version = cfg["metadata"]["name"], cfg["metadata"]["version"]
+    shutil.copytree(ROOT / "tests" / "plugin_pkg" / "medvlp_toy_plugin", site / "medvlp_toy_plugin")
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    points = cfg["options.entry_points"]["medvlp.methods"].strip()
+    (info / "entry_points.txt").write_text(f"[medvlp.methods]\n{points}\n")
+    return site
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every registered method (the installed test plugin included) trained by ``tests/ddp_run.py`` with
+    ``lightning.Trainer(accelerator="cpu", devices=2, strategy="ddp")``, plus the CLIP gather run."""
+    site = _install_plugin(tmp_path_factory.mktemp("ddp_plugin_site"))
+    out = tmp_path_factory.mktemp("ddp_runs")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "tests.ddp_run", str(out), "all", "clip_gather"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_every_registered_method_trains_under_lightning_ddp(ddp_runs: Path) -> None:
+    from medvlp.registry import METHODS
+
+    methods = json.loads((ddp_runs / "methods.json").read_text())
+    assert set(METHODS.names()) <= set(methods) and "toy_infonce" in methods  # built-ins and the plugin
+    for method in (m for m in methods if m != "clip_gather"):
+        ranks = [torch.load(ddp_runs / method / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2, method
+        s0, s1 = ranks[0]["state"], ranks[1]["state"]
+        assert s0.keys() == s1.keys()
+        # parameters, EMA teachers and buffers; BatchNorm running statistics are per rank under DDP (it
+        # broadcasts rank 0's before every forward, and rank 0 writes the checkpoint; no SyncBN on CPU)
+        differ = [k for k in s0 if not k.endswith(BN_STATS) and not torch.equal(s0[k], s1[k])]
+        assert not differ, f"{method}: ranks differ in {differ[:5]}"
+        assert json.loads((ddp_runs / method / "reload.json").read_text()) == {"mismatch": []}, method
+    teacher = [k for k in torch.load(ddp_runs / "unimedi" / "rank0.pt", weights_only=True)["state"]
+               if k.startswith("teacher_encoder.")]
+    assert teacher  # the EMA teacher is part of the compared state
+
+
+def test_lightning_ddp_gather_negatives_equals_single_process_on_global_batch(ddp_runs: Path) -> None:
+    """CLIP with ``gather_negatives=true``: the mean of the two ranks' losses and the DDP-averaged gradients
+    equal one process's loss and gradients on the concatenated (global) batch."""
+    from tests.ddp_run import config
+
+    from medvlp.train import build_datamodule_from_config, build_method
+
+    ranks = [torch.load(ddp_runs / "clip_gather" / f"rank{r}.pt", weights_only=True)["step0"] for r in (0, 1)]
+    cfg = config("clip_gather")
+    model = build_method(cfg, build_datamodule_from_config(cfg))
+    model.load_state_dict(ranks[0]["state"])
+    model.train()
+    model.text_encoder.model.eval()
+    batch = {"image": torch.cat([r["image"] for r in ranks]), "text": ranks[0]["text"] + ranks[1]["text"]}
+    loss = model.compute_losses(batch)["clip_loss"]
+    loss.backward()
+    assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - float(loss)) < 1e-5
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ranks[0]["grads"].keys()
+    for rank in ranks:
+        for name, g in grads.items():
+            assert torch.allclose(rank["grads"][name], g, atol=1e-6, rtol=1e-4), name
+
+
+def test_encoders_have_no_parameter_outside_the_loss_and_load_older_checkpoints() -> None:
+    """No hub pooler and no mask token unless a method masks; checkpoints that still carry them load."""
+    from medvlp.encoders import TextEncoder, ViTEncoder
+
+    text = TextEncoder("builtin:minilm", max_length=16)
+    assert not any(".pooler." in k for k in text.state_dict())
+    old = dict(text.state_dict(), **{"model.pooler.dense.weight": torch.zeros(384, 384),
+                                     "model.pooler.dense.bias": torch.zeros(384)})
+    assert text.load_state_dict(old, strict=True).unexpected_keys == []
+    vit = ViTEncoder(embed_dim=16, depth=1, num_heads=2, img_size_2d=16, patch_size_2d=8)
+    assert "mask_token" not in vit.state_dict()
+    vit.load_state_dict(dict(vit.state_dict(), mask_token=torch.zeros(1, 1, 16)), strict=True)
+    with pytest.raises(ValueError, match="mask token"):
+        vit(torch.zeros(1, 1, 16, 16), torch.ones(1, 4, dtype=torch.bool))
+    vit.enable_mask_token()
+    assert vit(torch.zeros(1, 1, 16, 16), torch.ones(1, 4, dtype=torch.bool))["pooled"].shape == (1, 16)

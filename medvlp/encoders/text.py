@@ -124,6 +124,10 @@ class TextEncoder(nn.Module):
             self.model = AutoModel.from_pretrained(str(path), local_files_only=local_files_only)
         if num_layers is not None:
             self._truncate(int(num_layers))
+        if getattr(self.model, "pooler", None) is not None:
+            # pooled features come from ``pooling`` below; the hub pooler (dense+tanh) would be a parameter
+            # outside the loss, which DDP rejects without find_unused_parameters
+            self.model.pooler = None
         self.embed_dim = int(self.model.config.hidden_size)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps per-module modes
         if freeze:
@@ -143,6 +147,12 @@ class TextEncoder(nn.Module):
             self.num_frozen_layers = len(layers) if freeze else min(freeze_layers, len(layers))
         self._prefix_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.register_load_state_dict_post_hook(lambda module, keys: module.clear_prefix_cache())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints written while the unused hub pooler was kept carry its weights
+        for key in [k for k in state_dict if k.startswith(prefix + "model.pooler.")]:
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _layers(self) -> nn.ModuleList:
         """The transformer layers of a BERT-like model (``.embeddings`` + ``.encoder.layer``)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, Sequence, TypedDict
+from typing import Any, Iterator, Sequence, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,9 @@ class ViTEncoder(nn.Module):
             ``cls_token``, the position embedding resampled to ``img_size_2d`` (see
             :mod:`medvlp.pretrained.vit`). The mask token and 3D embeddings keep their initialisation.
         init_allow_download: allow ``init_from`` to name a hub repository (network needed).
+        mask_token: create the learnable mask token used by ``token_mask`` (masked image modelling). Off
+            by default so that a method which never masks has no parameter outside the loss (DDP without
+            ``find_unused_parameters``); a method that masks calls :meth:`enable_mask_token`.
 
     Example:
         >>> enc = ViTEncoder(embed_dim=64, depth=2, num_heads=2, spatial_dims=[2, 3], img_size_2d=32,
@@ -162,6 +165,7 @@ class ViTEncoder(nn.Module):
         attn_impl: str = "sdpa",
         init_from: str | None = None,
         init_allow_download: bool = False,
+        mask_token: bool = False,
     ) -> None:
         super().__init__()
         self.spatial_dims = tuple(sorted(int(s) for s in spatial_dims))
@@ -182,7 +186,9 @@ class ViTEncoder(nn.Module):
             self.ref_grid[str(sd)] = grid
             nn.init.trunc_normal_(self.pos_embed[str(sd)], std=0.02)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_parameter("mask_token", None)
+        if mask_token:
+            self.enable_mask_token()
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, attn_impl) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         if feature_layers is None:
@@ -190,12 +196,23 @@ class ViTEncoder(nn.Module):
             feature_layers = sorted({min(depth - 1, i) for i in range(step - 1, depth, step)})
         self.feature_layers = tuple(int(i) for i in feature_layers)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.apply(self._init_weights)
         if init_from and not _SKIP_PRETRAINED_INIT.get():
             from medvlp.pretrained.vit import init_vit_from  # lazy: only when asked
 
             init_vit_from(self, str(init_from), init_allow_download)
+
+    def enable_mask_token(self) -> None:
+        """Create the learnable mask token (idempotent); needed before passing ``token_mask``."""
+        if self.mask_token is None:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints written before the mask token became optional carry one for every method
+        if self.mask_token is None:
+            state_dict.pop(prefix + "mask_token", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -246,6 +263,9 @@ class ViTEncoder(nn.Module):
                 (masked image modelling / self-distillation).
         """
         if token_mask is not None:
+            if self.mask_token is None:
+                raise ValueError("token_mask needs the mask token: build the encoder with mask_token=True "
+                                 "or call enable_mask_token() first")
             tokens = torch.where(token_mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         hidden: list[torch.Tensor] = []
