@@ -29,6 +29,14 @@ class Finetune(Protocol):
     ``weight_decay`` (0.05).
     """
 
+    parameters = {
+        "lr": "head learning rate (1e-3)",
+        "backbone_lr_mult": "backbone lr = lr × this (0.1)",
+        "weight_decay": "AdamW weight decay (0.05)",
+        "batch_size": "batch size (16)",
+        "epochs": "epochs over the labelled subset (5)",
+    }
+
     name = "finetune"
     uses_fractions = True
 

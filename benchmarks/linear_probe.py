@@ -47,6 +47,10 @@ class LinearProbe(Protocol):
     split. Params: ``C`` (inverse L2 strength, default 1.0).
     """
 
+    parameters = {
+        "C": "inverse L2 strength of the logistic regression (1.0)",
+    }
+
     name = "linear_probe"
     uses_fractions = True
 

@@ -52,6 +52,7 @@ class Protocol:
         name: registry name.
         uses_fractions: runs per label fraction × seed (linear probe, fine-tune, segmentation);
             otherwise once (fraction 1, seed 0).
+        parameters: the suite parameters it reads, described (``medvlp list protocol=NAME``).
     """
 
     name: ClassVar[str] = "protocol"
@@ -61,6 +62,9 @@ class Protocol:
     uses_fractions: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     needs_mask: ClassVar[bool] = False
+    #: suite parameters the protocol reads (name → "description (default)"); suites are validated against
+    #: them (plus ``fractions``, ``seeds``, ``protocol``). ``None``: undeclared, not checked.
+    parameters: ClassVar[dict[str, str] | None] = None
 
     def applicable(self, ctx: EvalContext) -> str | None:
         """``None`` when the protocol can run on this datamodule, else the reason it cannot."""

@@ -89,6 +89,10 @@ class Retrieval(Protocol):
     With labels, also ``i2t_P@K``/``t2i_P@K``: label-set precision@K (ConVIRT-style category retrieval),
     which stays meaningful when many reports are paraphrases of one another."""
 
+    parameters = {
+        "ks": "Recall@k cut-offs ([1, 5, 10])",
+    }
+
     name = "retrieval"
     needs_text = True
 

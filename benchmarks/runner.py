@@ -107,6 +107,9 @@ def _protocols(suite: Mapping[str, Any]) -> list[tuple[str, Any, dict[str, Any]]
 
 def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
     """Run every unit of ``suite``; returns the results CSV path."""
+    from medvlp.validate import check_suite
+
+    check_suite(suite, _method_config)  # every key and protocol parameter, before any work
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(suite["output"])
     store = ResultStore(out / "results.csv")

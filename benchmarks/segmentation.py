@@ -104,6 +104,19 @@ class Segmentation(Protocol):
         roi_size: sliding-window ROI for full fine-tuning of volumes (default: training size).
     """
 
+    parameters = {
+        "mode": "frozen | full encoder (frozen)",
+        "width": "decoder width (64)",
+        "max_stages": "decoder stages (2)",
+        "lr": "decoder learning rate (1e-3)",
+        "backbone_lr_mult": "backbone lr = lr × this in mode full (0.1)",
+        "batch_size": "batch size (16)",
+        "epochs": "training epochs (30)",
+        "roi_size": "sliding-window ROI for 3D inference (the training size)",
+        "dice": "headline Dice definition (foreground)",
+        "extra_dice": "further Dice definitions reported ([mgca_per_image])",
+    }
+
     name = "segmentation"
     uses_fractions = True
     needs_mask = True

@@ -32,6 +32,11 @@ class ZeroShot(Protocol):
     protocol is the separate variant ``zero_shot_argmax`` (:class:`ZeroShotArgmax`).
     """
 
+    parameters = {
+        "prompts": "handcrafted | learned (handcrafted)",
+        "prompts_file": "YAML {class: {positive: [...], negative: [...]}} replacing the packaged prompts",
+    }
+
     name = "zero_shot"
     needs_text = True
 

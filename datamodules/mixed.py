@@ -43,10 +43,14 @@ class MixedDataModule(VLPDataModule):
         if not datamodules:
             raise ValueError("mixed datamodule needs children: data.init_args.datamodules.<key>.name=... "
                              "(e.g. xray: {name: phantom, init_args: {modality: xray}})")
-        self.children = {
-            k: build_datamodule({**v, "init_args": {**shared, **dict(v.get("init_args") or {})}})
-            for k, v in datamodules.items()
-        }
+        self.children = {k: build_datamodule(v) for k, v in self.child_specs({"datamodules": datamodules, **shared}).items()}
+
+    @staticmethod
+    def child_specs(init_args: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """``{key: {name, init_args}}`` of the children as built (shared args merged in), for validation."""
+        shared = {k: v for k, v in init_args.items() if k != "datamodules"}
+        return {k: {**v, "init_args": {**shared, **dict(v.get("init_args") or {})}}
+                for k, v in dict(init_args.get("datamodules") or {}).items()}
 
     @property
     def spatial_dims(self) -> int:

@@ -5,7 +5,9 @@ the method's ``example_data`` (when no ``data`` or the example's datamodule is g
 ``data_defaults.<datamodule>`` block applies only to that datamodule) < under ``preset=paper`` only, the method's
 paper config ``methods/<method>.paper.yaml`` (same layout as a preset; every value cites its source, and it
 wins over the generic paper preset) < ``-c FILE`` files < ``key=value`` overrides. Shorthands: ``method=NAME``,
-``data=NAME``, ``preset=NAME``, ``suite=NAME``.
+``data=NAME``, ``preset=NAME``, ``suite=NAME``, ``logger=csv|tensorboard|wandb`` (``trainer.logger``).
+The result is checked by :func:`medvlp.validate.check_config` (unknown keys, wrong types) before it is
+returned.
 
 Presets set defaults: a preset value that replaces a value of the method's own YAML or paper config is
 not silent — every such override (and every user override of them) is logged as a warning naming the key,
@@ -46,9 +48,10 @@ DEFAULTS: dict[str, Any] = {
         "resume": True,
         "checkpoint_every_n_steps": 50,
         "weights_only_resume": True,
+        "lr_monitor": True,
     },
 }
-SHORTHANDS = {"method": "method.name", "data": "data.name"}
+SHORTHANDS = {"method": "method.name", "data": "data.name", "logger": "trainer.logger"}
 LOG = logging.getLogger(__name__)
 
 
@@ -128,7 +131,11 @@ def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None 
             if paper:
                 layers += _preset_layers(f"methods/{method}.paper.yaml", paper, str(data), True)
     layers.append(("command line / -c files", user, False))
-    return _merge_layers([layer for _, layer, _ in layers]), _overrides(layers)
+    cfg = _merge_layers([layer for _, layer, _ in layers])
+    from medvlp.validate import check_config
+
+    check_config(cfg, defaults or DEFAULTS)  # unknown keys / wrong types: one ConfigError before any work
+    return cfg, _overrides(layers)
 
 
 def _merge_layers(layers: Sequence[DictConfig]) -> DictConfig:

@@ -71,6 +71,8 @@ class VLPMethod(L.LightningModule):
     #: every ``*_loss`` term :meth:`compute_losses` can return (unprefixed); ``loss_weights`` keys are checked
     #: against it at construction (empty: checked against the terms of the first step instead)
     loss_terms: ClassVar[tuple[str, ...]] = ()
+    #: whether the objective uses :attr:`temperature` (logged as ``train/temperature`` only then)
+    uses_temperature: ClassVar[bool] = True
     #: datamodule spec this method trains on in the demo and the contract tests
     example_data: ClassVar[dict[str, Any]] = {"name": "phantom", "init_args": {"modality": "xray"}}
 
@@ -250,7 +252,8 @@ class VLPMethod(L.LightningModule):
         terms = self._losses(batch)
         total = self._total(terms, "train")
         self._log_terms(terms, total, "train", self._bs(batch))
-        self.log("train/temperature", self.temperature, on_step=True, on_epoch=False)
+        if self.uses_temperature:
+            self.log("train/temperature", self.temperature, on_step=True, on_epoch=False)
         return total
 
     def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> torch.Tensor | None:

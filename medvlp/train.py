@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from omegaconf import DictConfig
 
-from medvlp.config import persistable, save_config, to_container
+from medvlp.config import instantiate, persistable, save_config, to_container
 from medvlp.io import atomic_torch_save, atomic_write_text
 from medvlp.method import VLPMethod
 from medvlp.registry import METHODS
@@ -28,6 +28,83 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         atomic_torch_save(checkpoint, Path(path))
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar whose description reads ``Epoch k`` (not ``Epoch k/-2``) when training is bounded
+    by ``max_steps`` (``max_epochs=-1``), and ``Epoch k/E`` otherwise; its total is the batches this epoch
+    will run (Lightning caps it at ``max_steps``)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        desc = f"Epoch {current_epoch}" + (f"/{max_epochs - 1}" if max_epochs is not None and max_epochs > 0 else "")
+        return f"{desc:{len(self.validation_description)}}"
+
+
+def _specs(value: Any) -> list[Any]:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def build_loggers(value: Any, out: Path, run_name: str) -> list[Logger]:
+    """Loggers for ``trainer.logger``: unset/``true`` → CSV under ``<run>/logs``; ``false`` → none; a
+    shorthand ``csv|tensorboard|wandb``, a ``{class_path, init_args}`` spec, or a list of them.
+
+    TensorBoard writes under ``<run>/tensorboard``; W&B under ``<run>/wandb`` (project ``medvlp``, offline
+    when ``WANDB_MODE=offline``). Both are optional extras (``pip install medvlp[tensorboard]`` / ``[wandb]``).
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    if value is None or value is True:
+        value = ["csv"]
+    loggers: list[Logger] = []
+    for item in _specs(value):
+        if item == "csv":
+            loggers.append(CSVLogger(str(out), name="logs"))
+        elif item == "tensorboard":
+            _require("tensorboard", ("tensorboard", "tensorboardX"), "tensorboard")
+            loggers.append(TensorBoardLogger(str(out), name="tensorboard"))
+        elif item == "wandb":
+            _require("wandb", ("wandb",), "wandb")
+            (out / "wandb").mkdir(parents=True, exist_ok=True)
+            loggers.append(WandbLogger(name=run_name, project="medvlp", save_dir=str(out)))
+        else:
+            loggers.append(instantiate(item, expected=Logger))
+    return loggers
+
+
+def _require(what: str, modules: tuple[str, ...], extra: str) -> None:
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) is not None for m in modules):
+        raise ImportError(f"logger={what} needs the {' or '.join(modules)} package: pip install 'medvlp[{extra}]'")
+
+
+def build_callbacks(trainer_cfg: Mapping[str, Any], run_cfg: Mapping[str, Any], ckpt_dir: Path,
+                    has_logger: bool) -> list[Callback]:
+    """medvlp's checkpointing, then ``trainer.callbacks`` specs, a learning-rate monitor (``run.lr_monitor``,
+    only with a logger) and the step-aware progress bar (unless the config brings its own)."""
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                        every_n_train_steps=int(run_cfg["checkpoint_every_n_steps"]), save_on_train_epoch_end=True)
+    ]
+    callbacks += [instantiate(s, expected=Callback) for s in _specs(trainer_cfg.get("callbacks"))]
+    if has_logger and run_cfg.get("lr_monitor", True) and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())
+    return callbacks
+
+
+def build_plugins(trainer_cfg: Mapping[str, Any]) -> list[Any]:
+    """``trainer.plugins`` specs plus the atomic checkpoint writer (unless a CheckpointIO is given)."""
+    from medvlp.validate import trainer_plugin_bases
+
+    plugins = [instantiate(s, expected=trainer_plugin_bases()) for s in _specs(trainer_cfg.get("plugins"))]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def build_datamodule_from_config(cfg: Mapping[str, Any]) -> Any:
@@ -119,6 +196,11 @@ def pretrain(cfg: DictConfig) -> Path:
     (``last.ckpt`` every ``run.checkpoint_every_n_steps`` and at the end, written atomically). With
     ``run.resume`` a rerun continues from ``last.ckpt`` (loaded with ``weights_only=True``).
     """
+    from medvlp.compose import DEFAULTS
+    from medvlp.provenance import provenance
+    from medvlp.validate import check_config
+
+    check_config(cfg, DEFAULTS)  # suites merge layers after compose: check the final config again
     c = to_container(cfg)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,15 +212,14 @@ def pretrain(cfg: DictConfig) -> Path:
     dm = build_datamodule_from_config(c)
     method = build_method(c, dm)
     ckpt_dir = out / "checkpoints"
-    callback = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                               every_n_train_steps=int(c["run"]["checkpoint_every_n_steps"]),
-                               save_on_train_epoch_end=True)
-    trainer_kwargs = {k: v for k, v in c["trainer"].items() if v is not None}
+    trainer_kwargs = {k: v for k, v in c["trainer"].items() if v is not None and k not in ("logger", "callbacks", "plugins")}
     if "precision" in trainer_kwargs:
         trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs.get("accelerator"))
         log.info("precision: %s", trainer_kwargs["precision"])
-    trainer = L.Trainer(default_root_dir=str(out), callbacks=[callback], plugins=[AtomicCheckpointIO()],
-                        logger=CSVLogger(str(out), name="logs"), **trainer_kwargs)
+    loggers = build_loggers(c["trainer"].get("logger"), out, out.name)
+    trainer = L.Trainer(default_root_dir=str(out), logger=loggers or False,
+                        callbacks=build_callbacks(c["trainer"], c["run"], ckpt_dir, bool(loggers)),
+                        plugins=build_plugins(c["trainer"]), **trainer_kwargs)
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if (c["run"]["resume"] and last.is_file()) else None
     if ckpt_path:
@@ -154,7 +235,8 @@ def pretrain(cfg: DictConfig) -> Path:
     summary = {"method": names["method"]["name"], "data": names["data"]["name"], "steps": trainer.global_step,
                "seconds": round(time.time() - start, 2), "checkpoint": str(last),
                "precision": str(trainer_kwargs.get("precision", "32-true")),
-               "train_loss": _metric(trainer, "train/loss_epoch"), "skipped": skipped}
+               "train_loss": _metric(trainer, "train/loss_epoch"), "skipped": skipped,
+               "provenance": provenance(trainer.strategy.root_device)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return last
 
