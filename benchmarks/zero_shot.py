@@ -35,6 +35,7 @@ class ZeroShot(Protocol):
     parameters = {
         "prompts": "handcrafted | learned (handcrafted)",
         "prompts_file": "YAML {class: {positive: [...], negative: [...]}} replacing the packaged prompts",
+        "negatives": "score cos(positive) - cos(negated) (true)",
     }
 
     name = "zero_shot"
@@ -124,6 +125,11 @@ class ZeroShotArgmax(ZeroShot):
     global embeddings of every method. BenchX samples 10 prompts per class from its templates; the
     prompts here are the datamodule's (or ``prompts_file``'s) positive prompts.
     """
+
+    parameters = {
+        "prompts_file": "YAML {class: {positive: [...]}} replacing the datamodule's prompts",
+        "prompt_pool": "max | mean over a class's prompts (max)",
+    }
 
     name = "zero_shot_argmax"
     variant = "gloria_argmax"
