@@ -255,7 +255,7 @@ def _keys(section: Any, allowed: Iterable[str], where: str, errors: list[str]) -
         return
     allowed = list(allowed)
     for k in section:
-        if k not in allowed:
+        if k not in allowed and not str(k).startswith("_"):  # "_..." keys are set by medvlp itself
             errors.append(unknown_key(where, str(k), allowed))
 
 
@@ -330,7 +330,8 @@ def raise_if(errors: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------- suites
 SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed")
-SUITE_METHOD_KEYS = ("method", "pretrain", "ckpt", "preset", "data", "overrides", "init_args", "trainer")
+SUITE_METHOD_KEYS = ("method", "pretrain", "ckpt", "allow_class_path", "preset", "data", "overrides", "init_args",
+                     "trainer", "pretrain_data")
 #: parameters every protocol understands (the runner reads them)
 COMMON_PROTOCOL_PARAMS = ("protocol", "fractions", "seeds")
 
