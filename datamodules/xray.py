@@ -220,18 +220,21 @@ class CheXpertDataModule(XrayDataModule):
     Args:
         classes: label columns. uncertainty: ``ones`` | ``zeros`` | ``ignore`` | ``mgca``.
         frontal_only: keep ``Frontal/Lateral == Frontal``. val_size: held-out training images.
+        exclude_test_ids: keep the 5x200 zero-shot test images out of train/val also under the ``hash``
+            convention with ``test_set: valid`` (default True; :meth:`known_test_ids`).
     """
 
     name = "chexpert"
 
     def __init__(self, root: str, classes: Sequence[str] = tuple(CHEXPERT_5), uncertainty: str = "mgca",
                  frontal_only: bool = True, val_size: int = 5000, image_root: str | None = None,
-                 test_set: str = "valid", **kwargs: Any) -> None:
+                 test_set: str = "valid", exclude_test_ids: bool = True, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         check_choice("test_set", test_set, ("valid", "5x200"), type(self).__name__)
         self.test_set = test_set
         self.classes = list(classes)
         self.uncertainty = check_choice("uncertainty", uncertainty, UNCERTAINTY_POLICIES, type(self).__name__)
+        self.exclude_test_ids = exclude_test_ids
         self.frontal_only, self.val_size = frontal_only, val_size
         self.image_root = Path(image_root) if image_root else self.root.parent
 
@@ -264,6 +267,7 @@ class CheXpertDataModule(XrayDataModule):
             val_ids = set(pool["Path"].iloc[pos])
             train = train[~train["Path"].isin(drop)]
         else:
+            train = train[~train["Path"].isin(self.known_test_ids())]
             val_ids = set(sorted(train["Path"], key=lambda p: hashlib.sha1(p.encode()).hexdigest())[: self.val_size])
         tables = [(train, "train")] if five is not None else [(train, "train"), (test, "test")]
         for df, default in tables:
@@ -278,6 +282,31 @@ class CheXpertDataModule(XrayDataModule):
                 out.append({"id": p, "split": "test", "path": self.image_root / p, "labels": onehot})
         return out
 
+    def known_test_ids(self) -> set[str]:
+        """Training-file ids reserved for evaluation, excluded from train/val when ``exclude_test_ids``
+        (default): the CheXpert 5x200 zero-shot images (:func:`chexpert_5x200_exclusion`). With
+        ``test_set: 5x200`` or ``split_convention: mgca`` they are removed anyway."""
+        if not self.exclude_test_ids:
+            return set()
+        full = read_csv(_first(self.root, "train.csv", "train.csv.gz"), ["Path", "Frontal/Lateral", *CHEXPERT_14])
+        ids = chexpert_5x200_exclusion(full)
+        if ids:
+            log.info("CheXpert: %d 5x200 zero-shot test images excluded from train/val (exclude_test_ids)", len(ids))
+        return ids
+
+
+def _chexpert_5x200_pools(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per competition class, the 5x200 candidate rows (see :func:`chexpert_5x200`)."""
+    others = ["Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumonia", "Pneumothorax",
+              "Pleural Other", "Fracture", "Support Devices"]
+    d = df[df["Frontal/Lateral"] == "Frontal"].copy()
+    d[CHEXPERT_5 + others] = d[CHEXPERT_5 + others].fillna(0)
+    pools = {}
+    for c in CHEXPERT_5:
+        rest = [x for x in CHEXPERT_5 + others if x != c]
+        pools[c] = d[(d[c] == 1) & (d[rest] == 0).all(axis=1)]
+    return pools
+
 
 def chexpert_5x200(df: pd.DataFrame, per_class: int = 200, seed: int = 0) -> pd.DataFrame:
     """Build CheXpert 5x200 (MGCA/GLoRIA): frontal, ``fillna(0)``; per competition class keep rows where
@@ -287,18 +316,23 @@ def chexpert_5x200(df: pd.DataFrame, per_class: int = 200, seed: int = 0) -> pd.
     Raises:
         DataError: when a class has fewer than ``per_class`` candidates.
     """
-    others = ["Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumonia", "Pneumothorax",
-              "Pleural Other", "Fracture", "Support Devices"]
-    d = df[df["Frontal/Lateral"] == "Frontal"].copy()
-    d[CHEXPERT_5 + others] = d[CHEXPERT_5 + others].fillna(0)
     parts = []
-    for c in CHEXPERT_5:
-        rest = [x for x in CHEXPERT_5 + others if x != c]
-        pool = d[(d[c] == 1) & (d[rest] == 0).all(axis=1)]
+    for c, pool in _chexpert_5x200_pools(df).items():
         if len(pool) < per_class:
             raise DataError(f"CheXpert 5x200: class {c!r} has only {len(pool)} candidates (< {per_class})")
         parts.append(pool.sample(n=per_class, random_state=seed).assign(**{"5x200_class": c}))
     return pd.concat(parts, ignore_index=True)
+
+
+def chexpert_5x200_exclusion(df: pd.DataFrame, per_class: int = 200, seed: int = 0) -> set[str]:
+    """``Path`` values that must stay out of pretraining because CheXpert 5x200 (a zero-shot test set
+    drawn from ``train.csv``) may contain them: the drawn 200 per class, or, for a class with fewer
+    than ``per_class`` candidates (a partial copy of ``train.csv``), its whole candidate pool."""
+    out: set[str] = set()
+    for pool in _chexpert_5x200_pools(df).values():
+        chosen = pool.sample(n=per_class, random_state=seed) if len(pool) >= per_class else pool
+        out |= set(chosen["Path"])
+    return out
 
 
 @register_datamodule("rsna_pneumonia")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvlp.encoders import ProjectionHead
 from medvlp.losses import soft_target_contrastive_loss
 from medvlp.method import VLPMethod
 from medvlp.registry import register_method
@@ -100,6 +101,11 @@ class UMCL(VLPMethod):
       BCE against the labels (NaN ignored).
     * **Continuous prompts** (CoOp): ``n_ctx`` context vectors, ``position`` configurable, shared or
       class-specific; they also serve zero-shot classification (``learned_zero_shot_classifier``).
+      Prompts go through their own projection head ``prompt_proj`` (same widths as ``text_proj``, but
+      LayerNorm, ``prompt_head_norm``): a BatchNorm head shared with report batches would normalise
+      prompts with batch statistics in training and with report running statistics in evaluation, so
+      the zero-shot classifier would score embeddings the loss never trained. With LayerNorm the
+      prompt embeddings are the same in train and eval mode (up to the text encoder's dropout).
 
     Required batch keys: ``image`` and at least one of ``text`` / ``labels`` (+ ``label_names``);
     an empty report string marks a label-only sample.
@@ -113,6 +119,7 @@ class UMCL(VLPMethod):
         n_ctx: context vectors. prompt_position: end|front|middle. class_specific: CoOp CSC.
         target: ``label_set`` (default) or ``jaccard``.
         freeze_text: freeze the text encoder (prompts still learn through it).
+        prompt_head_norm: norm of the prompt projection head, ``ln`` (default) or ``none``.
         **kwargs: :class:`~medvlp.method.VLPMethod` arguments.
     """
 
@@ -121,7 +128,7 @@ class UMCL(VLPMethod):
 
     def __init__(self, class_names: Sequence[str] | None = None, n_ctx: int = 4, prompt_position: str = "end",
                  class_specific: bool = False, target: str = "label_set", freeze_text: bool = False,
-                 **kwargs: Any) -> None:
+                 prompt_head_norm: str = "ln", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not class_names:
             raise ValueError("UMCL needs class_names (set method.init_args.class_names or use a labelled datamodule)")
@@ -129,12 +136,18 @@ class UMCL(VLPMethod):
             raise ValueError(f"target must be label_set|jaccard, got {target!r}")
         self.target = target
         self.prompts = PromptLearner(self.text_encoder, class_names, n_ctx, prompt_position, class_specific)
+        if prompt_head_norm not in ("ln", "none"):
+            raise ValueError(f"prompt_head_norm must be ln|none (a BatchNorm head differs between train and eval), "
+                             f"got {prompt_head_norm!r}")
+        hp = self.hparams
+        self.prompt_proj = ProjectionHead(self.text_encoder.embed_dim, self.embed_dim, hp.get("proj_hidden_dim"),
+                                          hp.get("proj_layers", 2), prompt_head_norm)  # type: ignore[arg-type]
         if freeze_text:
             self.text_encoder.requires_grad_(False)
 
     def prompt_embeddings(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected (unnormalised) learned-prompt embeddings ``(K, E)`` for positive and negated prompts
-        (one text-encoder pass over all 2K prompts, so projection-head batch statistics see ≥ 2 rows)."""
+        (one text-encoder pass over all 2K prompts, through ``prompt_proj``)."""
         pos_e, pos_m = self.prompts.sequences(self.text_encoder, names, negate=False)
         neg_e, neg_m = self.prompts.sequences(self.text_encoder, names, negate=True)
         length = max(pos_e.shape[1], neg_e.shape[1])
@@ -144,7 +157,7 @@ class UMCL(VLPMethod):
             return F.pad(e, (0, 0, 0, extra)), F.pad(m, (0, extra))
 
         (pe, pm), (ne, nm) = pad(pos_e, pos_m), pad(neg_e, neg_m)
-        z = self.text_proj(self.text_encoder.forward_embeds(torch.cat([pe, ne]), torch.cat([pm, nm])))
+        z = self.prompt_proj(self.text_encoder.forward_embeds(torch.cat([pe, ne]), torch.cat([pm, nm])))
         return z[: len(names)], z[len(names):]
 
     @torch.no_grad()

@@ -332,3 +332,18 @@ def test_pretrain_cli_runs_a_step_on_each_fixture(data: str, tmp_path: Path) -> 
         args.append("data.init_args.captions.type=template")
     assert main(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_chexpert_pretraining_splits_exclude_5x200_by_default(tmp_path) -> None:
+    """5x200 is drawn from train.csv: the default hash split must keep those images out of train/val."""
+    real = _txv("chexpert_train.csv.gz")
+    root = tmp_path / "CheXpert-v1.0-small"
+    root.mkdir()
+    (root / "train.csv.gz").symlink_to(real)
+    (root / "valid.csv").write_text("Path,Frontal/Lateral,Atelectasis,Cardiomegaly,Consolidation,Edema,Pleural Effusion\n")
+    five = set(chexpert_5x200(pd.read_csv(real))["Path"])
+    dm = CheXpertDataModule(str(root))
+    used = {r["id"] for s in ("train", "val") for r in dm.records(s)}
+    assert used and not five & used
+    opt_out = CheXpertDataModule(str(root), exclude_test_ids=False)
+    assert len(five & {r["id"] for s in ("train", "val") for r in opt_out.records(s)}) == 1000

@@ -174,3 +174,32 @@ def test_asg_annotations_link_region_sentences_and_tags() -> None:
     assert not spans[names.index("cardiac silhouette")]
     s, e = spans[names.index("left upper lung zone")][0]
     assert text[s:e] == "The left upper lung zone is clear."
+
+
+def test_umcl_learned_prompts_embed_the_same_in_train_and_eval_mode() -> None:
+    """Zero-shot with learned prompts must score the embeddings the loss trained (no BatchNorm mixing)."""
+    method, dm = build_tiny("umcl")
+    for m in method.modules():  # isolate normalisation behaviour from dropout noise
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = first_batch(dm)
+    method.train()
+    for _ in range(3):  # report batches update the text head's running statistics
+        method._total(method._losses(batch), "train")
+    names = dm.label_names
+    train_pos, train_neg = (torch.nn.functional.normalize(z, dim=-1) for z in method.prompt_embeddings(names))
+    method.eval()
+    eval_pos, eval_neg = method.learned_zero_shot_classifier(names)
+    cos = torch.cat([(train_pos * eval_pos).sum(-1), (train_neg * eval_neg).sum(-1)])
+    assert cos.min() > 0.9999, cos
+
+
+def test_umcl_yaml_marks_every_choice_not_from_the_paper() -> None:
+    """The UMCL paper has no code and only an abstract: every configured value is our choice."""
+    from importlib import resources
+
+    text = resources.files("medvlp.methods").joinpath("umcl.yaml").read_text()
+    value_lines = [ln for ln in text.splitlines() if ":" in ln and not ln.lstrip().startswith("#")
+                   and not ln.rstrip().endswith(":")]
+    assert value_lines and all("[not from paper]" in ln for ln in value_lines), value_lines
+    assert "label source [not from paper]" in text
