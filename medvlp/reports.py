@@ -138,27 +138,45 @@ DEFAULT_TAGS: dict[str, list[str]] = {
     "pneumothorax": ["pneumothorax", "pneumothoraces"],
     "edema": ["edema", "vascular congestion", "congestion"],
     "cardiomegaly": ["cardiomegaly", "heart size is enlarged", "cardiac silhouette is enlarged", "enlarged heart",
-                     "heart is enlarged", "heart size is enlarged"],
+                     "heart is enlarged", "cardiac enlargement", "enlarged cardiac silhouette"],
     "nodule": ["nodule", "nodules", "nodular"],
     "mass": ["mass", "masses"],
     "pneumonia": ["pneumonia", "infection"],
     "fracture": ["fracture", "fractures"],
-    "emphysema": ["emphysema", "hyperinflation", "hyperinflated"],
+    "emphysema": ["emphysema", "emphysematous", "hyperinflation", "hyperinflated"],
     "fibrosis": ["fibrosis", "fibrotic", "scarring"],
     "calcification": ["calcification", "calcified"],
     "hernia": ["hernia"],
-    "support device": ["tube", "catheter", "line", "pacemaker", "device"],
+    "support device": ["tube", "tubes", "catheter", "catheters", "line", "lines", "lines and tubes", "pacemaker",
+                       "device", "devices"],
     "enlarged cardiomediastinum": ["widened mediastinum", "mediastinal widening", "enlarged cardiomediastinal"],
     "lung lesion": ["lesion", "lesions"],
     "thickening": ["thickening"],
     "granuloma": ["granuloma", "granulomas"],
 }
 NEG_PRE = ["no", "not", "without", "negative for", "free of", "clear of", "absence of", "resolved", "no evidence of",
-           "there is no", "there are no", "rule out"]
+           "there is no", "there are no", "rule out", "removal of", "removed"]
 NEG_POST = ["is not seen", "are not seen", "is absent", "are absent", "not identified", "has resolved",
-            "have resolved", "is not present", "within normal limits", "is normal", "are normal", "normal in size"]
-UNCERTAIN = ["may", "possible", "possibly", "likely", "probable", "suggest", "suggests", "suggestive", "cannot be excluded",
-             "can not be excluded", "concerning for", "versus", "questionable", "could"]
+            "have resolved", "is not present", "within normal limits", "is normal", "are normal", "normal in size",
+            "has been removed", "have been removed"]
+UNCERTAIN = ["may", "possible", "possibly", "likely", "probable", "probably", "suggest", "suggests", "suggestive",
+             "cannot be excluded", "can not be excluded", "not excluded", "cannot exclude", "concerning for", "versus",
+             "questionable", "question of", "could", "suspected", "suspect", "suspicious for", "differential",
+             "differential diagnosis"]
+# A negation or hedge cue does not reach past these: contrast words, and a coordinated clause that opens
+# a new assertion (", and a right pleural effusion"). A bare list (", effusion, and pneumothorax") keeps it.
+SCOPE_BREAK = re.compile(r";|\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bexcept\b|"
+                         r",?\s+(?:and|with)\s+(?=(?:there\b|a\b|an\b|the\b|new\b|small\b|moderate\b|large\b|"
+                         r"mild\b|minimal\b|trace\b|persistent\b|stable\b|increased\b|decreased\b))")
+# "atelectasis or infiltrate", "scarring or atelectasis": a finding offered as one of alternatives
+ALTERNATIVE_AFTER = re.compile(r"^[^,;.]{0,20}?\bor\s+(?!no\b|not\b)[a-z]")
+ALTERNATIVE_BEFORE = re.compile(r"[a-z]{4,}\s+or\s+(?:\S+\s+){0,2}$")
+# Tag → extra patterns beyond its plain surface forms (used when the tag is in the vocabulary).
+# Cardiomegaly: heart size with an adverb or degree word before "enlarged" ("heart size is mildly enlarged").
+CARDIOMEGALY_MODIFIED = re.compile(r"\b(?:heart|cardiac silhouette|cardiac size|heart size)\b(?: size)?"
+                                   r"(?:\s+(?:is|are|appears|remains|seems))?(?:\s+(?:\w+ly|top|at|upper|limits|of|"
+                                   r"normal|mild|moderate|severe|slight|again|still|now))*\s+enlarged\b")
+EXTRA_PATTERNS: dict[str, list[re.Pattern[str]]] = {"cardiomegaly": [CARDIOMEGALY_MODIFIED]}
 NORMAL_CUES = {"cardiomegaly": ["heart size is normal", "cardiac silhouette is within normal limits",
                                 "heart is normal in size", "normal heart size"]}
 
@@ -172,6 +190,25 @@ class Triplet:
     finding: str
     existence: str
     sentence: int
+
+
+_ZONE_NOUN = r"(lobes?|lungs?|zones?|lung zones?|lung fields?)"
+
+
+def expand_bilateral(sentence: str) -> str:
+    """Rewrite bilateral phrasings into both sides so each side's region is named.
+
+    ``bilateral lower lobe opacities`` → ``right lower lobe and left lower lobe opacities``;
+    ``bibasilar``/``bibasal`` → both bases; ``bilateral pleural effusions`` → both sides' pleura;
+    ``bilateral apical`` / ``biapical`` → both apices.
+    """
+    s = sentence.lower()
+    s = re.sub(rf"\bbilateral (upper|mid|middle|lower) {_ZONE_NOUN}", r"right \1 \2 and left \1 \2", s)
+    s = re.sub(r"\bbilateral (upper|mid|middle|lower)\b", r"right \1 lung and left \1 lung", s)
+    s = re.sub(r"\bbi-?basi?l?a[rl]\b", "right base and left base", s)
+    s = re.sub(r"\b(?:bilateral apical|biapical|bilateral apices)\b", "right apical and left apical", s)
+    s = re.sub(r"\bbilateral (pleural|costophrenic)\b", r"right \1 and left \1", s)
+    return s
 
 
 def _compile(forms: Iterable[str]) -> re.Pattern[str]:
@@ -209,22 +246,32 @@ class TripletParser:
         return list(self.tags)
 
     def existence(self, sentence: str, start: int, end: int) -> str:
-        """Existence of the finding mentioned at ``sentence[start:end]``."""
+        """Existence of the finding mentioned at ``sentence[start:end]``.
+
+        NegEx-style: a pre-negation cue before the mention or a post-negation cue after it, within the
+        mention's scope (cues do not cross :data:`SCOPE_BREAK`), makes it negative; otherwise an
+        uncertainty cue in scope, or the mention being one of ``X or Y`` alternatives, makes it uncertain.
+        """
         s = sentence.lower()
         before = s[:start]
-        clause_start = max(before.rfind(";"), before.rfind(" but "), before.rfind(" however"))
-        before = before[clause_start + 1:] if clause_start >= 0 else before
+        breaks = list(SCOPE_BREAK.finditer(before))
+        if breaks:
+            before = before[breaks[-1].end():]
         after = s[end:]
+        nxt = SCOPE_BREAK.search(after)
+        after = after[: nxt.start()] if nxt else after
         if self._neg_pre.search(before) or self._neg_post.search(after[:60]):
             return "negative"
         if self._unc.search(before) or self._unc.search(after[:40]):
+            return "uncertain"
+        if ALTERNATIVE_AFTER.search(after) or ALTERNATIVE_BEFORE.search(before):
             return "uncertain"
         return "positive"
 
     def sentence_regions(self, sentence: str) -> list[str]:
         """Regions named in one sentence (``bilateral`` names both sides of a zone)."""
         s = sentence.lower()
-        s = re.sub(r"\bbilateral (upper|mid|middle|lower)\b", r"right \1 and left \1", s)
+        s = expand_bilateral(s)
         found = [name for name, rx in self._region_re.items() if rx.search(s)]
         for side in ("right", "left"):  # "right pleural effusion" → costophrenic angle of that side
             if re.search(rf"\b{side}\b[^.]*\beffusion", s) and f"{side} costophrenic angle" not in found:
@@ -241,6 +288,8 @@ class TripletParser:
             regions = self.sentence_regions(sent) or [""]
             for tag, rx in self._tag_re.items():
                 m = rx.search(low)
+                for extra in EXTRA_PATTERNS.get(tag, []) if m is None else []:
+                    m = m or extra.search(low)
                 if m is None:
                     continue
                 ex = self.existence(sent, m.start(), m.end())
