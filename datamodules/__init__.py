@@ -2,6 +2,7 @@
 from medvlp.datamodules.base import RecordDataset, VLPDataModule
 from medvlp.datamodules.ct import BTCVDataModule, CTRATEDataModule, MSDDataModule
 from medvlp.datamodules.em import CREMIDataModule, LucchiDataModule, SNEMIDataModule
+from medvlp.datamodules.image_text_label import ImageTextLabelDataModule
 from medvlp.datamodules.mixed import MixedDataModule, build_datamodule
 from medvlp.datamodules.mri import BraTSDataModule
 from medvlp.datamodules.phantom import PhantomDataModule
@@ -12,7 +13,7 @@ from medvlp.datamodules.xray import (
 
 __all__ = [
     "BTCVDataModule", "BraTSDataModule", "CREMIDataModule", "CTRATEDataModule", "CheXpertDataModule",
-    "COVIDxDataModule", "LucchiDataModule", "MIMICCXRDataModule", "MSDDataModule", "MixedDataModule",
+    "COVIDxDataModule", "ImageTextLabelDataModule", "LucchiDataModule", "MIMICCXRDataModule", "MSDDataModule", "MixedDataModule",
     "PhantomDataModule", "RSNAPneumoniaDataModule", "SIIMDataModule", "SNEMIDataModule", "RecordDataset",
     "ShardDataModule", "write_shards",
     "VLPDataModule", "build_datamodule",

@@ -123,6 +123,11 @@ class MIMICCXRDataModule(XrayDataModule):
         label_source: ``chexpert`` | ``negbio``. uncertainty: see :func:`apply_uncertainty`.
         views: ViewPosition values kept. text_sections: sections joined into ``text``.
         empty_report: ``skip`` | ``fail``. addendum: ``impression`` | ``separate`` | ``drop``.
+        region_source: ``None`` or ``chest_imagenome``: ASG region–sentence pairs from the Chest ImaGenome
+            scene graphs in ``scene_graph_dir`` (:mod:`medvlp.datamodules.chest_imagenome`); samples then
+            carry ``regions``, ``region_present`` and ``region_spans``, and images without a scene graph
+            are skipped (counted as ``no_scene_graph``).
+        scene_graph_dir: folder of ``<dicom_id>_SceneGraph.json`` files. max_region_pairs: ASG's 23.
     """
 
     name = "mimic_cxr"
@@ -131,8 +136,10 @@ class MIMICCXRDataModule(XrayDataModule):
     def __init__(self, root: str, reports_root: str | None = None, label_source: str = "chexpert",
                  uncertainty: str = "zeros", views: Sequence[str] = ("PA", "AP"),
                  text_sections: Sequence[str] = ("impression", "findings"), empty_report: str = "skip",
-                 addendum: str = "impression", **kwargs: Any) -> None:
+                 addendum: str = "impression", region_source: str | None = None, scene_graph_dir: str | None = None,
+                 max_region_pairs: int = 23, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
+        self.region_pairs = self._region_source(region_source, scene_graph_dir, max_region_pairs)
         self.reports_root = Path(reports_root) if reports_root else self.root
         self.label_source = check_choice("label_source", label_source, ("chexpert", "negbio"), type(self).__name__)
         self.uncertainty = check_choice("uncertainty", uncertainty, UNCERTAINTY_POLICIES, type(self).__name__)
@@ -177,7 +184,39 @@ class MIMICCXRDataModule(XrayDataModule):
             out.append({"id": str(row.dicom_id), "split": {"validate": "val"}.get(row.split, row.split),
                         "path": self.root / rel / f"{row.dicom_id}.jpg", "labels": lab[i], "text": text,
                         "sections": sections})
-        return out
+        return self._with_regions(out)
+
+    # ------------------------------------------------------------------ Chest ImaGenome regions (ASG)
+    def _region_source(self, source: str | None, scene_graph_dir: str | None, max_pairs: int) -> Any:
+        if source is None:
+            return None
+        check_choice("region_source", source, ("chest_imagenome",), type(self).__name__)
+        if not scene_graph_dir:
+            raise ValueError(f"{type(self).__name__}: region_source=chest_imagenome needs scene_graph_dir")
+        from medvlp.datamodules.chest_imagenome import ChestImaGenomeRegions
+
+        return ChestImaGenomeRegions(scene_graph_dir, max_pairs)
+
+    def _with_regions(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Drop (and count) images without a scene graph when a region source is set."""
+        if self.region_pairs is None:
+            return records
+        kept = [r for r in records if self.region_pairs.has(r["id"])]
+        if len(kept) < len(records):
+            self.index_skips["no_scene_graph"] += len(records) - len(kept)
+            log.warning("%s: %d images have no Chest ImaGenome scene graph under %s; skipped",
+                        type(self).__name__, len(records) - len(kept), self.region_pairs.root)
+        return kept
+
+    def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
+        sample = self.base_sample(record, augment)
+        if self.region_pairs is not None:
+            from PIL import Image
+
+            with Image.open(record["path"]) as im:  # header only: the original size the boxes refer to
+                width, height = im.size
+            sample.update(self.region_pairs.sample_fields(record["id"], record["text"], height, width, self.image_size))
+        return sample
 
     def _report(self, path: Path) -> tuple[str, dict[str, str], str | None]:
         """``(text, sections, problem)``; ``problem`` is a key of :data:`REPORT_PROBLEMS` or ``None``."""

@@ -159,6 +159,13 @@ def asg_losses(img_emb: torch.Tensor, txt_emb: torch.Tensor, tags: torch.Tensor,
     return out
 
 
+def _span_lists(spans: Any) -> list[Any]:
+    """Per sample, per region, ``(start, end)`` lists from a ``(B, R, S, 2)`` −1-padded tensor or lists."""
+    if isinstance(spans, torch.Tensor):
+        return [[[(s, e) for s, e in region if s >= 0] for region in sample] for sample in spans.tolist()]
+    return list(spans)
+
+
 @register_method("asg")
 class ASG(VLPMethod):
     """ASG (arXiv 2403.09294; official code ``ASGMVLP/ASGMVLP_CODE``, built on MGCA).
@@ -181,8 +188,9 @@ class ASG(VLPMethod):
     * Global heads 768→2048→128 with BN (``proj_hidden_dim: 2048`` in ``asg.yaml``).
 
     Region–sentence links: a batch may carry ``region_spans`` (per sample, per region, character spans
-    into ``text``; the Chest ImaGenome source of ``mimic_cxr`` provides them with ``regions`` and
-    ``region_present``); otherwise :class:`ASGAnnotator` derives them from the report.
+    into ``text``, as a ``(B, R, S, 2)`` −1-padded tensor; ``mimic_cxr`` with ``region_source:
+    chest_imagenome`` provides them with ``regions`` and ``region_present``, up to 23 pairs per image as
+    ASG); otherwise :class:`ASGAnnotator` derives them from the report.
 
     Required batch keys: ``image``, ``text``, ``regions`` (pixel boxes in region order).
 
@@ -272,7 +280,8 @@ class ASG(VLPMethod):
         logits = self.tag_decoder(self._tag_queries(), feats["tokens"])
         local: dict[str, Any] = {}
         if self.use_regions:
-            spans = list(batch["region_spans"]) if "region_spans" in batch else spans
+            if "region_spans" in batch:
+                spans = _span_lists(batch["region_spans"])
             weights = self.sentence_membership(text["offsets"], text["attention_mask"], spans).to(image.device)
             boxes = batch["regions"]
             if weights.shape[1] != boxes.shape[1]:
