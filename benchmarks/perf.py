@@ -12,7 +12,10 @@
 4. **loader3d**: 3D datamodule volumes/s in the second epoch with MONAI ``CacheDataset`` vs uncached;
 5. **text_cache**: demo CLIP training steps/s with the text encoder's frozen-prefix cache vs without
    (same batches and precision; the cache is warm after one pass, as from the second epoch on);
-6. **mfu** (CUDA only): model FLOPs utilisation of ViT-B/16 image-encoder training in bf16.
+6. **mfu** (CUDA only): model FLOPs utilisation of ViT-B/16 image-encoder training in bf16;
+7. **mimic_index**: building the MIMIC-CXR index (metadata/split/label CSVs, one report file per study) at
+   MIMIC-CXR-JPG's size (377,110 images over 227,835 studies; ``--quick``: a tenth), and the duplicate-id
+   check in one linear pass vs the former ``ids.count`` loop on the same 20,000 ids.
 
 Training steps use the demo preset's precision as :func:`medvlp.train.resolve_precision` resolves it on
 this machine (``auto``: bf16 autocast where bf16 is native), except ``clip_step``'s naive baseline (fp32).
@@ -303,12 +306,74 @@ def bench_mfu(steps: int) -> dict[str, Any]:
             "mfu": round(achieved / peak, 3) if peak else None}
 
 
+def _write_mimic_tables(root: Path, images: int, studies: int) -> None:
+    """MIMIC-CXR-JPG 2.0.0 tables and one short report per study (no images: the index reads no pixels)."""
+    import gzip
+
+    labels = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+              "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+              "Pneumothorax", "Support Devices"]
+    rng = np.random.default_rng(0)
+    study_of = np.sort(rng.integers(0, studies, images))
+    study_of[:studies] = np.arange(studies)  # every study has at least one image
+    study_of.sort()
+    subject_of_study = 10_000_000 + np.arange(studies) // 4
+    meta = ["dicom_id,subject_id,study_id,ViewPosition"]
+    split = ["dicom_id,study_id,subject_id,split"]
+    for i, st in enumerate(study_of):
+        view = ("PA", "AP", "LATERAL")[i % 3]
+        meta.append(f"d{i:08d},{subject_of_study[st]},{50_000_000 + st},{view}")
+        split.append(f"d{i:08d},{50_000_000 + st},{subject_of_study[st]},{'train' if st % 50 else 'test'}")
+    lab = ["subject_id,study_id," + ",".join(labels)]
+    lab += [f"{subject_of_study[st]},{50_000_000 + st}," + ",".join("1.0" if (st + k) % 9 == 0 else "" for k in range(14))
+            for st in range(studies)]
+    for name, rows in (("metadata", meta), ("split", split), ("chexpert", lab)):
+        with gzip.open(root / f"mimic-cxr-2.0.0-{name}.csv.gz", "wt", compresslevel=1) as fh:
+            fh.write("\n".join(rows) + "\n")
+    for st in range(studies):
+        sid = str(subject_of_study[st])
+        folder = root / "files" / f"p{sid[:2]}" / f"p{sid}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"s{50_000_000 + st}.txt").write_text(
+            f"FINAL REPORT\n EXAMINATION: CHEST\n \n FINDINGS: Study {st}. Lungs are clear.\n \n IMPRESSION: Normal.\n")
+
+
+def bench_mimic_index(quick: bool) -> dict[str, Any]:
+    """Index build time at MIMIC-CXR-JPG size; duplicate check linear vs quadratic on the same ids."""
+    from medvlp.datamodules.tabular import duplicate_ids
+    from medvlp.datamodules.xray import MIMICCXRDataModule
+
+    images, studies = (37_711, 22_784) if quick else (377_110, 227_835)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        _write_mimic_tables(root, images, studies)
+        written = time.perf_counter() - t0
+        dm = MIMICCXRDataModule(str(root), image_size=224)
+        t0 = time.perf_counter()
+        n = sum(len(dm.records(s)) for s in ("train", "val", "test"))
+        index_s = time.perf_counter() - t0
+    ids = [f"d{i:08d}" for i in range(20_000)]
+    t0 = time.perf_counter()
+    linear = duplicate_ids(ids)
+    linear_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    quadratic = sorted({i for i in ids if ids.count(i) > 1})
+    quadratic_s = time.perf_counter() - t0
+    assert linear == quadratic == []
+    return {"metadata_rows": images, "studies": studies, "records_indexed": n, "fixture_write_s": round(written, 1),
+            "index_s": round(index_s, 2), "index_rows_per_s": round(images / index_s),
+            "dup_check_20k_ids_linear_s": round(linear_s, 4), "dup_check_20k_ids_quadratic_s": round(quadratic_s, 2),
+            "dup_check_speedup": round(quadratic_s / max(linear_s, 1e-9))}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints JSON and a short summary."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes on 2 CPU cores)")
     ap.add_argument("--out", default="results/perf.json")
-    ap.add_argument("--only", nargs="*", default=["probe", "throughput", "clip_step", "text_cache", "loader3d", "mfu"])
+    ap.add_argument("--only", nargs="*", default=["probe", "throughput", "clip_step", "text_cache", "loader3d", "mfu",
+                                                  "mimic_index"])
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args(argv)
@@ -324,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             "clip_step": lambda: bench_clip_step(steps),
             "text_cache": lambda: bench_text_cache(steps),
             "loader3d": lambda: bench_loader3d(6 if args.quick else 12),
-            "mfu": lambda: bench_mfu(steps)}
+            "mfu": lambda: bench_mfu(steps),
+            "mimic_index": lambda: bench_mimic_index(args.quick)}
     for key in args.only:
         t0 = time.perf_counter()
         report[key] = jobs[key]()

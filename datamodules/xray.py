@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
@@ -115,7 +116,7 @@ class MIMICCXRDataModule(XrayDataModule):
     with ``validate`` → val. Sections are read by :func:`~medvlp.reports.parse_sections` (MIMIC section
     names, case-insensitive; sub-headers stay in their section; addenda per ``addendum``; a report without
     headers gives its last paragraph as impression). A study whose report is missing, empty, not UTF-8,
-    or has neither section follows ``empty_report`` (``skip``: counted per reason — ``missing_file``,
+    or has neither section follows ``empty_report`` (``skip``: studies counted per reason — ``missing_file``,
     ``empty_file``, ``decode``, ``no_sections`` — and logged once per reason; ``fail``: error naming the
     file).
 
@@ -148,7 +149,7 @@ class MIMICCXRDataModule(XrayDataModule):
         self.views, self.text_sections = tuple(views), tuple(text_sections)
         for section in self.text_sections:
             check_choice("text_sections", section, ("impression", "findings"), type(self).__name__)
-        self._report_cache: dict[Path, tuple[str, dict[str, str], str | None]] = {}
+        self._report_cache: dict[str, tuple[str, dict[str, str], str | None]] = {}
         self._logged_reports: set[str] = set()
 
     @property
@@ -167,22 +168,26 @@ class MIMICCXRDataModule(XrayDataModule):
         df = df.merge(labels, on=["subject_id", "study_id"], how="left")
         lab = apply_uncertainty(df[CHEXPERT_14].to_numpy(dtype=float), CHEXPERT_14, self.uncertainty, where=str(lab_file))
         out = []
+        root, reports_root = str(self.root), str(self.reports_root)
+        bad_reports: set[str] = set()
         for i, row in enumerate(df.itertuples(index=False)):
             sid, study = str(row.subject_id), str(row.study_id)
-            rel = Path("files") / f"p{sid[:2]}" / f"p{sid}" / f"s{study}"
-            report = self.reports_root / rel.with_suffix(".txt")
+            rel = f"files/p{sid[:2]}/p{sid}/s{study}"  # plain strings: pathlib costs more than the parse
+            report = f"{reports_root}/{rel}.txt"
             text, sections, problem = self._report(report)
             if problem:
                 if self.empty_report == "fail":
                     raise DataError(f"{report}: {REPORT_PROBLEMS[problem]} (study {study})")
-                if problem not in self._logged_reports:
-                    log.warning("%s: %s (study %s); skipped under empty_report=skip", report,
-                                REPORT_PROBLEMS[problem], study)
-                    self._logged_reports.add(problem)
-                self.index_skips[problem] += 1
+                if report not in bad_reports:  # counted and logged once per study, not per image
+                    bad_reports.add(report)
+                    self.index_skips[problem] += 1
+                    if problem not in self._logged_reports:
+                        log.warning("%s: %s (study %s); skipped under empty_report=skip (further studies "
+                                    "with this problem are counted, not logged)", report, REPORT_PROBLEMS[problem], study)
+                        self._logged_reports.add(problem)
                 continue
             out.append({"id": str(row.dicom_id), "split": {"validate": "val"}.get(row.split, row.split),
-                        "path": self.root / rel / f"{row.dicom_id}.jpg", "labels": lab[i], "text": text,
+                        "path": Path(f"{root}/{rel}/{row.dicom_id}.jpg"), "labels": lab[i], "text": text,
                         "sections": sections})
         return self._with_regions(out)
 
@@ -218,15 +223,16 @@ class MIMICCXRDataModule(XrayDataModule):
             sample.update(self.region_pairs.sample_fields(record["id"], record["text"], height, width, self.image_size))
         return sample
 
-    def _report(self, path: Path) -> tuple[str, dict[str, str], str | None]:
+    def _report(self, path: str) -> tuple[str, dict[str, str], str | None]:
         """``(text, sections, problem)``; ``problem`` is a key of :data:`REPORT_PROBLEMS` or ``None``."""
         cached = self._report_cache.get(path)
         if cached is not None:
             return cached
-        if not path.is_file():
+        if not os.path.isfile(path):
             out: tuple[str, dict[str, str], str | None] = ("", {}, "missing_file")
         else:
-            data = path.read_bytes()
+            with open(path, "rb") as fh:
+                data = fh.read()
             try:
                 raw = data.decode("utf-8")
             except UnicodeDecodeError:
