@@ -39,7 +39,8 @@ class MixedDataModule(VLPDataModule):
     name = "mixed"
 
     def __init__(self, datamodules: Mapping[str, Mapping[str, Any]] | None = None, **shared: Any) -> None:
-        super().__init__(**{k: v for k, v in shared.items() if k in ("batch_size", "num_workers")})
+        super().__init__(**{k: v for k, v in shared.items() if k in ("batch_size", "num_workers", "pin_memory",
+                                                                     "persistent_workers")})
         if not datamodules:
             raise ValueError("mixed datamodule needs children: data.init_args.datamodules.<key>.name=... "
                              "(e.g. xray: {name: phantom, init_args: {modality: xray}})")

@@ -200,12 +200,11 @@ class VLPMethod(L.LightningModule):
         loss_terms = {k: v for k, v in terms.items() if k.endswith("_loss")}
         if not loss_terms:
             raise ValueError(f"{type(self).__name__}.compute_losses returned no '*_loss' key: {sorted(terms)}")
-        if self.nan_guard:
-            for k, v in loss_terms.items():
-                if not torch.isfinite(v).all():
-                    raise NonFiniteLossError(
-                        f"{type(self).__name__}: loss term {k!r} is {v.item()} at {stage} step {self.global_step}"
-                    )
+        if self.nan_guard and not all_finite(list(loss_terms.values())):  # one host sync for all terms
+            k, v = next((k, v) for k, v in loss_terms.items() if not torch.isfinite(v).all())
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: loss term {k!r} is {v.detach().float().mean().item()} at {stage} step "
+                f"{self.global_step}")
         if not self._weights_checked:  # methods without declared loss_terms: check against the first step's terms
             self._check_weight_keys(list(loss_terms))
         return sum(self._weight(k) * v for k, v in loss_terms.items())  # type: ignore[return-value]
@@ -265,13 +264,13 @@ class VLPMethod(L.LightningModule):
         return total
 
     def on_after_backward(self) -> None:
-        if not self.nan_guard:
+        if not self.nan_guard or _grad_scaler(self) is not None:
+            return  # a GradScaler (16-mixed) expects scaled-gradient overflow and skips those steps itself
+        named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        if all_finite([g for _, g in named]):  # one fused check, one host sync
             return
-        for name, p in self.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                raise NonFiniteLossError(
-                    f"{type(self).__name__}: non-finite gradient in {name!r} at step {self.global_step}"
-                )
+        name = next(name for name, g in named if not torch.isfinite(g).all())
+        raise NonFiniteLossError(f"{type(self).__name__}: non-finite gradient in {name!r} at step {self.global_step}")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         pairs = self.momentum_pairs()
@@ -355,6 +354,23 @@ class VLPMethod(L.LightningModule):
             "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
             "hparams": hparams,
         }
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one host synchronisation in total.
+
+    Each tensor is reduced on its device to one flag (no sync); the flags are stacked and read once.
+    """
+    if not tensors:
+        return True
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def _grad_scaler(module: L.LightningModule) -> Any:
+    trainer = getattr(module, "_trainer", None)
+    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    return getattr(plugin, "scaler", None)
 
 
 def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
