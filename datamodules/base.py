@@ -17,32 +17,104 @@ SPLITS = ("train", "val", "test")
 POLICIES = ("fail", "skip")
 
 
-class RecordDataset(Dataset):
-    """Dataset over records with a per-sample failure policy.
+MAX_FIRST_ERRORS = 3
 
-    With ``on_error="skip"`` an unreadable sample returns ``None`` (dropped by :func:`collate_skipping`),
-    is logged with its file and counted in ``skipped``; with ``"fail"`` the :class:`DataError` propagates.
+
+class SkippingDataset(Dataset):
+    """A dataset with the ``on_error`` policy for unreadable samples.
+
+    Subclasses implement :meth:`read` (raise :class:`DataError` naming the file). With ``on_error="fail"``
+    the error propagates. With ``"skip"`` an unreadable sample returns ``None`` and is flagged in a
+    shared-memory table (visible to the main process and every DataLoader worker), so each bad file is
+    logged and counted once per run, not once per epoch or per worker; later reads of it are not retried.
+    Training loaders wrap the dataset in :class:`ReplaceSkipped` so batches keep their size.
+
+    Raises:
+        DataError: when more than ``max_skip_fraction`` of the samples turned out unreadable, naming the
+            count and the first errors.
     """
 
-    def __init__(self, records: Sequence[Mapping[str, Any]], load: Callable[[Mapping[str, Any]], dict],
-                 on_error: str, name: str) -> None:
+    max_skip_fraction: float = 0.5
+
+    def __init__(self, size: int, on_error: str, name: str) -> None:
         if on_error not in POLICIES:
             raise ValueError(f"on_error must be one of {POLICIES}, got {on_error!r}")
-        self.records, self.load, self.on_error, self.name = list(records), load, on_error, name
-        self.skipped: Counter[str] = Counter()
+        self.on_error, self.name = on_error, name
+        self.bad = torch.zeros(size, dtype=torch.bool).share_memory_()
+        self.first_errors: list[str] = []
+
+    def read(self, i: int) -> dict[str, Any]:
+        """Sample ``i``; raise :class:`DataError` when it cannot be read."""
+        raise NotImplementedError
+
+    @property
+    def skipped(self) -> int:
+        """Distinct samples found unreadable so far (all processes)."""
+        return int(self.bad.sum())
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.bad)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
+        if self.on_error == "skip" and self.bad[i]:
+            return None
         try:
-            sample = self.load(self.records[i])
+            return self.read(i)
         except DataError as exc:
             if self.on_error == "fail":
                 raise
-            self.skipped[type(exc).__name__] += 1
-            log.warning("%s: skipped sample %d: %s", self.name, i, exc)
+            self._flag(i, exc)
             return None
+
+    def _flag(self, i: int, exc: DataError) -> None:
+        if not self.bad[i]:
+            self.bad[i] = True
+            if len(self.first_errors) < MAX_FIRST_ERRORS:
+                self.first_errors.append(str(exc))
+            log.warning("%s: skipped sample %d (logged once): %s", self.name, i, exc)
+        n_bad, n = self.skipped, len(self)
+        if n_bad > self.max_skip_fraction * n:
+            raise DataError(
+                f"{self.name}: {n_bad} of {n} samples are unreadable, more than max_skip_fraction="
+                f"{self.max_skip_fraction} under on_error=skip; first errors: {'; '.join(self.first_errors)}")
+
+
+class ReplaceSkipped(Dataset):
+    """Training view of a :class:`SkippingDataset`: a skipped sample is replaced by the next readable
+    one (cyclically), so every batch on every rank keeps its size (no short batch for BatchNorm or
+    Barlow Twins, no rank with fewer samples under DDP). The replacement repeats a sample within the
+    epoch; the skip is still counted once.
+
+    Raises:
+        DataError: when no sample of the dataset can be read, naming the count and the first errors.
+    """
+
+    def __init__(self, dataset: SkippingDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.dataset)
+        for k in range(n):
+            sample = self.dataset[(i + k) % n]
+            if sample is not None:
+                return sample
+        raise DataError(f"{self.dataset.name}: none of the {n} samples is readable under on_error=skip; "
+                        f"first errors: {'; '.join(self.dataset.first_errors)}")
+
+
+class RecordDataset(SkippingDataset):
+    """Dataset over records with a per-sample failure policy (see :class:`SkippingDataset`)."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], load: Callable[[Mapping[str, Any]], dict],
+                 on_error: str, name: str) -> None:
+        super().__init__(len(records), on_error, name)
+        self.records, self.load = list(records), load
+
+    def read(self, i: int) -> dict[str, Any]:
+        sample = self.load(self.records[i])
         sample.setdefault("index", i)
         return sample
 
@@ -58,6 +130,8 @@ class VLPDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         pin_memory: pin host memory (GPU training).
         persistent_workers: keep workers alive between epochs.
+        max_skip_fraction: under ``on_error: skip``, stop with a :class:`DataError` once more than this
+            share of a split's samples is unreadable (see :class:`SkippingDataset`).
     """
 
     name = "base"
@@ -66,8 +140,11 @@ class VLPDataModule(L.LightningDataModule):
     collate_fn = staticmethod(collate)
 
     def __init__(self, batch_size: int = 16, num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False) -> None:
+                 persistent_workers: bool = False, max_skip_fraction: float = 0.5) -> None:
         super().__init__()
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        self.max_skip_fraction = max_skip_fraction
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -127,8 +204,8 @@ class VLPDataModule(L.LightningDataModule):
     def skip_report(self) -> dict[str, int]:
         """Samples skipped so far under the datamodule's policy, per dataset (index-time and load-time).
 
-        Load-time counts are those of the main process (``num_workers=0``); with workers every skip is
-        still logged with its file as it happens.
+        Load-time counts are distinct unreadable samples, shared with DataLoader workers (each bad file
+        counts once per run, whatever the number of epochs or workers).
         """
         out: dict[str, int] = {}
         for key, ds in self._datasets.items():
@@ -148,11 +225,16 @@ class VLPDataModule(L.LightningDataModule):
         augment = split == "train" if augment is None else augment
         key = f"{split}{'+aug' if augment else ''}"
         if key not in self._datasets:
-            self._datasets[key] = self.build_dataset(split, augment)
+            ds = self.build_dataset(split, augment)
+            if isinstance(ds, SkippingDataset):
+                ds.max_skip_fraction = getattr(self, "max_skip_fraction", SkippingDataset.max_skip_fraction)
+            self._datasets[key] = ds
         return self._datasets[key]
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
         ds = self.dataset(split)
+        if isinstance(ds, SkippingDataset) and ds.on_error == "skip":
+            ds = ReplaceSkipped(ds)  # type: ignore[assignment]  # training/validation batches keep their size
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=self.collate_fn, pin_memory=self.pin_memory, drop_last=drop_last,
                           persistent_workers=self.persistent_workers,

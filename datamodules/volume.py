@@ -22,6 +22,7 @@ from monai.transforms import (
 from torch.utils.data import Dataset
 
 from medvlp.checks import check_choice
+from medvlp.datamodules.base import SkippingDataset
 from medvlp.datamodules.readers import NONFINITE_POLICIES, DataError, read_volume
 from medvlp.datamodules.tabular import RecordDataModule
 
@@ -187,29 +188,21 @@ class VolumeDataModule(RecordDataModule):
         return sample
 
 
-class VolumeRecordDataset(Dataset):
-    """MONAI dataset + record metadata + the datamodule's skip policy (see :class:`RecordDataset`)."""
+class VolumeRecordDataset(SkippingDataset):
+    """MONAI dataset + record metadata + the datamodule's skip policy (see :class:`SkippingDataset`)."""
 
     def __init__(self, monai_ds: Dataset, records: Sequence[Mapping[str, Any]], dm: VolumeDataModule, name: str) -> None:
-        self.monai_ds, self.records, self.dm, self.name = monai_ds, list(records), dm, name
-        self.skipped = 0
+        super().__init__(len(records), dm.on_error, name)
+        self.monai_ds, self.records, self.dm = monai_ds, list(records), dm
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def read(self, i: int) -> dict[str, Any]:
         try:
             item = self.monai_ds[i]
         except Exception as exc:  # MONAI wraps transform errors; surface the DataError naming the file
             cause: BaseException | None = exc
             while cause is not None and not isinstance(cause, DataError):
                 cause = cause.__cause__ or cause.__context__
-            err = cause if isinstance(cause, DataError) else DataError(f"{self.records[i]['image']}: {exc}")
-            if self.dm.on_error == "fail":
-                raise err from exc
-            self.skipped += 1
-            log.warning("%s: skipped sample %d: %s", self.name, i, err)
-            return None
+            raise (cause if isinstance(cause, DataError) else DataError(f"{self.records[i]['image']}: {exc}")) from exc
         sample = self.dm.to_sample(item, self.records[i])
         sample["index"] = i
         caption = getattr(self.dm, "caption_source", None)
