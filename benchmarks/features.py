@@ -81,12 +81,21 @@ class FeatureCache:
     def __init__(self, root: str | Path | None) -> None:
         self.root = Path(root) if root else None
         self._memory: dict[str, Features] = {}
+        self._pinned: dict[int, str] = {}  # id(model) -> fingerprint, while the runner evaluates it
         self.hits = 0
         self.misses = 0
 
+    def pin(self, model: Any, fingerprint: str) -> None:
+        """Reuse ``fingerprint`` for ``model`` (weights unchanged until :meth:`unpin`): hashed once per model."""
+        self._pinned[id(model)] = fingerprint
+
+    def unpin(self, model: Any) -> None:
+        """Forget a pinned fingerprint."""
+        self._pinned.pop(id(model), None)
+
     def key(self, model: Any, datamodule: Any, split: str) -> str:
         """Cache key for this (weights, dataset, split)."""
-        parts = [model_fingerprint(model), type(datamodule).__name__, datamodule.dataset_version, split,
+        parts = [self._pinned.get(id(model)) or model_fingerprint(model), type(datamodule).__name__, datamodule.dataset_version, split,
                  len(datamodule.dataset(split, augment=False))]
         return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:20]
 

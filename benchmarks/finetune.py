@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc, random_batches
+from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
+                                       label_samples, macro_auc, random_batches)
 from medvlp.benchmarks.splits import fraction_rows
 from medvlp.registry import register_benchmark
 
@@ -55,7 +56,7 @@ class Finetune(Protocol):
             images.append(batch["image"])
             labels.append(batch["labels"].float())
         x_all, y_all = torch.cat(images), torch.cat(labels)
-        rows, subset_hash = fraction_rows(ids, fraction, seed)
+        rows, subset_hash = fraction_rows(ids, fraction, ctx.subset_seed_for(seed))
         model = copy.deepcopy(ctx.model).to(ctx.device).train()
         with torch.no_grad():
             dim = model.image_representation(x_all[:2].to(ctx.device)).shape[-1]
@@ -78,15 +79,23 @@ class Finetune(Protocol):
             opt.step()
             sched.step()
         model.eval()
-        scores, targets = [], []
+        scores, targets, test_ids = [], [], []
         with torch.no_grad():
             for batch in dm.eval_dataloader("test", 64):
                 if batch is None:
                     continue
+                test_ids.extend(_ids(batch, len(test_ids)))
                 scores.append(torch.sigmoid(head(model.image_representation(batch["image"].to(ctx.device)))).cpu())
                 targets.append(batch["labels"].float())
-        auc, _ = macro_auc(torch.cat(targets).numpy(), torch.cat(scores).numpy())
+        y_test, s_test = torch.cat(targets).numpy(), torch.cat(scores).numpy()
+        auc, _ = macro_auc(y_test, s_test)
         d = (f"macro ROC-AUC on test; encoder + linear head fine-tuned {epochs} epochs (AdamW, backbone lr x "
              f"{p.get('backbone_lr_mult', 0.1)}) on {len(rows)} train samples ({fraction:g}, seed {seed})")
         del model
-        return ProtocolResult([MetricValue("auc", float(auc), d)], subset_hash)
+        from medvlp.benchmarks.linear_probe import probe_flags
+
+        names = list(dm.label_names)
+        flags = probe_flags(y_all[rows].numpy(), names) + constant_class_flags(y_test, names, "the test split")
+        return ProtocolResult([MetricValue("auc", float(auc), d)], subset_hash,
+                              samples=label_samples(test_ids, s_test, y_test, names), recipes={"auc": auc_recipe()},
+                              flags=flags)

@@ -5,7 +5,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc
+from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
+                                       label_samples, macro_auc, mean_recipe)
 from medvlp.benchmarks.splits import fraction_rows
 from medvlp.registry import register_benchmark
 
@@ -53,6 +54,8 @@ class LinearProbe(Protocol):
 
     name = "linear_probe"
     uses_fractions = True
+    deterministic = True  # lbfgs on fixed features: the training seed cannot change the result
+    primary_metric = "auc"
 
     def applicable(self, ctx: EvalContext) -> str | None:
         return None if ctx.datamodule.label_names else "dataset has no labels"
@@ -60,14 +63,33 @@ class LinearProbe(Protocol):
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         train = ctx.features.get(ctx.model, ctx.datamodule, "train", ctx.device)
         test = ctx.features.get(ctx.model, ctx.datamodule, "test", ctx.device)
-        rows, subset_hash = fraction_rows(train.ids, fraction, seed)
+        subset_seed = ctx.subset_seed_for(seed)
+        rows, subset_hash = fraction_rows(train.ids, fraction, subset_seed)
         scores = fit_predict_multilabel(train.representation[rows], train.labels[rows], test.representation,
                                         c=float(ctx.params.get("C", 1.0)))
         auc, _ = macro_auc(test.labels, scores)
         how = (f"logistic regression on frozen backbone features, trained on {len(rows)} train samples "
-               f"({fraction:g} of {len(train.ids)}, seed {seed})")
+               f"({fraction:g} of {len(train.ids)}, subset seed {subset_seed})")
         values = [MetricValue("auc", auc, f"macro ROC-AUC on test (N={len(test.ids)}); {how}")]
         if is_one_hot(test.labels):  # multi-class (e.g. COVIDx, reported as ACC by MGCA/ASG/UniMedI)
             acc = float((scores.argmax(1) == test.labels.argmax(1)).mean())
             values.append(MetricValue("acc", acc, f"accuracy of the arg-max class on test (N={len(test.ids)}); {how}"))
-        return ProtocolResult(values, subset_hash)
+        names = list(ctx.datamodule.label_names)
+        samples = label_samples(test.ids, scores, test.labels, names)
+        recipes = {"auc": auc_recipe()}
+        if is_one_hot(test.labels):
+            samples["correct"] = (scores.argmax(1) == test.labels.argmax(1)).astype(np.float32)
+            recipes["acc"] = mean_recipe("correct", 1.0 / test.labels.shape[1])
+        flags = probe_flags(train.labels[rows], names) + constant_class_flags(test.labels, names, "the test split")
+        return ProtocolResult(values, subset_hash, samples=samples, recipes=recipes, flags=flags)
+
+
+def probe_flags(y_train: np.ndarray, names: list[str], min_samples: int = 10) -> list[str]:
+    """Flags of a probe's training subset: ``degenerate`` below ``min_samples`` samples or when more than
+    half of the classes have a single label value (constant score); ``note`` when fewer do."""
+    flags = constant_class_flags(y_train, names, "the training subset")
+    n_const = sum(len(np.unique(y_train[~np.isnan(y_train[:, k]), k])) < 2 for k in range(y_train.shape[1]))
+    if len(y_train) < min_samples or n_const > y_train.shape[1] / 2:
+        return [f"degenerate: probe trained on {len(y_train)} samples, {n_const} of {y_train.shape[1]} classes "
+                "with a single label value (constant score)"]
+    return flags

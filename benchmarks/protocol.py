@@ -24,7 +24,11 @@ class MetricValue:
 
 @dataclass
 class EvalContext:
-    """What a protocol gets: the model (encoder API), the datamodule, the feature cache and params."""
+    """What a protocol gets: the model (encoder API), the datamodule, the feature cache and params.
+
+    ``subset_seed`` picks the label-fraction subset; ``None`` means the training seed does (one seed
+    drives both, as before subset and training seeds were separated).
+    """
 
     model: Any
     datamodule: Any
@@ -32,17 +36,51 @@ class EvalContext:
     params: dict[str, Any] = field(default_factory=dict)
     device: str | torch.device = "cpu"
     work_dir: Path | None = None
+    subset_seed: int | None = None
+
+    def subset_seed_for(self, seed: int) -> int:
+        """The seed that draws the label-fraction subset of a run with training seed ``seed``."""
+        return seed if self.subset_seed is None else int(self.subset_seed)
+
+
+def auc_recipe(scores: str = "scores", labels: str = "labels") -> dict[str, Any]:
+    """How a macro ROC-AUC is recomputed from stored per-sample arrays (see :mod:`medvlp.benchmarks.stats`)."""
+    return {"kind": "macro_auc", "scores": scores, "labels": labels, "chance": 0.5, "higher_is_better": True}
+
+
+def mean_recipe(values: str, chance: float | None = None, higher_is_better: bool = True) -> dict[str, Any]:
+    """A metric that is the mean over samples of ``values`` (2-D: NaN-mean over samples, then mean over columns)."""
+    return {"kind": "mean", "values": values, "chance": chance, "higher_is_better": higher_is_better}
+
+
+def recall_recipe(ranks: str, k: int, n: int) -> dict[str, Any]:
+    """Recall@K recomputed from per-query ranks of the paired item (0 = best)."""
+    return {"kind": "recall", "ranks": ranks, "k": int(k), "chance": min(1.0, k / max(n, 1)), "higher_is_better": True}
 
 
 @dataclass
 class ProtocolResult:
-    """Metric values of one (fraction, seed) run plus the split hash of the training subset used."""
+    """Metric values of one (fraction, seed) run plus the split hash of the training subset used.
+
+    Attributes:
+        values: the metrics.
+        split_hash: hash of the training subset (fraction protocols).
+        samples: per-test-sample arrays (``ids`` plus scores/labels, ranks, per-image scores) stored
+            compressed beside ``results.csv`` so any statistic can be recomputed without re-running.
+        recipes: metric name → how it is recomputed from ``samples`` (:func:`auc_recipe`,
+            :func:`mean_recipe`, :func:`recall_recipe`); bootstrap CIs and paired tests use them.
+        flags: ``"degenerate: ..."`` (the cell is not a result: shown withheld in reports) or
+            ``"note: ..."`` (shown as a footnote).
+    """
 
     values: list[MetricValue]
     split_hash: str = ""
     #: what makes this number comparable with another (protocol variant, fraction source …), merged
     #: with the runner's fields into the result row's ``comparability`` (see :mod:`.paper_view`)
     comparability: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
 
 
 class Protocol:
@@ -53,6 +91,9 @@ class Protocol:
         uses_fractions: runs per label fraction × seed (linear probe, fine-tune, segmentation);
             otherwise once (fraction 1, seed 0).
         parameters: the suite parameters it reads, described (``medvlp list protocol=NAME``).
+        deterministic: the result depends on (weights, data, training subset) only, so repeats with
+            other training seeds on the same subset are not run.
+        primary_metric: the metric shown in the headline table.
     """
 
     name: ClassVar[str] = "protocol"
@@ -60,6 +101,8 @@ class Protocol:
     #: variants name their source, e.g. ``mgca_linear``)
     variant: ClassVar[str] = "fast"
     uses_fractions: ClassVar[bool] = False
+    deterministic: ClassVar[bool] = False  # result independent of the training seed (e.g. lbfgs probe)
+    primary_metric: ClassVar[str | None] = None  # headline metric (default: the first one reported)
     needs_text: ClassVar[bool] = False
     needs_mask: ClassVar[bool] = False
     #: suite parameters the protocol reads (name → "description (default)"); suites are validated against
@@ -81,6 +124,19 @@ def random_batches(rows: Sequence[int], batch_size: int, epochs: int, seed: int)
     size = min(batch_size, len(rows))
     for _ in range(epochs * max(1, math.ceil(len(rows) / batch_size))):
         yield [rows[i] for i in torch.randint(len(rows), (size,), generator=g).tolist()]
+
+
+def constant_class_flags(y: np.ndarray, names: Sequence[str], where: str) -> list[str]:
+    """``note:`` flags naming classes whose known labels in ``y`` are all one value (AUC undefined)."""
+    bad = [str(names[k]) if k < len(names) else str(k) for k in range(y.shape[1])
+           if len(np.unique(y[~np.isnan(y[:, k]), k])) < 2]
+    return [f"note: {len(bad)} of {y.shape[1]} classes without both labels in {where} ({', '.join(bad)})"] if bad else []
+
+
+def label_samples(ids: Sequence[str], scores: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-sample arrays of a classification protocol (for :class:`ProtocolResult`)."""
+    return {"ids": np.asarray([str(i) for i in ids]), "scores": np.asarray(scores, np.float32),
+            "labels": np.asarray(labels, np.float32), "class_names": np.asarray([str(n) for n in names])}
 
 
 def macro_auc(y: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from medvlp.benchmarks.features import Features
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult
+from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, recall_recipe
 from medvlp.registry import register_benchmark
 
 
@@ -14,15 +14,26 @@ def recall_at_k(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, 
 
     Ties are broken pessimistically (an item with an equal score counts as ranked above).
     """
-    if sim.shape[0] != sim.shape[1]:
-        raise ValueError(f"retrieval needs a square similarity matrix, got {sim.shape}")
-    pos = np.diag(sim)[:, None]
-    rank = (sim >= pos).sum(1) - 1  # 0 = best; ties count against
+    rank = pair_ranks(sim)
     return {k: float((rank < k).mean()) for k in ks}
 
 
+def pair_ranks(sim: np.ndarray) -> np.ndarray:
+    """Per query (row), the 0-based rank of its paired item (same index); ties count against."""
+    if sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"retrieval needs a square similarity matrix, got {sim.shape}")
+    return (sim >= np.diag(sim)[:, None]).sum(1) - 1
+
+
 def label_precision_at_k(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> tuple[dict[int, float], float]:
-    """Mean fraction of the top-K retrieved items (excluding none) whose label set equals the query's
+    """Mean of :func:`label_precision_per_query` over queries, and the chance level."""
+    per_query, chance = label_precision_per_query(sim, labels, ks)
+    return {k: float(v.mean()) for k, v in per_query.items()}, chance
+
+
+def label_precision_per_query(sim: np.ndarray, labels: np.ndarray,
+                              ks: tuple[int, ...] = (1, 5, 10)) -> tuple[dict[int, np.ndarray], float]:
+    """Per query, the fraction of the top-K retrieved items whose label set equals the query's
     (ConVIRT's category precision@K), and the chance level Σ_c p_c² over label-set frequencies.
 
     Rows of ``labels`` with NaN never match.
@@ -34,7 +45,7 @@ def label_precision_at_k(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...
     for k in ks:
         top = order[:, :k]
         same = np.array([[keys[i] is not None and keys[i] == keys[j] for j in row] for i, row in enumerate(top)])
-        out[k] = float(same.mean())
+        out[k] = same.mean(1)
     _, counts = np.unique([str(k) for k in keys[known]], return_counts=True)
     chance = float(((counts / len(labels)) ** 2).sum())
     return out, chance
@@ -95,6 +106,7 @@ class Retrieval(Protocol):
 
     name = "retrieval"
     needs_text = True
+    primary_metric = "i2t_R@10"
 
     def applicable(self, ctx: EvalContext) -> str | None:
         return text_reason(ctx)
@@ -106,19 +118,25 @@ class Retrieval(Protocol):
         ks = tuple(ctx.params.get("ks", (1, 5, 10)))
         n = sim.shape[0]
         out = []
+        samples = {"ids": np.asarray([str(i) for i in feats.ids])}
+        recipes = {}
         for direction, s in (("i2t", sim), ("t2i", sim.T)):
+            samples[f"{direction}_rank"] = pair_ranks(s).astype(np.int32)
+            recipes.update({f"{direction}_R@{k}": recall_recipe(f"{direction}_rank", k, n) for k in ks})
             for k, v in recall_at_k(s, ks).items():
                 out.append(MetricValue(f"{direction}_R@{k}", v,
                                        f"{direction} recall@{k} among N={n} test pairs (chance {k / n:.3f}); "
                                        f"ties ranked pessimistically{note}"))
         if not np.isnan(feats.labels).all() and feats.labels.size:
             for direction, s in (("i2t", sim), ("t2i", sim.T)):
-                prec, chance = label_precision_at_k(s, feats.labels, ks)
-                for k, v in prec.items():
-                    out.append(MetricValue(f"{direction}_P@{k}", v,
+                prec, chance = label_precision_per_query(s, feats.labels, ks)
+                for k, per_query in prec.items():
+                    samples[f"{direction}_P@{k}"] = per_query.astype(np.float32)
+                    recipes[f"{direction}_P@{k}"] = mean_recipe(f"{direction}_P@{k}", chance)
+                    out.append(MetricValue(f"{direction}_P@{k}", float(per_query.mean()),
                                            f"{direction} label-set precision@{k}: share of the top {k} of N={n} whose "
                                            f"label set equals the query's (chance {chance:.3f}){note}"))
-        return ProtocolResult(out)
+        return ProtocolResult(out, samples=samples, recipes=recipes)
 
 
 @register_benchmark("category_retrieval")

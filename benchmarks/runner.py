@@ -49,7 +49,8 @@ def _config_hash(cfg: Any) -> str:
     return hashlib.sha1(json.dumps(to_container(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any]) -> Any:
+def _method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any], seed: int | None = None,
+                   run_name: str | None = None) -> Any:
     args = [f"method={entry.get('method', label)}", f"preset={entry.get('preset', suite.get('preset', 'demo'))}"]
     if entry.get("data"):
         args.append(f"data={entry['data']['name']}")  # loads that datamodule's packaged defaults
@@ -61,8 +62,9 @@ def _method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any
         layers.append(OmegaConf.create({"method": {"init_args": entry["init_args"]}}))
     if entry.get("trainer"):
         layers.append(OmegaConf.create({"trainer": entry["trainer"]}))
-    cfg = merge(*layers, overrides=[f"run.dir={Path(suite['output']) / 'runs' / label}",
-                                    f"run.seed={suite.get('seed', 42)}"])
+    run_dir = Path(suite["output"]) / "runs" / label
+    cfg = merge(*layers, overrides=[f"run.dir={run_dir / run_name if run_name else run_dir}",
+                                    f"run.seed={suite.get('seed', 42) if seed is None else seed}"])
     if OmegaConf.select(cfg, "run.weights_only_resume", default=True) is False:
         raise ValueError(f"suite {suite.get('name')!r}, method {label!r}: a suite cannot set "
                          "run.weights_only_resume=false; only the command line can "
@@ -74,15 +76,20 @@ def _method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any
 UNSAFE_RESUME_KEY = "_cli_weights_only_resume"
 
 
-def obtain_model(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any]) -> tuple[Any, str, str]:
-    """Return ``(model, checkpoint, config_hash)`` for a suite method entry (pretraining if needed)."""
+def obtain_model(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any],
+                 seed: int | None = None) -> tuple[Any, str, str]:
+    """Return ``(model, checkpoint, config_hash)`` for a suite method entry (pretraining if needed).
+
+    ``seed`` (one of the suite's ``pretrain_seeds``) pretrains into ``runs/<label>/seed<seed>`` with
+    ``run.seed=seed``; ``None`` uses the suite's ``seed`` and ``runs/<label>``.
+    """
     if entry.get("ckpt"):
         model = load_method(entry["ckpt"], allow_class_path=bool(entry.get("allow_class_path", False)))
         return model, str(entry["ckpt"]), "external"
-    cfg = _method_config(suite, label, entry)
+    cfg = _method_config(suite, label, entry, seed, None if seed is None else f"seed{seed}")
     chash = _config_hash(cfg)
     if entry.get("pretrain", True) is False:
-        L.seed_everything(int(suite.get("seed", 42)))
+        L.seed_everything(int(cfg.run.seed))
         dm = build_datamodule_from_config(to_container(cfg))
         return build_method(to_container(cfg), dm).eval(), "random-init", chash
     out = Path(cfg.run.dir)
@@ -96,12 +103,47 @@ def obtain_model(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any])
     return load_method(str(ckpt)), str(ckpt), chash
 
 
+def describe_backbone(model: Any) -> str:
+    """Short description of the image backbone, e.g. ``ViTEncoder(d=192, L=12)``."""
+    enc = model.image_backbone()
+    parts = [f"d={enc.embed_dim}"] if hasattr(enc, "embed_dim") else []
+    if hasattr(enc, "blocks"):
+        parts.append(f"L={len(enc.blocks)}")
+    return f"{type(enc).__name__}({', '.join(parts)})" if parts else type(enc).__name__
+
+
 def _protocols(suite: Mapping[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]:
     out = []
     for key, params in suite["protocols"].items():
         params = dict(params or {})
-        proto_cls = BENCHMARKS.get(params.pop("protocol", key))
+        name = params.pop("protocol", key)
+        proto_cls = BENCHMARKS.get(name)
         out.append((key, proto_cls(), params))
+    return out
+
+
+def unit_seeds(proto: Any, params: Mapping[str, Any], fraction: float) -> list[tuple[int, int]]:
+    """``(subset_seed, training_seed)`` pairs to run for one fraction, without deterministic repeats.
+
+    ``seeds`` are training seeds; ``subset_seeds`` draw the label subset (absent: each training seed
+    also draws its own subset). At fraction 1 every subset seed gives the whole train split, and a
+    :attr:`~Protocol.deterministic` protocol ignores the training seed, so pairs that cannot change
+    the result run once.
+    """
+    if not proto.uses_fractions:
+        return [(0, 0)]
+    seeds = [int(s) for s in params.get("seeds", [0])]
+    subset = params.get("subset_seeds")
+    pairs = [(int(ss), s) for ss in subset for s in seeds] if subset is not None else [(s, s) for s in seeds]
+    out, seen = [], set()
+    for ss, s in pairs:
+        key = (None if float(fraction) >= 1 else ss, None if proto.deterministic else s)
+        if key not in seen:
+            seen.add(key)
+            out.append((ss, s))
+    if len(out) < len(pairs):
+        log.info("%s at fraction %g: %d of %d seed pairs would repeat an identical run; running %d",
+                 proto.name, fraction, len(pairs) - len(out), len(pairs), len(out))
     return out
 
 
@@ -122,45 +164,68 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
         dm.prepare_data()
     for label, entry in suite["methods"].items():
         entry = dict(entry or {})
-        model, ckpt, chash = obtain_model(suite, label, entry)
-        weights = model_fingerprint(model)
-        data_cfg = None if entry.get("ckpt") or ckpt == "random-init" else _method_config(suite, label, entry).get("data")
-        mfields = model_fields(model, pretrain_data_of(entry, to_container(data_cfg) if data_cfg is not None else None, ckpt))
-        enc_dims = getattr(model.image_backbone(), "spatial_dims", None)
-        for ds_name, dm in datasets.items():
-            if enc_dims is not None and dm.spatial_dims not in enc_dims:
-                log.info("%s on %s: skipped (encoder supports %sD, data is %dD)", label, ds_name, list(enc_dims), dm.spatial_dims)
-                continue
-            for key, proto, params in protocols:
-                if ds_name in only and key not in only[ds_name]:
-                    continue
-                ctx = EvalContext(model, dm, cache, params, device, out)
-                reason = proto.applicable(ctx)
-                if reason:
-                    log.info("%s on %s: %s skipped (%s)", label, ds_name, key, reason)
-                    continue
-                fractions = params.get("fractions", [1.0]) if proto.uses_fractions else [1.0]
-                seeds = params.get("seeds", [0]) if proto.uses_fractions else [0]
-                pjson = json.dumps({k: v for k, v in params.items() if k not in ("fractions", "seeds")}, sort_keys=True)
-                for fraction in fractions:
-                    for seed in seeds:
-                        unit = dict(label=label, dataset=ds_name, protocol=key, params=pjson, fraction=fraction, seed=seed)
-                        if store.done(**unit):
-                            continue
-                        t0 = time.time()
-                        res = proto.run(ctx, float(fraction), int(seed))
-                        log.info("%s %s %s f=%g s=%d: %s (%.1fs)", label, ds_name, key, fraction, seed,
-                                 ", ".join(f"{v.metric}={v.value:.3f}" for v in res.values), time.time() - t0)
-                        now = time.strftime("%Y-%m-%dT%H:%M:%S")
-                        comp = json.dumps({**mfields, **row_fields(proto, params, dm, res)}, sort_keys=True, default=str)
-                        store.add([{**unit, "suite": suite["name"], "method": entry.get("method", label),
-                                    "checkpoint": ckpt, "weights": weights, "dataset_version": dm.dataset_version,
-                                    "split_hash": res.split_hash, "metric": v.metric, "value": v.value,
-                                    "definition": v.definition, "config_hash": chash, "timestamp": now,
-                                    "comparability": comp}
-                                   for v in res.values])
+        seeds = entry.get("pretrain_seeds", suite.get("pretrain_seeds"))
+        for pseed in ([None] if seeds is None or entry.get("ckpt") else [int(s) for s in seeds]):
+            model, ckpt, chash = obtain_model(suite, label, entry, pseed)
+            _evaluate_model(suite, store, cache, datasets, only, protocols, label, entry, model, ckpt, chash,
+                            "" if pseed is None else pseed, device)
     log.info("feature cache: %d hits, %d misses", cache.hits, cache.misses)
     return store.path
+
+
+def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: FeatureCache, datasets: Mapping[str, Any],
+                    only: Mapping[str, set], protocols: list, label: str, entry: Mapping[str, Any], model: Any,
+                    ckpt: str, chash: str, pseed: int | str, device: str) -> None:
+    weights = model_fingerprint(model)  # once per model; the feature cache reuses it
+    cache.pin(model, weights)
+    seed = None if pseed == "" else int(pseed)
+    data_cfg = (None if entry.get("ckpt") or ckpt == "random-init"
+                else _method_config(suite, label, entry, seed, None if seed is None else f"seed{seed}").get("data"))
+    mfields = model_fields(model, pretrain_data_of(entry, to_container(data_cfg) if data_cfg is not None else None, ckpt))
+    backbone = describe_backbone(model)
+    method = getattr(model, "name", None) or entry.get("method", label)
+    if entry.get("auto_label"):
+        label = f"{method} {backbone}"
+    enc_dims = getattr(model.image_backbone(), "spatial_dims", None)
+    for ds_name, dm in datasets.items():
+        if enc_dims is not None and dm.spatial_dims not in enc_dims:
+            log.info("%s on %s: skipped (encoder supports %sD, data is %dD)", label, ds_name, list(enc_dims), dm.spatial_dims)
+            continue
+        store.drop_stale({"weights": weights, "config_hash": chash, "dataset_version": dm.dataset_version},
+                         label=label, dataset=ds_name, pretrain_seed=pseed)
+        for key, proto, params in protocols:
+            if ds_name in only and key not in only[ds_name]:
+                continue
+            ctx = EvalContext(model, dm, cache, params, device, Path(suite["output"]))
+            reason = proto.applicable(ctx)
+            if reason:
+                log.info("%s on %s: %s skipped (%s)", label, ds_name, key, reason)
+                continue
+            fractions = params.get("fractions", [1.0]) if proto.uses_fractions else [1.0]
+            pjson = json.dumps({k: v for k, v in params.items() if k not in ("fractions", "seeds", "subset_seeds")},
+                               sort_keys=True)
+            for fraction in fractions:
+                for subset_seed, seed in unit_seeds(proto, params, float(fraction)):
+                    unit = dict(label=label, dataset=ds_name, protocol=key, params=pjson, fraction=fraction,
+                                pretrain_seed=pseed, subset_seed=subset_seed, seed=seed, weights=weights,
+                                config_hash=chash, dataset_version=dm.dataset_version)
+                    if store.done(**unit):
+                        continue
+                    t0 = time.time()
+                    ctx.subset_seed = subset_seed
+                    res = proto.run(ctx, float(fraction), int(seed))
+                    log.info("%s %s %s f=%g s=%d/%d: %s (%.1fs)", label, ds_name, key, fraction, subset_seed, seed,
+                             ", ".join(f"{v.metric}={v.value:.3f}" for v in res.values), time.time() - t0)
+                    for flag in res.flags:
+                        log.warning("%s %s %s f=%g: %s", label, ds_name, key, fraction, flag)
+                    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+                    comp = json.dumps({**mfields, **row_fields(proto, params, dm, res)}, sort_keys=True, default=str)
+                    store.add([{**unit, "comparability": comp, "suite": suite["name"], "method": method, "backbone": backbone,
+                                "protocol_name": proto.name, "checkpoint": ckpt, "split_hash": res.split_hash,
+                                "metric": v.metric, "value": v.value, "definition": v.definition,
+                                "flags": " | ".join(res.flags), "timestamp": now}
+                               for v in res.values], res.samples, res.recipes)
+    cache.unpin(model)
 
 
 def benchmark_command(args: Sequence[str]) -> int:
@@ -187,7 +252,7 @@ def benchmark_command(args: Sequence[str]) -> int:
 
 
 def evaluate_command(args: Sequence[str]) -> int:
-    """``medvlp evaluate ckpt=PATH data=NAME [data.init_args.k=v] protocols=[a,b] out=DIR``."""
+    """``medvlp evaluate ckpt=PATH data=NAME [data.init_args.k=v] protocols=[a,b] out=DIR [label=NAME]``."""
     _, overrides = split_args(args)
     cfg = OmegaConf.from_dotlist(overrides)
     if "ckpt" not in cfg:
@@ -200,8 +265,9 @@ def evaluate_command(args: Sequence[str]) -> int:
     suite = {
         "name": "evaluate",
         "output": str(cfg.get("out", "results/evaluate")),
-        "methods": {Path(str(cfg.ckpt)).parent.parent.name or "model": {"ckpt": str(cfg.ckpt),
-                                                                         "allow_class_path": allow_class_path}},
+        # rows are labelled "<method> <backbone>" from the checkpoint's metadata (or label=NAME)
+        "methods": {str(cfg.get("label", "checkpoint")): {"ckpt": str(cfg.ckpt), "auto_label": "label" not in cfg,
+                                                          "allow_class_path": allow_class_path}},
         "datasets": {data["name"]: data},
         "protocols": {p: to_container(cfg.get("protocol_params", {})).get(p, {}) for p in protocols},
     }

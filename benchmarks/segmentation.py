@@ -19,7 +19,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from medvlp.benchmarks.dice import DEFINITIONS, dice_score
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, random_batches
+from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, random_batches
 from medvlp.benchmarks.splits import fraction_rows
 from medvlp.registry import register_benchmark
 
@@ -118,6 +118,7 @@ class Segmentation(Protocol):
     }
 
     name = "segmentation"
+    primary_metric = "dice"
     uses_fractions = True
     needs_mask = True
 
@@ -133,8 +134,8 @@ class Segmentation(Protocol):
             raise ValueError(f"segmentation mode must be frozen|full, got {p.get('mode')!r}")
         torch.manual_seed(seed)
         train_x, train_y, train_ids, _ = _collect(ctx, "train", frozen)
-        test_x, test_y, _, test_inst = _collect(ctx, "test", frozen)
-        rows, subset_hash = fraction_rows(train_ids, fraction, seed)
+        test_x, test_y, test_ids, test_inst = _collect(ctx, "test", frozen)
+        rows, subset_hash = fraction_rows(train_ids, fraction, ctx.subset_seed_for(seed))
         num_classes = int(max(int(train_y.max()), int(test_y.max()), 1)) + 1
         sd = train_y.ndim - 2
         size = tuple(train_y.shape[2:])
@@ -181,7 +182,7 @@ class Segmentation(Protocol):
                 probs.append(torch.softmax(logits, 1).cpu())
         mode = "frozen encoder" if frozen else "full fine-tune"
         return {"pred": torch.cat(preds), "prob": torch.cat(probs), "target": test_y, "instances": test_inst,
-                "num_classes": num_classes, "split_hash": subset_hash,
+                "num_classes": num_classes, "split_hash": subset_hash, "ids": test_ids,
                 "how": f"{mode}, {epochs} epochs on {len(rows)} train images, N_test={len(test_x)}"}
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
@@ -192,13 +193,34 @@ class Segmentation(Protocol):
         values = [MetricValue(f"dice_{d}" if d != "foreground" else "dice",
                               dice_score(out["pred"], out["target"], out["num_classes"], d),
                               f"{DEFINITIONS[d]}; {out['how']}") for d in names]
-        return ProtocolResult(values, out["split_hash"])
+        samples = {"ids": np.asarray([str(i) for i in out["ids"]])}
+        for v, d in zip(values, names):
+            samples[v.metric] = per_image_dice(out["pred"], out["target"], out["num_classes"], d)
+        flags = ([] if bool((out["pred"] > 0).any()) else
+                 ["degenerate: the decoder predicted background everywhere on every test image"])
+        return ProtocolResult(values, out["split_hash"], samples=samples,
+                              recipes={v.metric: mean_recipe(v.metric) for v in values}, flags=flags)
 
     @staticmethod
     def _maps(model: Any, xs: list[Any], idx: list[int], frozen: bool, device: Any) -> list[torch.Tensor]:
         if frozen:
             return [torch.stack([xs[i][level] for i in idx]).to(device) for level in range(len(xs[idx[0]]))]
         return model.image_feature_maps(torch.stack([xs[i] for i in idx]).to(device))
+
+
+def per_image_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, definition: str) -> np.ndarray:
+    """Per-image Dice whose :func:`~medvlp.benchmarks.stats` ``mean`` recipe (NaN-mean over images, then
+    mean over classes) reproduces :func:`dice_score`: ``(N, C)`` with NaN where an image does not count
+    (MONAI ``ignore_empty``), or ``(N,)`` for ``mgca_per_image``."""
+    if definition == "mgca_per_image":
+        p, t = (pred > 0).flatten(1).float(), (target > 0).flatten(1).float()
+        denom = p.sum(1) + t.sum(1)
+        return torch.where(denom == 0, torch.ones_like(denom), 2 * (p * t).sum(1) / denom.clamp_min(1e-8)).numpy()
+    from monai.metrics import DiceMetric
+
+    one_hot = lambda x: F.one_hot(x[:, 0].long(), num_classes).movedim(-1, 1).float()  # noqa: E731
+    metric = DiceMetric(include_background=definition == "with_background", reduction="none", ignore_empty=True)
+    return metric(one_hot(pred), one_hot(target)).cpu().numpy().astype(np.float32)
 
 
 def voi(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
@@ -239,6 +261,7 @@ class InstanceVOI(Segmentation):
     truth ids (0 = unlabeled, ignored), mean over test volumes."""
 
     name = "instance_voi"
+    primary_metric = "voi"
 
     def applicable(self, ctx: EvalContext) -> str | None:
         sample = ctx.datamodule.dataset("test", augment=False)[0]
@@ -246,13 +269,21 @@ class InstanceVOI(Segmentation):
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         out = self.fit_predict(ctx, fraction, seed)
-        splits, merges = [], []
+        splits, merges, boundary = [], [], False
         for prob, inst in zip(out["prob"], out["instances"]):
+            boundary |= bool((prob[1] >= 0.5).any())
             pred = instances_from_boundaries(prob[1].numpy())
             s, m = voi(pred, inst[0].numpy())
             splits.append(s)
             merges.append(m)
         d = f"variation of information (nats) vs ground-truth ids, mean over test volumes; {out['how']}"
+        split, merge = np.asarray(splits, np.float64), np.asarray(merges, np.float64)
+        samples = {"ids": np.asarray([str(i) for i in out["ids"]]), "voi": split + merge, "voi_split": split,
+                   "voi_merge": merge}
+        recipes = {k: mean_recipe(k, higher_is_better=False) for k in ("voi", "voi_split", "voi_merge")}
+        flags = [] if boundary else ["degenerate: the decoder predicted no boundary voxel in any test volume "
+                                     "(one instance per volume; VOI = merge term of the ground truth only)"]
         return ProtocolResult([MetricValue("voi", float(np.mean(splits) + np.mean(merges)), d),
                                MetricValue("voi_split", float(np.mean(splits)), d),
-                               MetricValue("voi_merge", float(np.mean(merges)), d)], out["split_hash"])
+                               MetricValue("voi_merge", float(np.mean(merges)), d)], out["split_hash"],
+                              samples=samples, recipes=recipes, flags=flags)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from medvlp.benchmarks.linear_probe import is_one_hot
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc
+from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
+                                       label_samples, macro_auc, mean_recipe)
 from medvlp.registry import register_benchmark
 
 
@@ -40,6 +41,7 @@ class ZeroShot(Protocol):
 
     name = "zero_shot"
     needs_text = True
+    primary_metric = "auc"
 
     def applicable(self, ctx: EvalContext) -> str | None:
         if not ctx.datamodule.label_names:
@@ -82,11 +84,17 @@ class ZeroShot(Protocol):
         definition = (f"macro ROC-AUC over classes with both labels in the test split (N={len(feats.ids)}); "
                       f"score = {how}; {mode} prompts")
         values = [MetricValue("auc", auc, definition)]
+        names = list(dm.label_names)
+        samples = label_samples(feats.ids, scores.numpy(), feats.labels, names)
+        recipes = {"auc": auc_recipe()}
         if is_one_hot(feats.labels):
+            samples["correct"] = (scores.numpy().argmax(1) == feats.labels.argmax(1)).astype("float32")
+            recipes["acc"] = mean_recipe("correct", 1.0 / feats.labels.shape[1])
             acc = float((scores.numpy().argmax(1) == feats.labels.argmax(1)).mean())
             values.append(MetricValue("acc", acc, f"multi-class accuracy of the arg-max class score (N={len(feats.ids)}); "
                                                   f"{mode} prompts"))
-        return ProtocolResult(values)
+        return ProtocolResult(values, samples=samples, recipes=recipes,
+                              flags=constant_class_flags(feats.labels, names, "the test split"))
 
 
 def max_f1(y: np.ndarray, scores: np.ndarray) -> float:
@@ -178,4 +186,11 @@ class ZeroShotArgmax(ZeroShot):
                                       f"macro F1 of the arg-max class; {how}"))
         values.append(MetricValue("max_f1", max_f1(y, sim), f"per-class max F1 over thresholds, mean over classes; {how}"))
         values.append(MetricValue("auc", macro_auc(y, sim)[0], f"macro ROC-AUC of the class scores; {how}"))
-        return ProtocolResult(values, comparability={"protocol_variant": self.variant})
+        names = list(dm.label_names)
+        samples = label_samples(feats.ids, sim, y, names)
+        recipes = {"auc": auc_recipe()}
+        if is_one_hot(y):
+            samples["correct"] = (sim.argmax(1) == y.argmax(1)).astype("float32")
+            recipes["acc"] = mean_recipe("correct", 1.0 / y.shape[1])
+        return ProtocolResult(values, comparability={"protocol_variant": self.variant}, samples=samples,
+                              recipes=recipes, flags=constant_class_flags(y, names, "the test split"))
