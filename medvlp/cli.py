@@ -20,7 +20,7 @@ commands:
   pretrain  method=M data=D    pretrain one method (resumes from <run>/checkpoints/last.ckpt)
   evaluate  ckpt=PATH data=D protocols=[..]   run protocols on one checkpoint
   benchmark suite=NAME|PATH    methods x datasets x protocols x fractions x seeds -> results.csv
-  report    results=PATH       Markdown/LaTeX/CSV tables (mean ± std) and PNG plots
+  report    results=PATH       headline table with 95 % CIs and significance vs a reference, tables, plots, report.html
   demo                         benchmark suite=quickstart, then report (the main job)
   config    method=M data=D    print the composed config without running
 

@@ -109,5 +109,7 @@ def test_smoke_suite_runs_every_protocol_resumes_and_reports(tmp_path) -> None:
     assert len(pd.read_csv(path)) == n
     md = report(path, tmp_path / "report")
     assert "random_init" in md and "± " in md
-    for f in ("table.md", "table.tex", "summary.csv", "phantom_xray_linear_probe.png"):
+    for f in ("table.md", "table.tex", "summary.csv", "report.html", "phantom_xray_headline.png",
+              "phantom_xray_linear_probe_fractions.png"):
         assert (tmp_path / "report" / f).is_file()
+    assert all((tmp_path / rel).is_file() for rel in df["samples"])  # per-sample outputs beside results.csv
