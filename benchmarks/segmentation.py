@@ -193,13 +193,19 @@ class Segmentation(Protocol):
         values = [MetricValue(f"dice_{d}" if d != "foreground" else "dice",
                               dice_score(out["pred"], out["target"], out["num_classes"], d),
                               f"{DEFINITIONS[d]}; {out['how']}") for d in names]
-        samples = {"ids": np.asarray([str(i) for i in out["ids"]])}
+        samples, recipes = {"ids": np.asarray([str(i) for i in out["ids"]])}, {}
         for v, d in zip(values, names):
-            samples[v.metric] = per_image_dice(out["pred"], out["target"], out["num_classes"], d)
+            if d.startswith("mmseg_dataset"):  # dataset-level: per-image areas, summed when recomputed
+                samples[f"{v.metric}_num"], samples[f"{v.metric}_den"] = dice_areas(
+                    out["pred"], out["target"], out["num_classes"], background=d == "mmseg_dataset")
+                recipes[v.metric] = {"kind": "ratio", "num": f"{v.metric}_num", "den": f"{v.metric}_den",
+                                     "chance": None, "higher_is_better": True}
+            else:
+                samples[v.metric] = per_image_dice(out["pred"], out["target"], out["num_classes"], d)
+                recipes[v.metric] = mean_recipe(v.metric)
         flags = ([] if bool((out["pred"] > 0).any()) else
                  ["degenerate: the decoder predicted background everywhere on every test image"])
-        return ProtocolResult(values, out["split_hash"], samples=samples,
-                              recipes={v.metric: mean_recipe(v.metric) for v in values}, flags=flags)
+        return ProtocolResult(values, out["split_hash"], samples=samples, recipes=recipes, flags=flags)
 
     @staticmethod
     def _maps(model: Any, xs: list[Any], idx: list[int], frozen: bool, device: Any) -> list[torch.Tensor]:
@@ -221,6 +227,16 @@ def per_image_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, d
     one_hot = lambda x: F.one_hot(x[:, 0].long(), num_classes).movedim(-1, 1).float()  # noqa: E731
     metric = DiceMetric(include_background=definition == "with_background", reduction="none", ignore_empty=True)
     return metric(one_hot(pred), one_hot(target)).cpu().numpy().astype(np.float32)
+
+
+def dice_areas(pred: torch.Tensor, target: torch.Tensor, num_classes: int, background: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and class, ``2·|P∩T|`` and ``|P| + |T|`` (``(N, C)`` each): their dataset sums give
+    :func:`~medvlp.benchmarks.dice.mmseg_dataset_dice`."""
+    p, t = pred.flatten(1).long(), target.flatten(1).long()
+    classes = range(0 if background else 1, num_classes)
+    num = torch.stack([2 * ((p == c) & (t == c)).sum(1) for c in classes], 1)
+    den = torch.stack([(p == c).sum(1) + (t == c).sum(1) for c in classes], 1)
+    return num.numpy().astype(np.float64), den.numpy().astype(np.float64)
 
 
 def voi(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:

@@ -7,7 +7,9 @@ computed from a unit's per-sample arrays:
   labels ignored) of ``scores`` against ``labels``;
 * ``recall``: share of queries whose paired item ranks below ``k`` (``ranks``, 0 = best);
 * ``mean``: mean of ``values`` over samples; 2-D values are NaN-averaged over samples per column, then
-  averaged over the columns that have a value (MONAI Dice with ``ignore_empty``).
+  averaged over the columns that have a value (MONAI Dice with ``ignore_empty``);
+* ``ratio``: per column ``Σ num / Σ den`` over samples (columns with ``Σ den = 0`` skipped), mean over
+  columns (dataset-level Dice as MMSeg: ``num`` = 2·intersection, ``den`` = predicted + true area).
 
 Resampling is expressed as a weight matrix ``W`` (``B × N``, multiplicity of each test sample in each
 bootstrap resample), so every metric of every resample is one matrix product.
@@ -104,12 +106,18 @@ def metric_under_weights(recipe: Mapping[str, Any], arrays: Arrays, W: np.ndarra
         with np.errstate(invalid="ignore", divide="ignore"):
             per_col = (W @ np.where(ok, v, 0.0)) / (W @ ok.astype(np.float64))  # B × C, NaN when no sample
         return np.nanmean(per_col, axis=1)
+    if kind == "ratio":
+        num = np.asarray(arrays[recipe["num"]], np.float64).reshape(W.shape[1], -1)
+        den = np.asarray(arrays[recipe["den"]], np.float64).reshape(W.shape[1], -1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_col = np.where(W @ den > 0, (W @ num) / (W @ den), np.nan)
+        return np.nanmean(per_col, axis=1)
     raise ValueError(f"unknown metric recipe kind {kind!r}")
 
 
 def n_samples(recipe: Mapping[str, Any], arrays: Arrays) -> int:
     """Number of test samples the recipe's arrays cover."""
-    key = {"macro_auc": "scores", "recall": "ranks", "mean": "values"}[recipe["kind"]]
+    key = {"macro_auc": "scores", "recall": "ranks", "mean": "values", "ratio": "num"}[recipe["kind"]]
     return len(arrays[recipe[key]])
 
 

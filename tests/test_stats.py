@@ -151,3 +151,22 @@ def test_report_headline_marks_significance_withholds_degenerate_and_html_is_sel
     assert not checker.stack and checker.tags.count("table") >= 3 and checker.tags.count("img") >= 1
     assert checker.links and all(link.startswith("data:image/png;base64,") for link in checker.links)
     assert "http://" not in page and "https://" not in page
+
+
+def test_per_image_segmentation_outputs_reproduce_every_dice_definition() -> None:
+    import torch
+
+    from medvlp.benchmarks.dice import DEFINITIONS, dice_score
+    from medvlp.benchmarks.segmentation import dice_areas, per_image_dice
+
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(6, 1, 8, 8, generator=g) > 0.7).long() * torch.randint(1, 3, (6, 1, 8, 8), generator=g)
+    target[0] = 0  # an image with empty ground truth
+    pred = (torch.rand(6, 1, 8, 8, generator=g) > 0.6).long() * torch.randint(1, 3, (6, 1, 8, 8), generator=g)
+    for d in DEFINITIONS:
+        if d.startswith("mmseg_dataset"):
+            num, den = dice_areas(pred, target, 3, background=d == "mmseg_dataset")
+            recipe, arrays = {"kind": "ratio", "num": "n", "den": "d"}, {"n": num, "d": den}
+        else:
+            recipe, arrays = mean_recipe("v"), {"v": per_image_dice(pred, target, 3, d)}
+        assert stats.metric_value(recipe, arrays) == pytest.approx(dice_score(pred, target, 3, d), abs=1e-6), d
