@@ -329,11 +329,11 @@ def raise_if(errors: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- suites
-SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed")
+SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed", "pretrain_seeds")
 SUITE_METHOD_KEYS = ("method", "pretrain", "ckpt", "allow_class_path", "preset", "data", "overrides", "init_args",
-                     "trainer", "pretrain_data")
+                     "trainer", "pretrain_data", "pretrain_seeds", "auto_label")
 #: parameters every protocol understands (the runner reads them)
-COMMON_PROTOCOL_PARAMS = ("protocol", "fractions", "seeds")
+COMMON_PROTOCOL_PARAMS = ("protocol", "fractions", "seeds", "subset_seeds")
 
 
 def check_protocol(key: str, params: Any, errors: list[str], where: str = "protocols") -> None:

@@ -96,3 +96,34 @@ def test_evaluate_labels_rows_from_checkpoint_metadata(tmp_path) -> None:
     assert set(df["method"]) == {"clip"}
     assert df["label"].iloc[0].startswith("clip") and "some_run_folder" not in df["label"].iloc[0]
     assert df["backbone"].iloc[0] and df["backbone"].iloc[0] in df["label"].iloc[0]
+
+
+def test_unit_seeds_separate_subset_and_training_seeds_and_skip_deterministic_repeats() -> None:
+    from medvlp.benchmarks.finetune import Finetune
+    from medvlp.benchmarks.linear_probe import LinearProbe
+    from medvlp.benchmarks.runner import unit_seeds
+
+    lp, ft = LinearProbe(), Finetune()
+    assert unit_seeds(lp, {"seeds": [0, 1, 2]}, 0.1) == [(0, 0), (1, 1), (2, 2)]  # each seed its own subset
+    assert unit_seeds(lp, {"seeds": [0, 1, 2]}, 1.0) == [(0, 0)]  # same subset, deterministic: once
+    assert unit_seeds(lp, {"seeds": [0, 1, 2], "subset_seeds": [5]}, 0.1) == [(5, 0)]
+    # BenchX: one fixed subset, several training seeds of a stochastic protocol
+    assert unit_seeds(ft, {"seeds": [0, 1, 2], "subset_seeds": [5]}, 0.1) == [(5, 0), (5, 1), (5, 2)]
+    assert unit_seeds(ft, {"seeds": [0, 1], "subset_seeds": [5, 6]}, 1.0) == [(5, 0), (5, 1)]
+
+
+def test_pretrain_seeds_are_run_and_aggregated_by_the_report(tmp_path) -> None:
+    from medvlp.benchmarks.runner import run_suite
+    from medvlp.benchmarks.tables import report
+    from medvlp.validate import check_suite
+
+    suite = _tiny_suite(tmp_path)
+    suite["pretrain_seeds"] = [1, 2]
+    suite["protocols"] = {"zero_shot": {}, "linear_probe": {"fractions": [1.0], "seeds": [0, 1], "subset_seeds": [0]}}
+    check_suite(suite)
+    df = pd.read_csv(run_suite(suite, "cpu"), dtype={"weights": str})
+    assert sorted(set(df["pretrain_seed"])) == [1, 2] and df["weights"].nunique() == 2
+    assert len(df[df.protocol == "linear_probe"]) == 2  # seeds 0/1 of a deterministic probe at 100 %: run once
+    md = report(tmp_path / "results.csv", plots=False, n_boot=200)
+    zs = next(line for line in md.splitlines() if line.startswith("| random_init"))
+    assert "(2 seeds)" in zs
