@@ -207,6 +207,14 @@ class ASG(VLPMethod):
     * Tag queries: the shared text encoder's CLS output at first use, frozen in a buffer (official: a
       separate frozen 12-layer Bio_ClinicalBERT run every step in train mode, i.e. with dropout).
     * A batch without any present region gives ARSA = 0 (the official mean over no rows is NaN).
+    * Images (X-ray datamodules): one channel, longest side resized to ``image_size`` with centred zero
+      padding and intensity normalisation ``(x − 0.5) / 0.25``; the official pipeline replicates gray
+      to RGB, resizes to 256, randomly crops 224 and applies ImageNet mean/std. With ``init_from`` the
+      DeiT-B RGB patch kernels are summed for the single channel.
+
+    The official training setup (4 GPUs × 72, 50 epochs, early stopping on the validation loss with
+    patience 5, DeiT-B init, Bio_ClinicalBERT cut to 6 layers, Chest ImaGenome regions) is
+    ``methods/asg.paper.yaml``, applied with ``preset=paper``.
 
     Args:
         local_dim: width of the patch/word embeddings (official 128).

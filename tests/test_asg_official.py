@@ -207,3 +207,31 @@ def test_asg_trains_one_step_with_official_terms() -> None:
     assert {"ira_loss", "arsa_loss", "irl_loss", "erl_loss"} <= set(out)
     method._total(out, "train").backward()
     assert method.region_proj.net[0].weight.grad is not None
+
+
+def test_asg_paper_preset_composes_the_official_training_setup(tmp_path) -> None:
+    from importlib import resources
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from medvlp.compose import compose
+    from medvlp.config import to_container
+    from medvlp.train import build_callbacks
+
+    cfg = to_container(compose(["method=asg", "preset=paper", "data=mimic_cxr", "data.init_args.root=/data/mimic",
+                                "data.init_args.scene_graph_dir=/data/imagenome"]))
+    m, t, d = cfg["method"]["init_args"], cfg["trainer"], cfg["data"]["init_args"]
+    assert d["batch_size"] == 72 and d["region_source"] == "chest_imagenome" and d["image_size"] == 224
+    assert t["devices"] == 4 and t["strategy"] == "ddp" and t["max_epochs"] == 50 and t["max_steps"] == -1
+    opt = m["optimizer"]
+    assert (opt["lr"], opt["weight_decay"], opt["warmup_ratio"]) == (4e-5, 0.05, 0.4)
+    assert opt["lr"] * opt["min_lr_ratio"] == pytest.approx(1e-8)
+    assert m["text_encoder"]["num_layers"] == 6 and m["text_encoder"]["model"] == "emilyalsentzer/Bio_ClinicalBERT"
+    assert m["image_encoder"]["init_from"].startswith("deit_base_patch16_224")
+    assert m["proj_hidden_dim"] == 2048 and m["loss_weights"]["irl_loss"] == 5.0
+    stops = [c for c in build_callbacks(t, cfg["run"], tmp_path, False) if isinstance(c, EarlyStopping)]
+    assert len(stops) == 1 and stops[0].patience == 5 and stops[0].monitor == "val/loss"
+    text = resources.files("medvlp.methods").joinpath("asg.paper.yaml").read_text()
+    values = [ln for ln in text.splitlines() if ":" in ln and not ln.lstrip().startswith(("#", "-"))
+              and not ln.rstrip().endswith(":")]
+    assert all("#" in ln for ln in values), [ln for ln in values if "#" not in ln]  # every value cites a source
