@@ -126,3 +126,24 @@ def split_ids(datamodule: Any, split: str) -> list[str]:
             continue
         ids.extend(str(m.get("id", len(ids) + i)) for i, m in enumerate(batch.get("meta") or [{}] * len(batch["image"])))
     return ids
+
+
+def shift_scale_rotate(x: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, scale_limit: float = 0.1,
+                       rotate_limit: float = 10.0, p: float = 0.5, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """albumentations ``ShiftScaleRotate(shift_limit=0, scale_limit, rotate_limit, p,
+    border_mode=BORDER_CONSTANT)`` per image: with probability ``p`` a rotation by U(−rotate_limit,
+    rotate_limit) degrees and a zoom by U(1−scale_limit, 1+scale_limit) about the centre; image
+    bilinear with ``fill`` outside, mask nearest with 0 outside."""
+    out_x, out_m = x.clone(), mask.clone()
+    for i in range(x.shape[0]):
+        if float(torch.rand(1, generator=generator)) >= p:
+            continue
+        angle = math.radians(float(torch.empty(1).uniform_(-rotate_limit, rotate_limit, generator=generator)))
+        scale = float(torch.empty(1).uniform_(1 - scale_limit, 1 + scale_limit, generator=generator))
+        c, s = math.cos(angle) / scale, math.sin(angle) / scale
+        theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype)[None]
+        grid = F.affine_grid(theta, [1, 1, *x.shape[-2:]], align_corners=False)
+        img = F.grid_sample(x[i:i + 1] - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+        msk = F.grid_sample(mask[i:i + 1].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        out_x[i], out_m[i] = img[0], msk[0].to(mask.dtype)
+    return out_x, out_m

@@ -301,3 +301,73 @@ def test_mmseg_dataset_dice_sums_areas_over_the_dataset() -> None:
     bg_pred, bg_true = 32 - 8, 32 - 5
     bg = 2 * (32 - 9) / (bg_pred + bg_true)  # background overlap: pixels that are 0 in both
     assert dice_score(pred, target, 2, "mmseg_dataset") == pytest.approx((bg + 8 / 13) / 2)
+
+
+# ----------------------------------------------------------------------------- MGCA segmentation
+def test_mgca_mixed_loss_matches_mgca_formula() -> None:
+    from medvlp.benchmarks.mgca_segmenter import mgca_mixed_loss
+
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 8, 8) * 3, (torch.rand(2, 8, 8) > 0.7).float()
+    # MGCA FocalLoss (max_val form) and dice_loss written out
+    max_val = (-x).clamp(min=0)
+    bce = x - x * t + max_val + ((-max_val).exp() + (-x - max_val).exp()).log()
+    focal = ((torch.nn.functional.logsigmoid(-x * (t * 2 - 1)) * 2.0).exp() * bce).mean()
+    p = torch.sigmoid(x)
+    dice = (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    assert float(mgca_mixed_loss(x, t)) == pytest.approx(float(10 * focal - torch.log(dice)), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def siim_dm(tmp_path_factory):
+    from medvlp.datamodules.xray import SIIMDataModule
+    from tests.fixtures import make_siim
+
+    root = make_siim(tmp_path_factory.mktemp("siim") / "siim", n=24)
+    return SIIMDataModule(str(root), image_size=32, batch_size=4)
+
+
+def test_mgca_segmentation_builds_the_reference_trainer(siim_dm, tmp_path) -> None:
+    from medvlp.benchmarks.mgca_segmenter import MGCASegmentation, SETRDecoder
+
+    torch.manual_seed(0)
+    model, _ = build_tiny("clip")
+    dm = siim_dm
+    proto = MGCASegmentation()
+    ctx = _ctx(model, dm, tmp_path, image_size=32, balance=1, max_epochs=1)
+    trainer, parts = proto.build(ctx, 1.0, 0)
+    g = trainer.optimizer.param_groups[0]
+    assert type(trainer.optimizer) is torch.optim.AdamW and (g["lr"], g["weight_decay"]) == (2e-4, 0.05)
+    assert {id(q) for q in g["params"]} == {id(q) for q in parts["decoder"].parameters()}  # encoder frozen
+    dec = parts["decoder"]
+    assert isinstance(dec, SETRDecoder)
+    assert [m.out_channels for m in dec.decoder if isinstance(m, torch.nn.Conv2d)] == [512, 256, 128, 64]
+    assert (trainer.monitor, trainer.patience) == ("val_loss", 10)
+    # SIIM training set balanced 1:1
+    recs = dm.dataset("train", augment=False).records
+    pos = [bool(recs[r]["labels"][0]) for r in trainer.info["rows"]]
+    all_pos = sum(bool(r["labels"][0]) for r in recs)
+    assert sum(pos) == all_pos and len(pos) - sum(pos) == min(all_pos, len(recs) - all_pos) > 0
+    # augmentation on train only
+    batch = next(iter(subset_loader_for(dm)))
+    xs = [parts["view"](batch, True)[0] for _ in range(4)]
+    assert any(not torch.equal(xs[0], x) for x in xs[1:])
+    assert torch.equal(parts["view"](batch, False)[0], parts["view"](batch, False)[0])
+
+
+def subset_loader_for(dm):
+    from medvlp.benchmarks.views import subset_loader
+
+    return subset_loader(dm, "train", None, 4, False, 0)
+
+
+def test_mgca_segmentation_runs_with_the_mgca_dice(siim_dm, tmp_path) -> None:
+    from medvlp.benchmarks.mgca_segmenter import MGCASegmentation
+
+    torch.manual_seed(0)
+    model, _ = build_tiny("clip")
+    res = MGCASegmentation().run(_ctx(model, siim_dm, tmp_path, image_size=32, max_epochs=2, features=[16, 16, 8, 8]), 0.5, 0)
+    vals = {v.metric: v.value for v in res.values}
+    assert 0 <= vals["dice_mgca_per_image"] <= 1 and res.values[0].definition.startswith("MGCA per-image")
+    assert res.comparability["protocol_variant"] == "mgca_segmentation"
+    assert list((tmp_path / "splits").rglob("mgca_seg_0.5_s0.txt"))
