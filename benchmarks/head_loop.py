@@ -39,6 +39,9 @@ class HeadTrainer:
         grad_clip: max global gradient norm (``None`` = no clipping).
         set_train_mode: called at the start of each epoch (e.g. keeps a frozen encoder in eval mode,
             as MGCA's ``on_train_batch_start``).
+        eval_start: first epoch (1-based) after which validation runs; eval_interval: validate every
+            this many epochs from there (BenchX ``eval_start``/``eval_interval``); patience then counts
+            validations, not epochs. The last epoch is always validated.
     """
 
     modules: list[nn.Module]
@@ -53,12 +56,14 @@ class HeadTrainer:
     scheduler: Any = None
     grad_clip: float | None = None
     set_train_mode: Callable[[], None] | None = None
+    eval_start: int = 1
+    eval_interval: int = 1
     info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit` did: epochs run, the selected epoch and the per-epoch validation history."""
+    """What :func:`fit` did: epochs run, the selected epoch (0-based) and the validation history."""
 
     epochs_run: int
     best_epoch: int
@@ -84,7 +89,7 @@ def fit(trainer: HeadTrainer) -> FitResult:
         raise ValueError(f"mode must be min|max, got {trainer.mode!r}")
     best = math.inf if trainer.mode == "min" else -math.inf
     best_state = [copy.deepcopy(m.state_dict()) for m in trainer.modules]
-    best_epoch, since, steps, history = -1, 0, 0, []
+    best_epoch, since, steps, history, done = -1, 0, 0, [], 0
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     for epoch in range(trainer.max_epochs):
         for m in trainer.modules:
@@ -101,6 +106,10 @@ def fit(trainer: HeadTrainer) -> FitResult:
             if trainer.scheduler is not None:
                 trainer.scheduler.step()
             steps += 1
+        done = epoch + 1
+        due = done >= trainer.eval_start and (done - trainer.eval_start) % max(trainer.eval_interval, 1) == 0
+        if not due and done < trainer.max_epochs:
+            continue
         for m in trainer.modules:
             m.eval()
         with torch.no_grad():
@@ -121,7 +130,7 @@ def fit(trainer: HeadTrainer) -> FitResult:
     for m, state in zip(trainer.modules, best_state):
         m.load_state_dict(state)
         m.eval()
-    return FitResult(len(history), best_epoch, float(best), history, steps)
+    return FitResult(done, best_epoch, float(best), history, steps)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,

@@ -130,8 +130,9 @@ def select_fraction(ids: Sequence[str], fraction: float, seed: int, source: str 
     """Training rows of one label fraction under a named source; returns ``(rows, split_hash, description)``.
 
     Sources: ``hash`` (:func:`fraction_ids`, per seed), ``mgca`` (:func:`mgca_fraction_ids`, the same
-    subset for every seed, as MGCA), ``file`` (``files[fraction]``: an id file or a BenchX subset
-    file, read by :func:`read_subset_file`). With ``materialise`` (a folder) the chosen ids are written
+    subset for every seed, as MGCA), ``file`` (``files[percent]``, keyed by label *percentage*
+    (``{1: train_1.txt, 10: train_10.txt}``, BenchX's naming; 100 % without a file = the whole train
+    split): an id file or a BenchX subset file, read by :func:`read_subset_file`). With ``materialise`` (a folder) the chosen ids are written
     as ``<source>_<fraction>_s<seed>.txt`` (one id per line) so the subset can be inspected and reused.
 
     Raises:
@@ -147,13 +148,15 @@ def select_fraction(ids: Sequence[str], fraction: float, seed: int, source: str 
         rows = [position[s] for s in mgca_fraction_ids(ids, fraction)]
         desc = f"MGCA df.sample(frac={fraction:g}, random_state=42)"
     else:
-        files = {float(k): v for k, v in (files or {}).items()}
-        if float(fraction) == 1.0 and 1.0 not in files:
+        pct = round(100 * float(fraction), 6)
+        files = {round(float(k), 6): v for k, v in (files or {}).items()}
+        if pct == 100 and 100 not in files:
             rows, desc = list(range(len(ids))), "full train split"
-        elif float(fraction) not in files:
-            raise ValueError(f"fraction_source 'file' has no file for fraction {fraction:g} (fraction_files: {sorted(files)})")
+        elif pct not in files:
+            raise ValueError(f"fraction_source 'file' has no file for {pct:g} % labels (fraction_files keys are "
+                             f"label percentages: {sorted(files)})")
         else:
-            path = files[float(fraction)]
+            path = files[pct]
             rows = match_subset(ids, read_subset_file(path), str(path))
             desc = f"subset file {Path(path).name}"
     chosen = [ids[r] for r in rows]

@@ -4,7 +4,9 @@ from medvlp.datamodules.ct import BTCVDataModule, CTRATEDataModule, MSDDataModul
 from medvlp.datamodules.em import CREMIDataModule, LucchiDataModule, SNEMIDataModule
 from medvlp.datamodules.image_text_label import ImageTextLabelDataModule
 from medvlp.datamodules.mixed import MixedDataModule, build_datamodule
+from medvlp.datamodules.mimic_5x200 import MIMIC5x200DataModule
 from medvlp.datamodules.mri import BraTSDataModule
+from medvlp.datamodules.nih import NIHChestXray14DataModule
 from medvlp.datamodules.phantom import PhantomDataModule
 from medvlp.datamodules.shards import ShardDataModule, write_shards
 from medvlp.datamodules.xray import (
@@ -13,8 +15,9 @@ from medvlp.datamodules.xray import (
 
 __all__ = [
     "BTCVDataModule", "BraTSDataModule", "CREMIDataModule", "CTRATEDataModule", "CheXpertDataModule",
-    "COVIDxDataModule", "ImageTextLabelDataModule", "LucchiDataModule", "MIMICCXRDataModule", "MSDDataModule", "MixedDataModule",
-    "PhantomDataModule", "RSNAPneumoniaDataModule", "SIIMDataModule", "SNEMIDataModule", "RecordDataset",
+    "COVIDxDataModule", "ImageTextLabelDataModule", "LucchiDataModule", "MIMICCXRDataModule", "MIMIC5x200DataModule",
+    "MSDDataModule", "MixedDataModule", "NIHChestXray14DataModule", "PhantomDataModule", "RSNAPneumoniaDataModule",
+    "SIIMDataModule", "SNEMIDataModule", "RecordDataset",
     "ShardDataModule", "write_shards",
     "VLPDataModule", "build_datamodule",
 ]
