@@ -67,6 +67,17 @@ class BenchXFinetune(Protocol):
     std 0.02. The resize before the center crop is a no-op on the datamodule's square images.
     """
 
+    parameters = {
+        "lr": "SGD learning rate of the head (1e-2)", "momentum": "SGD momentum (0.9)",
+        "backbone_lr_mult": "encoder lr multiplier (0.1)", "weight_decay": "SGD weight decay (0)",
+        "batch_size": "batch size (64)", "grad_clip": "max gradient norm (1.0)",
+        "warmup_steps": "linear warm-up steps (50)", "total_steps": "cosine schedule length in steps (3000)",
+        "max_epochs": "epoch budget (200)", "early_stop": "validations without improvement before stopping (10)",
+        "eval_start": "first validated epoch (10)", "eval_interval": "validate every N epochs (5)",
+        "crop": "RandomResizedCrop / center-crop side (224)", "norm": "[mean, std] on [0, 1] intensities ([0.4978, 0.2449])",
+        "fraction_source": "file | hash | mgca (file)", "fraction_files": "{label percent: BenchX subset file} ({})",
+    }
+
     name = "benchx_finetune"
     variant = "benchx_finetune"
     uses_fractions = True

@@ -62,6 +62,14 @@ class MGCALinear(Protocol):
     ``patience``, ``resize``, ``crop``, ``fraction_source``, ``fraction_files``).
     """
 
+    parameters = {
+        "lr": "AdamW learning rate of the head (5e-4)", "weight_decay": "AdamW weight decay (1e-6)",
+        "batch_size": "batch size (48)", "max_epochs": "epoch budget (50)",
+        "patience": "early-stopping patience in epochs on validation loss (10)",
+        "resize": "padded image side the datamodule must deliver (256)", "crop": "random/center crop side (224)",
+        "fraction_source": "mgca | hash | file (mgca)", "fraction_files": "{label percent: id or BenchX subset file} ({})",
+    }
+
     name = "mgca_linear"
     variant = "mgca_linear"
     uses_fractions = True

@@ -110,6 +110,17 @@ class MGCASegmentation(Protocol):
     without padding; medvlp pads non-square images.
     """
 
+    parameters = {
+        "lr": "AdamW learning rate of the decoder (2e-4)", "weight_decay": "AdamW weight decay (0.05)",
+        "batch_size": "batch size (8)", "max_epochs": "epoch budget (50)",
+        "patience": "early-stopping patience in epochs on validation loss (10)",
+        "image_size": "image side the datamodule must deliver (224)",
+        "features": "decoder stage widths ([512, 256, 128, 64])",
+        "balance": "negatives per positive training image, MGCA's SIIM: 1 (none = no balancing)",
+        "fraction_source": "mgca | hash | file (mgca)", "fraction_files": "{label percent: id file} ({})",
+        "dice": "reported Dice definition (mgca_per_image)", "extra_dice": "further Dice definitions reported",
+    }
+
     name = "mgca_segmentation"
     variant = "mgca_segmentation"
     uses_fractions = True

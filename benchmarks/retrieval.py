@@ -151,6 +151,8 @@ class CategoryRetrieval(Protocol):
     ``[1, 5, 10, 50, 100]``, capped at N).
     """
 
+    parameters = {"ks": "cut-offs K for P@K and Hit@K ([1, 5, 10, 50, 100])"}
+
     name = "category_retrieval"
     variant = "gloria_category"
     needs_text = True
