@@ -28,11 +28,17 @@ def _check_finite(arr: np.ndarray, path: Path, policy: str = "fail") -> np.ndarr
     return arr
 
 
-def read_image_2d(path: str | Path, nonfinite: str = "fail") -> np.ndarray:
-    """Read a 2D image as float32 ``(H, W)`` scaled to [0, 1].
+def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | None = None) -> np.ndarray:
+    """Read a 2D image as float32 ``(H, W)`` scaled to [0, 1] (min-max).
 
     DICOM: applies RescaleSlope/Intercept, inverts MONOCHROME1 (as MGCA's RSNA/SIIM loaders), then
-    min-max scales. JPEG/PNG: grayscale / 255.
+    min-max scales. JPEG/PNG: grayscale, min-max scaled.
+
+    With ``max_side`` the image is first reduced so that its longer side is ``max_side`` (the optimised
+    path): JPEGs are decoded at a reduced DCT scale (PIL ``draft``, never below the target size), the
+    resize is area-averaging (PIL ``BOX``, the analogue of OpenCV's ``INTER_AREA``; bilinear when
+    enlarging) and runs on the 8-bit image before any float conversion; min-max then runs on the small
+    image. Without it the full-resolution pixels are converted (the reference behaviour).
 
     Raises:
         DataError: missing, unreadable or non-2D file.
@@ -51,11 +57,16 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail") -> np.ndarray:
                 arr = arr.mean(-1)
             if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
                 arr = arr.max() - arr
+            if max_side is not None and arr.ndim == 2:
+                arr = _resize_float(arr, max_side)
         else:
             from PIL import Image
 
             with Image.open(p) as im:
-                arr = np.asarray(im.convert("L"), dtype=np.float32)
+                if max_side is None:
+                    arr = np.asarray(im.convert("L"), dtype=np.float32)
+                else:
+                    arr = np.asarray(_reduce_pil(im, max_side), dtype=np.float32)
     except DataError:
         raise
     except Exception as exc:
@@ -65,6 +76,61 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail") -> np.ndarray:
     arr = _check_finite(arr, p, nonfinite)
     lo, hi = float(arr.min()), float(arr.max())
     return ((arr - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(arr, dtype=np.float32)
+
+
+def target_shape(h: int, w: int, max_side: int) -> tuple[int, int]:
+    """``(h, w)`` scaled so that the longer side is ``max_side`` (rounded, at least 1)."""
+    scale = max_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _reduce_pil(im: Any, max_side: int) -> Any:
+    """Grayscale PIL image with its longer side ``max_side``: DCT-domain ``draft`` then area resize."""
+    from PIL import Image
+
+    th, tw = target_shape(im.height, im.width, max_side)
+    if im.format == "JPEG":
+        im.draft("L", (tw, th))  # picks the smallest DCT scale whose size is still >= (tw, th)
+    im = im.convert("L")
+    if (im.height, im.width) == (th, tw):
+        return im
+    shrink = th < im.height
+    return im.resize((tw, th), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+
+
+def _resize_float(arr: np.ndarray, max_side: int) -> np.ndarray:
+    """Area (shrink) or bilinear (enlarge) resize of a float image to a longer side of ``max_side``."""
+    from PIL import Image
+
+    th, tw = target_shape(*arr.shape, max_side)
+    if (th, tw) == arr.shape:
+        return arr
+    im = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), mode="F")
+    shrink = th < arr.shape[0]
+    return np.asarray(im.resize((tw, th), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR), np.float32)
+
+
+def image_shape_2d(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of a 2D image from its header, without decoding the pixels.
+
+    Raises:
+        DataError: missing or unreadable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    try:
+        if p.suffix.lower() in (".dcm", ".dicom") or _is_dicom(p):
+            import pydicom
+
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+            return int(ds.Rows), int(ds.Columns)
+        from PIL import Image
+
+        with Image.open(p) as im:
+            return int(im.height), int(im.width)
+    except Exception as exc:
+        raise DataError(f"{p}: cannot read image header ({type(exc).__name__}: {exc})") from exc
 
 
 def _is_dicom(p: Path) -> bool:

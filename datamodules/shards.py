@@ -117,11 +117,14 @@ class ShardStream(IterableDataset):
         except (tarfile.TarError, OSError) as exc:
             raise DataError(f"{path}: unreadable shard ({exc})") from exc
         for key, parts in groups.items():
-            if "npy" not in parts:
-                raise DataError(f"{path}: sample {key!r} has no .npy image")
+            if "npy" not in parts and "npz" not in parts:
+                raise DataError(f"{path}: sample {key!r} has no .npy/.npz image")
             meta = json.loads(parts.get("json", b"{}"))
-            sample: dict[str, Any] = {"image": torch.from_numpy(np.load(io.BytesIO(parts["npy"])).astype(np.float32)),
+            arrays = ({"image": np.load(io.BytesIO(parts["npy"]), allow_pickle=False)} if "npy" in parts else
+                      dict(np.load(io.BytesIO(parts["npz"]), allow_pickle=False)))  # npz: `medvlp prepare` volumes
+            sample: dict[str, Any] = {"image": torch.from_numpy(arrays.pop("image").astype(np.float32)),
                                       "modality": meta.get("modality") or "xray", "meta": meta.get("meta") or {"id": key}}
+            sample.update({k: torch.from_numpy(v.astype(np.int64)) for k, v in arrays.items()})  # mask, instances
             if "txt" in parts:
                 sample["text"] = parts["txt"].decode("utf-8")
             if meta.get("labels") is not None:
@@ -152,16 +155,37 @@ class ShardDataModule(VLPDataModule):
         shuffle_buffer: in-memory shuffle buffer (samples). seed: shard-order seed.
         spatial_dims: 2 or 3 (shards do not carry it). image_size / volume_size: encoder hints.
         label_names: class names (for benchmarks); defaults to those stored in the shards.
+        prepared: a ``medvlp prepare`` output folder: fills unset ``train``/``val``/``test``, ``spatial_dims``,
+            ``volume_size`` and ``label_names`` from its manifest; its uint8 images are resized to
+            ``image_size`` at load. Sources of different prepare specs are refused.
     """
 
     name = "shards"
 
-    def __init__(self, train: str, val: str | None = None, test: str | None = None, shuffle_buffer: int = 256,
-                 seed: int = 0, spatial_dims: int = 2, image_size: int = 224,
+    def __init__(self, train: str | None = None, val: str | None = None, test: str | None = None,
+                 shuffle_buffer: int = 256, seed: int = 0, spatial_dims: int = 2, image_size: int = 224,
                  volume_size: Sequence[int] = (32, 128, 128), label_names: Sequence[str] | None = None,
-                 **loader_kwargs: Any) -> None:
+                 prepared: str | None = None, **loader_kwargs: Any) -> None:
         super().__init__(**loader_kwargs)
+        from medvlp.datamodules.prepare import PreparedCollate, PreparedDecode, check_same_spec, read_manifest
+
+        if prepared:  # a `medvlp prepare` folder: splits, label names and dimensionality from its manifest
+            manifest = read_manifest(prepared)
+            given = {"train": train, "val": val, "test": test}
+            for split, info in manifest["splits"].items():
+                if info["n_samples"] and given.get(split) is None:
+                    given[split] = str(Path(prepared) / split)
+            train, val, test = given["train"], given["val"], given["test"]
+            spatial_dims = int(manifest["spatial_dims"])
+            if manifest["spec"]["kind"] == "volume":
+                volume_size = manifest["spec"]["volume_size"]
+            label_names = label_names or manifest["label_names"]
+        if not train:
+            raise ValueError("shards datamodule needs train shards (train=GLOB|FOLDER or prepared=FOLDER)")
         self.patterns = {"train": train, "val": val, "test": test}
+        self.manifest = check_same_spec(v for v in self.patterns.values() if v)  # refuses mixed specs
+        if self.manifest is not None:
+            self.collate_fn = PreparedCollate(PreparedDecode(self.manifest["spec"], image_size), collate)
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self._spatial_dims, self.image_size, self.volume_size = spatial_dims, image_size, list(volume_size)
         self._label_names = list(label_names or [])
@@ -200,8 +224,8 @@ class ShardDataModule(VLPDataModule):
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return EpochLoader(self.dataset(split, augment=False), batch_size=self.batch_size, num_workers=self.num_workers,
-                           collate_fn=collate, drop_last=split == "train")
+                           collate_fn=self.collate_fn, drop_last=split == "train")
 
     def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
         return DataLoader(ShardStream(self.shards(split), 0, self.seed), batch_size=batch_size or self.batch_size,
-                          num_workers=self.num_workers, collate_fn=collate)
+                          num_workers=self.num_workers, collate_fn=self.collate_fn)

@@ -104,6 +104,12 @@ class VolumeDataModule(RecordDataModule):
         nonfinite: ``fail`` (NaN/Inf is an error naming the file) or ``zero`` (replaced by 0).
         orientation: RAS reorientation (off for EM stacks without a meaningful affine).
         captions: caption source spec for GTGM (see :mod:`medvlp.datamodules.captions`).
+        prepared: a folder written by ``medvlp prepare`` for this dataset and spec: the deterministic steps
+            are read from its shards (by id) and only the random augmentations run.
+
+    ``cache: disk`` keeps MONAI ``PersistentDataset`` files in ``cache_dir/<spec hash>/`` (a changed
+    preprocessing never reads stale files). Under ``torch.distributed`` rank 0 builds the whole cache of a
+    split before the other ranks start (they wait at a barrier), so ranks never decode the same volume.
     """
 
     modality = "ct"
@@ -111,8 +117,14 @@ class VolumeDataModule(RecordDataModule):
     def __init__(self, root: str, volume_size: Sequence[int] = (32, 96, 96), pixdim: Sequence[float] | None = None,
                  window: Sequence[float] | None = None, resize: str = "resize", cache: str = "none",
                  cache_dir: str | None = None, channels: Sequence[int] | str | None = None, orientation: bool = True,
-                 captions: Mapping[str, Any] | None = None, nonfinite: str = "fail", **kwargs: Any) -> None:
+                 captions: Mapping[str, Any] | None = None, nonfinite: str = "fail", prepared: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
+        self.prepared = prepared
+        self._store: Any = None
+        if prepared and type(self).load is not VolumeDataModule.load:
+            raise ValueError(f"{type(self).__name__} cuts samples itself; read its prepared shards with data=shards "
+                             f"(data.init_args.prepared={prepared})")
         from medvlp.datamodules.captions import build_caption_source
 
         self.caption_source = build_caption_source(captions) if captions else None
@@ -136,7 +148,8 @@ class VolumeDataModule(RecordDataModule):
     def encoder_hints(self) -> dict[str, Any]:
         return {"spatial_dims": [3], "img_size_3d": list(self.volume_size)}
 
-    def transforms(self, augment: bool) -> Compose:
+    def deterministic_steps(self) -> list[Any]:
+        """Read → HU rescale (CT) → RAS → spacing → intensity window → size (cached / prepared part)."""
         keys = ["image", "label"]
         xyz = list(reversed(self.volume_size))  # MONAI works in (x, y, z)
         steps: list[Any] = [ReadVolumed(keys, self.channels, nonfinite=self.nonfinite)]
@@ -154,21 +167,76 @@ class VolumeDataModule(RecordDataModule):
             steps.append(ResizeWithPadOrCropd(keys, xyz, allow_missing_keys=True))
         else:
             steps.append(Resized(keys, xyz, mode=("trilinear", "nearest"), allow_missing_keys=True))
-        if augment:
-            steps += [RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
-                      RandScaleIntensityd("image", 0.1, prob=0.8), RandShiftIntensityd("image", 0.1, prob=0.8)]
-        return Compose(steps)
+        return steps
+
+    @staticmethod
+    def random_steps() -> list[Any]:
+        """Training augmentations (after the deterministic steps)."""
+        keys = ["image", "label"]
+        return [RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+                RandScaleIntensityd("image", 0.1, prob=0.8), RandShiftIntensityd("image", 0.1, prob=0.8)]
+
+    def transforms(self, augment: bool) -> Compose:
+        return Compose(self.deterministic_steps() + (self.random_steps() if augment else []))
+
+    @property
+    def store(self) -> Any:
+        """The :class:`~medvlp.datamodules.prepare.PreparedStore` of ``prepared`` (``None`` without it)."""
+        if self.prepared and self._store is None:
+            from medvlp.datamodules.prepare import PreparedStore, prepare_spec
+
+            self._store = PreparedStore(self.prepared, self.name, prepare_spec(self))
+        return self._store
+
+    def spec_hash(self) -> str:
+        """Hash of the deterministic preprocessing (names the disk cache folder)."""
+        from medvlp.datamodules.prepare import _sha1, prepare_spec
+
+        return _sha1(prepare_spec(self))
+
+    @staticmethod
+    def _monai_input(record: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()
+                if k in ("image", "label", "slope", "intercept")}
+
+    def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
+        """One sample through the pipeline (or from ``prepared``).
+
+        Raises:
+            DataError: naming the file when it cannot be read or preprocessed.
+        """
+        if self.store is not None:
+            arrays, _ = self.store.read(record["id"])
+            item: dict[str, Any] = {"image": torch.from_numpy(arrays["image"].astype(np.float32)).permute(0, 3, 2, 1)}
+            if "mask" in arrays:
+                item["label"] = torch.from_numpy(arrays["mask"].astype(np.float32)).permute(0, 3, 2, 1)
+            if augment:
+                item = Compose(self.random_steps())(item)
+        else:
+            try:
+                item = self.transforms(augment)(self._monai_input(record))
+            except Exception as exc:  # MONAI wraps transform errors; surface the DataError naming the file
+                cause: BaseException | None = exc
+                while cause is not None and not isinstance(cause, DataError):
+                    cause = cause.__cause__ or cause.__context__
+                raise (cause if isinstance(cause, DataError) else DataError(f"{record['image']}: {exc}")) from exc
+        sample = self.to_sample(item, record)
+        if self.caption_source is not None:
+            sample["caption"] = self.caption_source(sample)
+        return sample
 
     def build_dataset(self, split: str, augment: bool) -> Dataset:
+        if self.store is not None:
+            return RecordDataModule.build_dataset(self, split, augment)
         records = self.records(split)
         self.check_split(split, records)
-        data = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items() if k in ("image", "label", "slope", "intercept")}
-                for r in records]
+        data = [self._monai_input(r) for r in records]
         transform = self.transforms(augment)
         if self.cache == "memory":
             monai_ds: Dataset = CacheDataset(data, transform, progress=False)
         elif self.cache == "disk":
-            monai_ds = PersistentDataset(data, transform, cache_dir=self.cache_dir)
+            monai_ds = PersistentDataset(data, transform, cache_dir=self.cache_dir / self.spec_hash())
+            build_disk_cache(monai_ds, f"{type(self).__name__}/{split}")
         else:
             monai_ds = MonaiDataset(data, transform)
         return VolumeRecordDataset(monai_ds, records, self, f"{type(self).__name__}/{split}")
@@ -186,6 +254,28 @@ class VolumeDataModule(RecordDataModule):
         if record.get("text"):
             sample["text"] = record["text"]
         return sample
+
+
+def build_disk_cache(ds: PersistentDataset, name: str) -> int:
+    """Under ``torch.distributed``: rank 0 writes every item's cache file, the other ranks wait at a barrier
+    (so N ranks never decode the same volume N times). Without a process group the cache fills lazily.
+    Returns the number of items rank 0 preprocessed (0 elsewhere). Unreadable items are left uncached (the
+    dataset's skip policy handles them when they are read)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    built = 0
+    if dist.get_rank() == 0:
+        for i in range(len(ds.data)):
+            try:
+                ds._cachecheck(ds.data[i])  # writes the cache file when absent (MONAI: temp file + rename)
+                built += 1
+            except Exception as exc:  # noqa: BLE001 - reported when the item is read under on_error
+                log.warning("%s: cache build failed for item %d: %s", name, i, exc)
+        log.info("%s: rank 0 built the disk cache of %d items", name, built)
+    dist.barrier()
+    return built
 
 
 class VolumeRecordDataset(SkippingDataset):

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from medvlp.checks import check_choice
-from medvlp.datamodules.readers import DataError, read_image_2d, rle_decode_siim
+from medvlp.datamodules.readers import DataError, image_shape_2d, read_image_2d, rle_decode_siim
 from medvlp.datamodules.tabular import (
     UNCERTAINTY_POLICIES, RecordDataModule, apply_uncertainty, hash_split, resize_2d,
 )
@@ -69,6 +69,12 @@ class XrayDataModule(RecordDataModule):
 
     ``split_convention``: ``hash`` (deterministic sha1 rank) or ``mgca`` (the dataset's MGCA/ASG
     preprocessing split, where the subclass implements one).
+
+    Args:
+        decode: ``fast`` (default: JPEG DCT draft and area resize to ``image_size`` before float conversion,
+            see :func:`read_image_2d`) or ``full`` (full-resolution float decode, then bilinear resize).
+        prepared: a folder written by ``medvlp prepare`` for this dataset: images are read from its shards
+            (by id, random access), labels/reports/masks still from the dataset's index.
     """
 
     modality = "xray"
@@ -76,23 +82,45 @@ class XrayDataModule(RecordDataModule):
     #: ``(mean, std)`` applied to [0, 1] intensities (reference protocols renormalise from it)
     intensity_norm = (NORM_MEAN, NORM_STD)
 
-    def __init__(self, root: str, image_size: int = 224, split_convention: str = "hash", **kwargs: Any) -> None:
+    def __init__(self, root: str, image_size: int = 224, split_convention: str = "hash", decode: str = "fast",
+                 prepared: str | None = None, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         check_choice("split_convention", split_convention, self.SPLIT_CONVENTIONS, type(self).__name__)
+        check_choice("decode", decode, ("fast", "full"), type(self).__name__)
         self.image_size = image_size
         self.split_convention = split_convention
+        self.decode = decode
+        self.prepared = prepared
+        self._store: Any = None
 
     def encoder_hints(self) -> dict[str, Any]:
         return {"spatial_dims": [2], "img_size_2d": self.image_size}
 
-    def image_tensor(self, path: Path, augment: bool) -> torch.Tensor:
-        img = resize_2d(read_image_2d(path), self.image_size)
+    @property
+    def store(self) -> Any:
+        """The :class:`~medvlp.datamodules.prepare.PreparedStore` of ``prepared`` (``None`` without it)."""
+        if self.prepared and self._store is None:
+            from medvlp.datamodules.prepare import PreparedStore, prepare_spec
+
+            self._store = PreparedStore(self.prepared, self.name, prepare_spec(self))
+        return self._store
+
+    def image_array(self, record: Mapping[str, Any]) -> np.ndarray:
+        """The image in [0, 1]; its longer side is ``image_size`` (fast), the prepared size, or the source's."""
+        if self.store is not None:
+            return self.store.read(record["id"])[0]["image"].astype(np.float32) / 255.0
+        if self.decode == "full":
+            return read_image_2d(record["path"])
+        return read_image_2d(record["path"], max_side=self.image_size)
+
+    def image_tensor(self, record: Mapping[str, Any], augment: bool) -> torch.Tensor:
+        img = resize_2d(self.image_array(record), self.image_size)
         if augment:
             img = img * (1 + 0.1 * (2 * torch.rand(1) - 1)) + 0.1 * (2 * torch.rand(1) - 1)
         return (img - NORM_MEAN) / NORM_STD
 
     def base_sample(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
-        sample: dict[str, Any] = {"image": self.image_tensor(Path(record["path"]), augment), "modality": "xray",
+        sample: dict[str, Any] = {"image": self.image_tensor(record, augment), "modality": "xray",
                                   "meta": {"id": record["id"], "path": str(record["path"])}}
         if "labels" in record:
             sample["labels"] = torch.as_tensor(record["labels"], dtype=torch.float32)
@@ -101,6 +129,12 @@ class XrayDataModule(RecordDataModule):
             sample["text"] = record["text"]
             sample["sections"] = record.get("sections", {})
         return sample
+
+    def source_shape(self, record: Mapping[str, Any]) -> tuple[int, int]:
+        """``(H, W)`` of the source image (for masks drawn in source pixels), without decoding pixels."""
+        if self.store is not None:
+            return tuple(self.store.read(record["id"])[1]["meta"]["orig_shape"])
+        return image_shape_2d(record["path"])
 
     def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
         return self.base_sample(record, augment)
@@ -425,8 +459,7 @@ class RSNAPneumoniaDataModule(XrayDataModule):
         return {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}
 
     def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
-        raw = read_image_2d(record["path"])
-        mask = np.zeros(raw.shape, np.float32)
+        mask = np.zeros(self.source_shape(record), np.float32)
         for x1, y1, x2, y2 in record["boxes"]:
             mask[int(y1):int(y2), int(x1):int(x2)] = 1
         sample = self.base_sample(record, augment)
@@ -479,8 +512,7 @@ class SIIMDataModule(XrayDataModule):
         return out
 
     def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
-        raw = read_image_2d(record["path"])
-        h, w = raw.shape
+        h, w = self.source_shape(record)
         mask = np.zeros((h, w), np.uint8)
         for rle in record["rles"]:
             try:

@@ -22,6 +22,7 @@ commands:
   benchmark suite=NAME|PATH    methods x datasets x protocols x fractions x seeds -> results.csv
   report    results=PATH       headline table with 95 % CIs and significance vs a reference, tables, plots, report.html
   demo                         benchmark suite=quickstart, then report (the main job)
+  prepare   data=D out=DIR     convert a dataset into resumable, checksummed training shards
   config    method=M data=D    print the composed config without running
 
 options: medvlp COMMAND --help, medvlp --version, --debug (full traceback on errors)
@@ -54,6 +55,11 @@ are skipped on rerun. The suite's keys and protocol parameters are validated bef
     "report": """medvlp report results=PATH [out=DIR]
 
 Markdown/LaTeX/CSV tables (mean ± std over seeds) and PNG plots from a results CSV.""",
+    "prepare": """medvlp prepare data=NAME data.init_args.root=DIR out=DIR [size=256] [samples_per_shard=1000]
+               [workers=N] [splits=[train,val,test]] [progress=true]
+
+Convert a record dataset once into WebDataset shards with sidecar checksums and a manifest (out/index.json);
+a rerun keeps verified shards and rewrites only the rest; corrupt inputs are counted and named.""",
     "demo": """medvlp demo [key=value ...]
 
 `medvlp benchmark suite=quickstart`, then `medvlp report` into results/quickstart.""",
@@ -129,6 +135,10 @@ def run_command(command: str, rest: list[str]) -> int | None:
         from medvlp.benchmarks.tables import report_command
 
         return report_command(rest)
+    if command == "prepare":
+        from medvlp.datamodules.prepare import prepare_command
+
+        return prepare_command(rest)
     if command == "demo":
         from medvlp.benchmarks.runner import benchmark_command
         from medvlp.benchmarks.tables import report_command

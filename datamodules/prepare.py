@@ -1,0 +1,544 @@
+"""``medvlp prepare``: convert a registered dataset into training-ready shards once.
+
+Output folder layout::
+
+    <out>/index.json                      manifest (dataset, version, split-id hashes, preprocessing spec)
+    <out>/<split>/shard-000000.tar        WebDataset-layout shard (``<key>.npy`` / ``<key>.npz`` + ``<key>.json``)
+    <out>/<split>/shard-000000.json       sidecar: sha256 of the tar, the ids it holds, member offsets, corrupt inputs
+
+2D images are decoded once by the optimised reader (:func:`~medvlp.datamodules.readers.read_image_2d` with
+``max_side``: JPEG DCT draft, area resize before float conversion), min-max scaled and stored as ``uint8``
+``(H, W)`` with the longer side ``size`` (aspect kept; the datamodule pads/resizes to its ``image_size`` at
+load). 3D volumes are stored after the datamodule's deterministic steps (read, HU rescale, orientation,
+spacing, window, resize: everything before the random augmentations) as compressed ``.npz`` (``image``
+float16 ``(C, D, H, W)`` in [0, 1], plus ``mask``/``instances`` where the dataset has them).
+
+Shards are planned from the dataset index alone (records of a split in index order, ``samples_per_shard`` per
+shard), so a rerun plans the same shards. A shard whose sidecar matches the plan (same ids, same spec) and
+whose tar has the recorded sha256 is *verified* and kept; any other shard is (re)written, tar first (atomic
+rename) then its sidecar, so a killed run never leaves a shard that passes verification half-written. Every
+shard holds ``samples_per_shard`` samples except the last of a split and shards that lost corrupt inputs; the
+manifest records each shard's sample count so a streaming reader can give every rank the same number of
+samples without opening the shards. Corrupt inputs (anything the reader rejects with a
+:class:`~medvlp.datamodules.readers.DataError`) are counted and named (id, file, error) in the sidecars and
+the manifest; a folder prepared with another spec is refused, never mixed.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from medvlp.datamodules.readers import DataError, image_shape_2d, read_image_2d
+from medvlp.io import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+FORMAT = "medvlp-prepared/1"
+INDEX = "index.json"
+SPLITS = ("train", "val", "test")
+
+
+def _sha1(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_spec(dm: Any, size: int = 256) -> dict[str, Any]:
+    """The preprocessing spec of ``dm`` (what the stored arrays depend on); its hash names the spec.
+
+    Raises:
+        ValueError: for datamodules without a record index (phantom, mixed, shards).
+    """
+    from medvlp.datamodules.volume import VolumeDataModule
+    from medvlp.datamodules.xray import XrayDataModule
+
+    if isinstance(dm, XrayDataModule):
+        return {"kind": "image2d", "dtype": "uint8", "max_side": int(size), "intensity": "min-max to 0..255",
+                "resample": "JPEG draft + area (PIL BOX) when shrinking, bilinear when enlarging", "modality": dm.modality}
+    if isinstance(dm, VolumeDataModule):
+        return {"kind": "volume", "dtype": "float16", "layout": "C,D,H,W in [0,1]", "modality": dm.modality,
+                "volume_size": list(dm.volume_size), "pixdim": list(dm.pixdim) if dm.pixdim else None,
+                "window": list(dm.window) if dm.window else None, "resize": dm.resize,
+                "channels": dm.channels if dm.channels is None or isinstance(dm.channels, str) else list(dm.channels),
+                "orientation": bool(dm.orientation),
+                "datamodule": type(dm).__name__}
+    raise ValueError(f"prepare needs a record datamodule over a published layout (X-ray, CT, MRI, EM); "
+                     f"{type(dm).__name__} has no file index to convert")
+
+
+@dataclass
+class ShardPlan:
+    """One planned shard: its split, number and the records it will hold."""
+
+    split: str
+    number: int
+    records: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.number:06d}"
+
+    @property
+    def ids_hash(self) -> str:
+        return _sha1([str(r["id"]) for r in self.records])
+
+
+def plan_shards(dm: Any, splits: Sequence[str], samples_per_shard: int) -> list[ShardPlan]:
+    """Shards of every split, from the dataset index alone (deterministic across reruns)."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    plans = []
+    for split in splits:
+        recs = dm.records(split)
+        for k in range(0, len(recs), samples_per_shard):
+            plans.append(ShardPlan(split, k // samples_per_shard, list(recs[k:k + samples_per_shard])))
+    return plans
+
+
+def sample_key(sample_id: str) -> str:
+    """WebDataset key of a sample: dot-free and unique (sha1 of the id); the id itself is in the json."""
+    return hashlib.sha1(str(sample_id).encode()).hexdigest()[:24]
+
+
+def _labels_json(values: Any) -> list[float | None] | None:
+    if values is None:
+        return None
+    return [None if np.isnan(v) else float(v) for v in np.asarray(values, dtype=np.float64).ravel().tolist()]
+
+
+def encode_record(dm: Any, record: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, bytes]:
+    """Members (``ext → bytes``) of one sample.
+
+    Raises:
+        DataError: naming the file when the input cannot be read.
+    """
+    meta: dict[str, Any] = {"id": str(record["id"]), "modality": spec["modality"], "label_names": dm.label_names or None}
+    if spec["kind"] == "image2d":
+        path = Path(record["path"])
+        img = read_image_2d(path, max_side=spec["max_side"])
+        arr = np.round(img * 255).astype(np.uint8)
+        meta["meta"] = {"id": str(record["id"]), "path": str(path), "orig_shape": list(image_shape_2d(path))}
+        meta["labels"] = _labels_json(record.get("labels"))
+        if record.get("text"):
+            meta["text"] = record["text"]
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        members = {"npy": buf.getvalue()}
+    else:
+        sample = dm.load(record, augment=False)
+        arrays = {"image": (sample["image"].float() * 0.25 + 0.5).numpy().astype(np.float16)}
+        if "mask" in sample:
+            arrays["mask"] = sample["mask"].numpy().astype(np.uint8 if int(sample["mask"].max()) < 256 else np.int32)
+        if "instances" in sample:
+            arrays["instances"] = sample["instances"].numpy().astype(np.int64)
+        meta["meta"] = {k: v for k, v in sample.get("meta", {}).items() if isinstance(v, (str, int, float))}
+        meta["labels"] = _labels_json(sample.get("labels"))
+        for k in ("text", "caption"):
+            if sample.get(k):
+                meta[k] = sample[k]
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        members = {"npz": buf.getvalue()}
+    if meta.get("text"):
+        members["txt"] = meta.pop("text").encode("utf-8")
+    members["json"] = json.dumps(meta).encode("utf-8")
+    return members
+
+
+def _error_of(exc: BaseException, record: Mapping[str, Any]) -> DataError | None:
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, DataError):
+        cause = cause.__cause__ or cause.__context__
+    return cause if isinstance(cause, DataError) else None
+
+
+def write_shard(dm: Any, plan: ShardPlan, out: Path, spec: Mapping[str, Any], spec_hash: str) -> dict[str, Any]:
+    """Encode one planned shard; write the tar atomically, then its sidecar. Returns the sidecar."""
+    buf = io.BytesIO()
+    keys, corrupt = [], []
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for rec in plan.records:
+            try:
+                members = encode_record(dm, rec, spec)
+            except Exception as exc:  # noqa: BLE001 - only DataError causes are counted; others re-raised
+                err = _error_of(exc, rec)
+                if err is None:
+                    raise
+                corrupt.append({"split": plan.split, "id": str(rec["id"]),
+                                "path": str(rec.get("path", rec.get("image", ""))), "error": str(err)})
+                log.warning("prepare: corrupt input %s: %s", rec["id"], err)
+                continue
+            key = sample_key(rec["id"])
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+            keys.append((str(rec["id"]), key))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # member offsets for random access
+        where = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+    samples = []
+    for sid, key in keys:
+        ext = "npy" if f"{key}.npy" in where else "npz"
+        samples.append({"id": sid, "key": key, "ext": ext, "offset": where[f"{key}.{ext}"][0],
+                        "size": where[f"{key}.{ext}"][1], "json": list(where[f"{key}.json"])})
+    folder = out / plan.split
+    atomic_write_bytes(folder / f"{plan.name}.tar", data)
+    sidecar = {"shard": f"{plan.name}.tar", "split": plan.split, "sha256": hashlib.sha256(data).hexdigest(),
+               "n": len(samples), "ids_hash": plan.ids_hash, "spec_hash": spec_hash, "samples": samples,
+               "corrupt": corrupt}
+    atomic_write_text(folder / f"{plan.name}.json", json.dumps(sidecar))
+    return sidecar
+
+
+def verified_sidecar(out: Path, plan: ShardPlan, spec_hash: str) -> dict[str, Any] | None:
+    """The shard's sidecar when it matches the plan and spec and the tar's sha256 checks; else ``None``.
+
+    Raises:
+        DataError: when the sidecar names another spec (the folder holds shards of a different preprocessing).
+    """
+    side, tar = out / plan.split / f"{plan.name}.json", out / plan.split / f"{plan.name}.tar"
+    if not side.is_file() or not tar.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("spec_hash") != spec_hash:
+        raise DataError(f"{side}: shard was prepared with spec {meta.get('spec_hash')}, not {spec_hash}; "
+                        "refusing to mix specs (prepare into a new folder)")
+    if meta.get("ids_hash") != plan.ids_hash or _sha256_file(tar) != meta.get("sha256"):
+        return None
+    return meta
+
+
+_WORKER_DM: Any = None
+
+
+def _init_worker(dm: Any) -> None:
+    global _WORKER_DM
+    _WORKER_DM = dm
+    torch.set_num_threads(1)
+
+
+def _worker_write(plan: ShardPlan, out: Path, spec: Mapping[str, Any], spec_hash: str) -> dict[str, Any]:
+    return write_shard(_WORKER_DM, plan, out, spec, spec_hash)
+
+
+def _check_existing(out: Path, dataset: str, spec_hash: str, samples_per_shard: int) -> None:
+    path = out / INDEX
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc})") from exc
+    if old.get("spec_hash") != spec_hash or old.get("dataset") != dataset:
+        raise DataError(f"{path}: folder holds {old.get('dataset')} prepared with spec {old.get('spec_hash')}, not "
+                        f"{dataset} with spec {spec_hash}; refusing to mix specs (prepare into a new folder)")
+    if old.get("samples_per_shard") != samples_per_shard:
+        raise DataError(f"{path}: folder was prepared with samples_per_shard={old.get('samples_per_shard')}, "
+                        f"not {samples_per_shard}")
+
+
+def prepare(dm: Any, out: str | Path, size: int = 256, samples_per_shard: int = 1000, workers: int = 1,
+            splits: Sequence[str] = SPLITS, progress: bool = True, source: Mapping[str, Any] | None = None
+            ) -> dict[str, Any]:
+    """Convert ``dm``'s splits into shards under ``out`` (resumable); returns the manifest.
+
+    Args:
+        dm: a record datamodule (X-ray, CT, MRI, EM).
+        out: output folder (created; a rerun resumes into it).
+        size: longer side of stored 2D images (256 for 224 crops, as MGCA/ASG resize before cropping).
+        samples_per_shard: records per shard.
+        workers: encoding processes (1 = in this process).
+        splits: splits to convert (empty splits are recorded with no shards).
+        progress: show a tqdm bar over shards.
+        source: the datamodule config (``name``/``init_args``) recorded in the manifest.
+
+    Raises:
+        DataError: when ``out`` holds shards of another spec or dataset, or a listed split index fails.
+    """
+    out = Path(out)
+    spec = prepare_spec(dm, size)
+    spec_hash = _sha1(spec)
+    _check_existing(out, dm.name, spec_hash, samples_per_shard)
+    plans = plan_shards(dm, splits, samples_per_shard)
+    stale = [p for p in out.glob("*/.shard-*.tmp")]
+    for p in stale:  # temp files of a killed run (never renamed, so never verified)
+        p.unlink()
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    pending = []
+    for plan in plans:
+        meta = verified_sidecar(out, plan, spec_hash)
+        if meta is None:
+            pending.append(plan)
+        else:
+            done[(plan.split, plan.number)] = meta
+    verified = len(done)
+    planned = {(p.split, f"{p.name}.tar") for p in plans}
+    foreign = sorted(str(p) for p in out.glob("*/*.tar") if (p.parent.name, p.name) not in planned)
+    if foreign:
+        raise DataError(f"{out}: shards not in this dataset's plan: {foreign[:5]} (another spec or shard size); "
+                        "refusing to mix (prepare into a new folder)")
+    log.info("prepare %s → %s: %d shards planned, %d verified and kept, %d to write", dm.name, out, len(plans),
+             verified, len(pending))
+    started = time.perf_counter()
+    bar = None
+    if progress and pending:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), desc=f"prepare {dm.name}", unit="shard")
+    if workers <= 1 or len(pending) <= 1:
+        for plan in pending:
+            done[(plan.split, plan.number)] = write_shard(dm, plan, out, spec, spec_hash)
+            if bar is not None:
+                bar.update(1)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                                 initargs=(dm,)) as pool:
+            futures = {pool.submit(_worker_write, plan, out, spec, spec_hash): plan for plan in pending}
+            for fut in as_completed(futures):
+                plan = futures[fut]
+                done[(plan.split, plan.number)] = fut.result()
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    manifest = build_manifest(dm, splits, plans, done, spec, spec_hash, samples_per_shard, source)
+    manifest["last_run"] = {"verified_kept": verified, "written": len(pending),
+                            "seconds": round(time.perf_counter() - started, 3)}
+    atomic_write_text(out / INDEX, json.dumps(manifest, indent=1))
+    if manifest["corrupt"]:
+        log.warning("prepare: %d corrupt inputs skipped (named in %s)", len(manifest["corrupt"]), out / INDEX)
+    return manifest
+
+
+def build_manifest(dm: Any, requested: Sequence[str], plans: Sequence[ShardPlan], done: Mapping[tuple[str, int], Mapping[str, Any]],
+                   spec: Mapping[str, Any], spec_hash: str, samples_per_shard: int,
+                   source: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``index.json`` content: dataset, version, spec (+hash), per split the id hash and shard list."""
+    splits: dict[str, Any] = {}
+    corrupt: list[dict[str, Any]] = []
+    for split in requested:
+        mine = [p for p in plans if p.split == split]
+        shards = []
+        for p in mine:
+            meta = done[(p.split, p.number)]
+            shards.append({"name": meta["shard"], "sha256": meta["sha256"], "n": meta["n"], "ids_hash": meta["ids_hash"]})
+            corrupt.extend(meta.get("corrupt", []))
+        ids = [str(r["id"]) for p in mine for r in p.records]
+        splits[split] = {"ids_hash": _sha1(ids), "n_records": len(ids), "n_samples": sum(s["n"] for s in shards),
+                         "shards": shards}
+    return {"format": FORMAT, "dataset": dm.name, "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}",
+            "dataset_version": dm.dataset_version, "source": dict(source or {}), "spec": dict(spec),
+            "spec_hash": spec_hash, "samples_per_shard": samples_per_shard, "label_names": list(dm.label_names),
+            "spatial_dims": dm.spatial_dims, "splits": splits, "corrupt": corrupt,
+            "corrupt_count": len(corrupt)}
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared folder.
+
+    Raises:
+        DataError: no ``index.json`` or not a medvlp prepared folder.
+    """
+    path = Path(folder) / INDEX
+    if not path.is_file():
+        raise DataError(f"{folder}: no {INDEX}; not a folder written by `medvlp prepare`")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def manifest_of(shard_source: str | Path) -> dict[str, Any] | None:
+    """Manifest of the prepared folder a shard folder/glob belongs to (``<out>/<split>``), or ``None``."""
+    p = Path(str(shard_source))
+    for folder in (p, p.parent, p.parent.parent):
+        if (folder / INDEX).is_file():
+            return read_manifest(folder)
+    return None
+
+
+def check_same_spec(sources: Iterable[str | Path]) -> dict[str, Any] | None:
+    """The one manifest shared by shard sources (train/val/test), ``None`` when none is prepared.
+
+    Raises:
+        DataError: sources of different specs or datasets, or prepared and unprepared shards mixed.
+    """
+    found = [(str(s), manifest_of(s)) for s in sources if s]
+    prepared = [(s, m) for s, m in found if m is not None]
+    if not prepared:
+        return None
+    if len(prepared) != len(found):
+        raw = [s for s, m in found if m is None]
+        raise DataError(f"shard sources mix prepared and unprepared shards ({raw}); refusing to mix")
+    hashes = {(m["dataset"], m["spec_hash"]) for _, m in prepared}
+    if len(hashes) > 1:
+        raise DataError(f"shard sources were prepared with different specs {sorted(hashes)}: "
+                        f"{[s for s, _ in prepared]}; refusing to mix")
+    return prepared[0][1]
+
+
+def shard_counts(folder: str | Path, split: str) -> list[tuple[Path, int]]:
+    """``(shard path, samples)`` of one prepared split, from the manifest (no shard is opened)."""
+    manifest = read_manifest(folder)
+    info = manifest["splits"].get(split)
+    if info is None:
+        raise DataError(f"{folder}: split {split!r} was not prepared (has {sorted(manifest['splits'])})")
+    return [(Path(folder) / split / s["name"], int(s["n"])) for s in info["shards"]]
+
+
+class PreparedDecode:
+    """Turn a prepared sample (as read from a shard) into the datamodules' tensors: 2D ``uint8`` →
+    [0, 1] → resize/pad to ``image_size`` → ``(x − 0.5) / 0.25``; volumes [0, 1] → ``(x − 0.5) / 0.25``.
+
+    Picklable, so it runs in DataLoader workers (inside the collate function)."""
+
+    def __init__(self, spec: Mapping[str, Any], image_size: int) -> None:
+        self.kind, self.image_size = spec["kind"], image_size
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        from medvlp.datamodules.tabular import resize_2d
+
+        img = sample["image"]
+        if self.kind == "image2d":
+            arr = img.numpy().reshape(img.shape[-2:]) / 255.0
+            img = resize_2d(arr.astype(np.float32), self.image_size)
+        sample["image"] = (img.float() - 0.5) / 0.25
+        return sample
+
+
+class PreparedCollate:
+    """``collate(decode(sample) for sample in batch)``, picklable for DataLoader workers."""
+
+    def __init__(self, decode: PreparedDecode, collate: Any) -> None:
+        self.decode, self.collate = decode, collate
+
+    def __call__(self, samples: list[dict[str, Any]]) -> Any:
+        return self.collate([self.decode(s) for s in samples if s is not None])
+
+
+class PreparedStore:
+    """Random access to the samples of a prepared folder by id (member offsets from the sidecars).
+
+    Used by record datamodules given ``prepared=<out>``: their own index still supplies labels, reports and
+    masks; only the image/volume comes from the shards.
+
+    Args:
+        folder: output of :func:`prepare`.
+        expect_spec: the spec the datamodule would prepare (``max_side`` is free for 2D); a mismatch is refused.
+        dataset: the datamodule's registry name; a folder of another dataset is refused.
+
+    Raises:
+        DataError: missing/unreadable manifest, another dataset or spec.
+    """
+
+    def __init__(self, folder: str | Path, dataset: str, expect_spec: Mapping[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        spec = dict(self.manifest["spec"])
+        if self.manifest["dataset"] != dataset:
+            raise DataError(f"{self.folder}: prepared from {self.manifest['dataset']!r}, not {dataset!r}")
+        want = dict(expect_spec)
+        if spec.get("kind") == "image2d":
+            spec.pop("max_side", None)
+            want.pop("max_side", None)
+        if spec != want:
+            diff = sorted(k for k in set(spec) | set(want) if spec.get(k) != want.get(k))
+            raise DataError(f"{self.folder}: prepared with a different spec (differs in {diff}: "
+                            f"{ {k: spec.get(k) for k in diff} } vs { {k: want.get(k) for k in diff} }); "
+                            "re-run `medvlp prepare` into a new folder")
+        self.kind = spec["kind"]
+        self._where: dict[str, tuple[Path, str, int, int, list[int]]] | None = None
+        self.corrupt = {c["id"]: c["error"] for c in self.manifest.get("corrupt", [])}
+
+    def _index(self) -> dict[str, tuple[Path, str, int, int, list[int]]]:
+        if self._where is None:
+            where = {}
+            for split, info in self.manifest["splits"].items():
+                for shard in info["shards"]:
+                    side = self.folder / split / shard["name"].replace(".tar", ".json")
+                    meta = json.loads(side.read_text())
+                    tar = self.folder / split / shard["name"]
+                    for s in meta["samples"]:
+                        where[s["id"]] = (tar, s["ext"], s["offset"], s["size"], s["json"])
+            self._where = where
+        return self._where
+
+    def __contains__(self, sample_id: str) -> bool:
+        return str(sample_id) in self._index()
+
+    def read(self, sample_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """``(arrays, json meta)`` of one sample.
+
+        Raises:
+            DataError: the id is not in the prepared folder (named as corrupt when prepare rejected it).
+        """
+        sid = str(sample_id)
+        entry = self._index().get(sid)
+        if entry is None:
+            if sid in self.corrupt:
+                raise DataError(f"{sid}: rejected by `medvlp prepare` ({self.corrupt[sid]})")
+            raise DataError(f"{sid}: not in prepared folder {self.folder} (prepared from another index?)")
+        tar, ext, offset, size, (joff, jsize) = entry
+        with open(tar, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+            fh.seek(joff)
+            meta = json.loads(fh.read(jsize))
+        if ext == "npy":
+            return {"image": np.load(io.BytesIO(data), allow_pickle=False)}, meta
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}, meta
+
+
+def prepare_command(args: Sequence[str]) -> int:
+    """``medvlp prepare data=D data.init_args.root=... out=DIR [size=256] [samples_per_shard=1000]
+    [workers=N] [splits=[train,val,test]] [progress=true]``."""
+    from omegaconf import OmegaConf
+
+    from medvlp.compose import compose
+    from medvlp.config import to_container
+    from medvlp.datamodules import build_datamodule
+
+    cfg = compose(list(args))
+    out = OmegaConf.select(cfg, "out", default=None)
+    if not out:
+        raise ValueError("prepare needs out=DIR (the folder the shards and index.json are written to)")
+    data = to_container(cfg["data"])
+    dm = build_datamodule(data)
+    manifest = prepare(dm, out, size=int(OmegaConf.select(cfg, "size", default=256)),
+                       samples_per_shard=int(OmegaConf.select(cfg, "samples_per_shard", default=1000)),
+                       workers=int(OmegaConf.select(cfg, "workers", default=1)),
+                       splits=list(OmegaConf.select(cfg, "splits", default=list(SPLITS))),
+                       progress=bool(OmegaConf.select(cfg, "progress", default=True)), source=data)
+    run = manifest["last_run"]
+    print(f"prepared {manifest['dataset']} into {out}: " + ", ".join(
+        f"{k} {v['n_samples']} samples in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
+        + f"; {run['verified_kept']} shards verified and kept, {run['written']} written; "
+        f"{manifest['corrupt_count']} corrupt inputs skipped" + (" (named in index.json)" if manifest["corrupt_count"] else ""))
+    return 0

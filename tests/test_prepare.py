@@ -1,0 +1,173 @@
+"""`medvlp prepare`: shards from published layouts, resume after a kill, corrupt inputs, spec mixing, and the
+optimised 2D decode path against the prepared one."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvlp.cli import main
+from medvlp.datamodules import MIMICCXRDataModule, MSDDataModule, RSNAPneumoniaDataModule, ShardDataModule, write_shards
+from medvlp.datamodules import prepare as prep
+from medvlp.datamodules.readers import DataError, read_image_2d
+from medvlp.datamodules.tabular import resize_2d
+from tests import fixtures as fx
+
+
+def _prepare(root: Path, out: Path, *extra: str, data: str = "mimic_cxr") -> dict:
+    args = ["prepare", f"data={data}", f"data.init_args.root={root}", f"out={out}", "samples_per_shard=2",
+            "progress=false", *extra]
+    assert main(args) == 0
+    return json.loads((out / "index.json").read_text())
+
+
+def test_prepare_mimic_counts_corrupt_inputs_and_shards_train(tmp_path: Path) -> None:
+    root = fx.make_mimic(tmp_path / "mimic", n=12)
+    bad = sorted(root.rglob("*.jpg"))[2]
+    bad.write_bytes(b"not a jpeg")
+    manifest = _prepare(root, tmp_path / "out", "workers=2")
+    assert manifest["dataset"] == "mimic_cxr" and manifest["spec"]["max_side"] == 256
+    assert manifest["corrupt_count"] == 1 and manifest["corrupt"][0]["path"] == str(bad)
+    assert "cannot decode image" in manifest["corrupt"][0]["error"]
+    dm = MIMICCXRDataModule(str(root))
+    for split, info in manifest["splits"].items():
+        ids = [str(r["id"]) for r in dm.records(split)]
+        assert info["n_records"] == len(ids) and info["ids_hash"] == prep._sha1(ids)
+        assert [s["n"] for s in info["shards"][:-1]] == [2] * (len(info["shards"]) - 1) or info["n_samples"] < len(ids)
+        for s in info["shards"]:
+            assert prep._sha256_file(tmp_path / "out" / split / s["name"]) == s["sha256"]
+    assert sum(v["n_samples"] for v in manifest["splits"].values()) == sum(v["n_records"] for v in manifest["splits"].values()) - 1
+    # the datamodules read it: streaming shards and the record datamodule by id
+    shards = ShardDataModule(prepared=str(tmp_path / "out"), image_size=32, batch_size=2)
+    batch = next(iter(shards.train_dataloader()))
+    assert batch["image"].shape == (2, 1, 32, 32) and batch["labels"].shape == (2, 14) and len(batch["text"]) == 2
+    rec = MIMICCXRDataModule(str(root), prepared=str(tmp_path / "out"), image_size=32)
+    ds = rec.dataset("train", augment=False)
+    kept = [ds[i] for i in range(len(ds))]
+    assert sum(s is None for s in kept) == (1 if any(c["split"] == "train" for c in manifest["corrupt"]) else 0)
+    args = ["pretrain", "method=clip", "data=shards", "preset=tiny", f"data.init_args.prepared={tmp_path / 'out'}",
+            "data.init_args.image_size=32", "data.init_args.batch_size=2", "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false", f"run.dir={tmp_path / 'run'}"]
+    assert main(args) == 0 and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_prepare_resumes_after_a_kill_without_rewriting_verified_shards(tmp_path: Path, monkeypatch) -> None:
+    root = fx.make_rsna(tmp_path / "rsna", n=8)
+    out = tmp_path / "out"
+    real = prep.encode_record
+    calls = {"n": 0}
+
+    def dies_at_five(*args, **kwargs):  # the process is "killed" while encoding the 5th record
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "encode_record", dies_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        main(["prepare", "data=rsna_pneumonia", f"data.init_args.root={root}", f"out={out}", "samples_per_shard=2",
+              "progress=false"])
+    monkeypatch.setattr(prep, "encode_record", real)
+    first = sorted(out.glob("*/*.tar"))
+    assert len(first) == 2 and not (out / "index.json").exists() and not list(out.glob("*/.*.tmp"))
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first}
+    manifest = _prepare(root, out, data="rsna_pneumonia")
+    assert manifest["last_run"]["verified_kept"] == 2
+    assert manifest["last_run"]["written"] == sum(len(v["shards"]) for v in manifest["splits"].values()) - 2
+    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == s for p, s in stamps.items())  # not rewritten
+    # a damaged shard fails its checksum and is the only one rewritten
+    victim = first[0]
+    victim.write_bytes(victim.read_bytes()[:-10] + b"x" * 10)
+    manifest = _prepare(root, out, data="rsna_pneumonia")
+    assert manifest["last_run"]["written"] == 1
+    assert prep._sha256_file(victim) == next(s["sha256"] for v in manifest["splits"].values() for s in v["shards"]
+                                              if s["name"] == victim.name and victim.parent.name in manifest["splits"]
+                                              and s in manifest["splits"][victim.parent.name]["shards"])
+    # the record datamodule reads masks from its own index and the image from the shards
+    dm = RSNAPneumoniaDataModule(str(root), image_size=32, prepared=str(out))
+    rec = next(r for s in ("train", "val", "test") for r in dm.records(s) if r["id"] == "rsna-0001")
+    assert dm.load(rec, augment=False)["mask"].sum() == 8 * 8 + 6 * 10
+
+
+def test_prepare_refuses_to_mix_specs(tmp_path: Path) -> None:
+    root = fx.make_mimic(tmp_path / "mimic", n=8)
+    _prepare(root, tmp_path / "a")
+    with pytest.raises(DataError, match="refusing to mix"):
+        prep.prepare(MIMICCXRDataModule(str(root)), tmp_path / "a", size=128, samples_per_shard=2, progress=False)
+    assert main(["prepare", "data=mimic_cxr", f"data.init_args.root={root}", f"out={tmp_path / 'a'}", "size=128",
+                 "samples_per_shard=2", "progress=false"]) == 2  # CLI: a clear error, not a traceback
+    _prepare(root, tmp_path / "b", "size=128")
+    with pytest.raises(DataError, match="different specs"):
+        ShardDataModule(train=str(tmp_path / "a" / "train"), val=str(tmp_path / "b" / "val"))
+    plain = write_shards([{"image": torch.zeros(1, 8, 8), "text": "x", "meta": {"id": "p"}}], tmp_path / "plain")
+    with pytest.raises(DataError, match="mix prepared and unprepared"):
+        ShardDataModule(train=str(tmp_path / "a" / "train"), val=str(plain[0].parent))
+
+
+def test_prepare_volumes_and_read_them_back(tmp_path: Path) -> None:
+    root = fx.make_msd(tmp_path / "msd", n=6)
+    kwargs = {"volume_size": [8, 16, 16], "window": [-175.0, 250.0]}
+    dm = MSDDataModule(str(root), **kwargs)
+    manifest = prep.prepare(dm, tmp_path / "out", samples_per_shard=2, progress=False)
+    assert manifest["spec"]["kind"] == "volume" and manifest["spec"]["volume_size"] == [8, 16, 16]
+    with pytest.raises(DataError, match="different spec"):
+        MSDDataModule(str(root), volume_size=[8, 32, 32], window=[-175.0, 250.0], prepared=str(tmp_path / "out")).store
+    pre = MSDDataModule(str(root), prepared=str(tmp_path / "out"), **kwargs)
+    rec = dm.records("train")[0]
+    a, b = dm.load(rec, augment=False), pre.load(rec, augment=False)
+    assert a["image"].shape == b["image"].shape == (1, 8, 16, 16)
+    assert torch.allclose(a["image"], b["image"], atol=4 * 2e-3) and torch.equal(a["mask"], b["mask"])  # float16
+    shards = ShardDataModule(prepared=str(tmp_path / "out"), batch_size=2)
+    assert shards.spatial_dims == 3 and shards.encoder_hints()["img_size_3d"] == [8, 16, 16]
+    batch = next(iter(shards.eval_dataloader("train", 2)))
+    assert batch["image"].shape == (2, 1, 8, 16, 16) and batch["mask"].shape == (2, 1, 8, 16, 16)
+
+
+def _radiograph(h: int = 2500, w: int = 2048) -> np.ndarray:
+    """A smooth chest-radiograph-like uint8 image at MIMIC-CXR-JPG size (body, lungs, ribs, fine noise)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    y, x = yy / h - 0.5, xx / w - 0.5
+    body = np.exp(-((x / 0.42) ** 6 + (y / 0.55) ** 6))
+    lungs = sum(np.exp(-(((x - c) / 0.16) ** 2 + ((y + 0.02) / 0.3) ** 2)) for c in (-0.18, 0.18))
+    ribs = 0.08 * (np.sin(60 * (y + 0.3 * x ** 2)) > 0.6) * (lungs > 0.2)
+    img = 40 + 170 * body - 110 * lungs + 255 * ribs + np.random.default_rng(0).normal(0, 3, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _paths_agree(path: Path, size: int = 224, prepared: int = 256) -> float:
+    """Mean |on-the-fly fast path − prepared path| in [0, 1] units, at ``size``."""
+    fast = resize_2d(read_image_2d(path, max_side=size), size)
+    stored = np.round(read_image_2d(path, max_side=prepared) * 255).astype(np.uint8)
+    via_prepared = resize_2d(stored.astype(np.float32) / 255.0, size)
+    assert fast.shape == via_prepared.shape == (1, size, size)
+    return float((fast - via_prepared).abs().mean())
+
+
+# Stated tolerance of the decode paths (README "Data"): mean absolute difference ≤ 0.01 of the [0, 1] range
+TOLERANCE = 0.01
+
+
+def test_fast_decode_matches_prepared_on_a_real_size_jpeg(tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "cxr.jpg"
+    Image.fromarray(_radiograph()).save(path, quality=95)
+    with Image.open(path) as im:
+        im.draft("L", (224, 275))
+        assert im.size[0] < 2048  # PIL decodes at a reduced DCT scale
+    assert _paths_agree(path) <= TOLERANCE
+
+
+def test_fast_decode_matches_prepared_on_the_pydicom_data_radiograph() -> None:
+    if importlib.util.find_spec("data_store") is None and importlib.util.find_spec("pydicom_data") is None:
+        pytest.skip("pydicom-data wheel not installed")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG1_UNCI.dcm")
+    if path is None:
+        pytest.skip("RG1_UNCI.dcm not available offline")
+    assert _paths_agree(Path(path)) <= TOLERANCE
