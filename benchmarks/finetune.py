@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
                                        label_samples, macro_auc, random_batches)
@@ -15,6 +17,40 @@ from medvlp.registry import register_benchmark
 
 def _ids(batch: dict, start: int) -> list[str]:
     return [str(m["id"]) for m in batch["meta"]] if "meta" in batch else [str(start + i) for i in range(len(batch["image"]))]
+
+
+def load_fraction(dm: Any, fraction: float, seed: int, batch_size: int = 64
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[int], str]:
+    """Images and labels of the fraction's training rows only: ``(x, y, rows into x, subset hash)``.
+
+    The subset is chosen by :func:`fraction_rows` over the split's ids read from the dataset's records (no
+    image decoded); only those rows are loaded (through the datamodule's workers and pinned memory). A
+    dataset without records (streamed shards) is read whole and subset afterwards. Rows whose sample is
+    skipped under the datamodule's policy are dropped from the subset.
+    """
+    ds = dm.dataset("train", augment=False)
+    records = getattr(ds, "records", None)
+    if records is None:
+        images, labels, ids = [], [], []
+        for batch in dm.eval_dataloader("train", batch_size):
+            if batch is None:
+                continue
+            ids.extend(_ids(batch, len(ids)))
+            images.append(batch["image"])
+            labels.append(batch["labels"].float())
+        rows, subset_hash = fraction_rows(ids, fraction, seed)
+        return torch.cat(images), torch.cat(labels), rows, subset_hash
+    rows, subset_hash = fraction_rows([str(r["id"]) for r in records], fraction, seed)
+    loader = DataLoader(Subset(ds, rows), batch_size=batch_size, shuffle=False, collate_fn=dm.collate_fn,
+                        num_workers=dm.num_workers, pin_memory=dm.pin_memory)
+    images, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images.append(batch["image"])
+        labels.append(batch["labels"].float())
+    x, y = torch.cat(images), torch.cat(labels)
+    return x, y, list(range(len(x))), subset_hash
 
 
 @register_benchmark("finetune")
@@ -48,15 +84,7 @@ class Finetune(Protocol):
         p = ctx.params
         torch.manual_seed(seed)
         dm = ctx.datamodule
-        images, labels, ids = [], [], []
-        for batch in dm.eval_dataloader("train", 64):
-            if batch is None:
-                continue
-            ids.extend(_ids(batch, len(ids)))
-            images.append(batch["image"])
-            labels.append(batch["labels"].float())
-        x_all, y_all = torch.cat(images), torch.cat(labels)
-        rows, subset_hash = fraction_rows(ids, fraction, ctx.subset_seed_for(seed))
+        x_all, y_all, rows, subset_hash = load_fraction(dm, fraction, ctx.subset_seed_for(seed))
         model = copy.deepcopy(ctx.model).to(ctx.device).train()
         with torch.no_grad():
             dim = model.image_representation(x_all[:2].to(ctx.device)).shape[-1]

@@ -64,28 +64,35 @@ class ProgressiveDecoder(nn.Module):
         return self.head(F.interpolate(x, size=size, mode=mode, align_corners=False))
 
 
-def _collect(ctx: EvalContext, split: str, frozen: bool) -> tuple[list[Any], torch.Tensor, list[str], torch.Tensor | None]:
-    """Feature maps (frozen) or images, with masks, ids and (EM) instance labels, for a split."""
+def _collect_images(ctx: EvalContext, split: str) -> tuple[list[torch.Tensor], torch.Tensor, list[str], torch.Tensor | None]:
+    """Images (full fine-tuning), with masks, ids and (EM) instance labels, for a split."""
     xs, masks, ids, instances = [], [], [], []
-    model = ctx.model.eval().to(ctx.device)
-    with torch.no_grad():
-        for batch in ctx.datamodule.eval_dataloader(split, 16):
-            if batch is None:
-                continue
-            img = batch["image"].to(ctx.device)
-            if frozen:
-                maps = model.image_feature_maps(img)
-                xs.extend([[m[i].cpu() for m in maps] for i in range(img.shape[0])])
-            else:
-                xs.extend([img[i].cpu() for i in range(img.shape[0])])
-            masks.append(batch["mask"].long())
-            if "instances" in batch:
-                instances.append(batch["instances"].long())
-            if "meta" in batch:
-                ids.extend(str(m["id"]) for m in batch["meta"])
-            else:
-                ids.extend(str(len(ids) + i) for i in range(img.shape[0]))
+    for batch in ctx.datamodule.eval_dataloader(split, 16):
+        if batch is None:
+            continue
+        img = batch["image"]
+        xs.extend([img[i] for i in range(img.shape[0])])
+        masks.append(batch["mask"].long())
+        if "instances" in batch:
+            instances.append(batch["instances"].long())
+        if "meta" in batch:
+            ids.extend(str(m["id"]) for m in batch["meta"])
+        else:
+            ids.extend(str(len(ids) + i) for i in range(img.shape[0]))
     return xs, torch.cat(masks), ids, (torch.cat(instances) if instances else None)
+
+
+def _collect(ctx: EvalContext, split: str, frozen: bool) -> tuple[Any, torch.Tensor, list[str], torch.Tensor | None]:
+    """Frozen: the split's feature maps from the feature cache (one backbone pass per weights, dataset and
+    split, reused by every fraction × seed; memory-mapped when the cache has a folder). Full: images."""
+    if frozen:
+        with torch.random.fork_rng(devices=[]):  # a cache miss must not move the protocol's RNG stream
+            maps = ctx.features.maps(ctx.model, ctx.datamodule, split, ctx.device)
+        # the stream as when the protocol iterated the split itself (one seed draw per DataLoader
+        # iteration), so cached, uncached and earlier runs train the same decoder
+        torch.empty((), dtype=torch.int64).random_()
+        return maps, maps.masks, maps.ids, maps.instances
+    return _collect_images(ctx, split)
 
 
 @register_benchmark("segmentation")
@@ -142,7 +149,7 @@ class Segmentation(Protocol):
         # full fine-tuning trains a copy: the evaluated checkpoint stays untouched for later protocols
         model = ctx.model.to(ctx.device) if frozen else copy.deepcopy(ctx.model).to(ctx.device)
         if frozen:
-            in_ch = sum(m.shape[0] for m in train_x[0])
+            in_ch = sum(level.shape[1] for level in train_x.levels)
         else:
             with torch.no_grad():
                 in_ch = sum(m.shape[1] for m in model.eval().image_feature_maps(train_x[0][None].to(ctx.device)))
@@ -210,7 +217,7 @@ class Segmentation(Protocol):
     @staticmethod
     def _maps(model: Any, xs: list[Any], idx: list[int], frozen: bool, device: Any) -> list[torch.Tensor]:
         if frozen:
-            return [torch.stack([xs[i][level] for i in idx]).to(device) for level in range(len(xs[idx[0]]))]
+            return xs.rows(idx, device)
         return model.image_feature_maps(torch.stack([xs[i] for i in idx]).to(device))
 
 

@@ -255,4 +255,4 @@ class VLPDataModule(L.LightningDataModule):
     def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
         """Deterministic, non-augmented loader for feature extraction."""
         return DataLoader(self.dataset(split, augment=False), batch_size=batch_size or self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=self.collate_fn)
+                          num_workers=self.num_workers, collate_fn=self.collate_fn, pin_memory=self.pin_memory)
