@@ -122,6 +122,7 @@ class VolumeDataModule(RecordDataModule):
         super().__init__(root, **kwargs)
         self.prepared = prepared
         self._store: Any = None
+        self.cache_built: dict[str, int] = {}  # items this process wrote to the disk cache before training
         if prepared and type(self).load is not VolumeDataModule.load:
             raise ValueError(f"{type(self).__name__} cuts samples itself; read its prepared shards with data=shards "
                              f"(data.init_args.prepared={prepared})")
@@ -236,7 +237,7 @@ class VolumeDataModule(RecordDataModule):
             monai_ds: Dataset = CacheDataset(data, transform, progress=False)
         elif self.cache == "disk":
             monai_ds = PersistentDataset(data, transform, cache_dir=self.cache_dir / self.spec_hash())
-            build_disk_cache(monai_ds, f"{type(self).__name__}/{split}")
+            self.cache_built[split] = build_disk_cache(monai_ds, f"{type(self).__name__}/{split}")
         else:
             monai_ds = MonaiDataset(data, transform)
         return VolumeRecordDataset(monai_ds, records, self, f"{type(self).__name__}/{split}")
