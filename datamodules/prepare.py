@@ -78,7 +78,7 @@ def prepare_spec(dm: Any, size: int = 256) -> dict[str, Any]:
                 "volume_size": list(dm.volume_size), "pixdim": list(dm.pixdim) if dm.pixdim else None,
                 "window": list(dm.window) if dm.window else None, "resize": dm.resize,
                 "channels": dm.channels if dm.channels is None or isinstance(dm.channels, str) else list(dm.channels),
-                "orientation": bool(dm.orientation),
+                "orientation": bool(dm.orientation), "nonfinite": dm.nonfinite,
                 "datamodule": type(dm).__name__}
     raise ValueError(f"prepare needs a record datamodule over a published layout (X-ray, CT, MRI, EM); "
                      f"{type(dm).__name__} has no file index to convert")
