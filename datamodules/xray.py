@@ -113,7 +113,10 @@ class XrayDataModule(RecordDataModule):
             return read_image_2d(record["path"])
         return read_image_2d(record["path"], max_side=self.image_size)
 
-    def image_tensor(self, record: Mapping[str, Any], augment: bool) -> torch.Tensor:
+    def image_tensor(self, record: Mapping[str, Any] | str | Path, augment: bool) -> torch.Tensor:
+        """Normalised ``(1, image_size, image_size)`` image of a record (or of an image file path)."""
+        if not isinstance(record, Mapping):
+            record = {"id": str(record), "path": record}
         img = resize_2d(self.image_array(record), self.image_size)
         if augment:
             img = img * (1 + 0.1 * (2 * torch.rand(1) - 1)) + 0.1 * (2 * torch.rand(1) - 1)
