@@ -72,8 +72,7 @@ class ImageTextLabelDataModule(VLPDataModule):
         if not sources or len(sources) < 1:
             raise ValueError("image_text_label needs sources: data.init_args.sources.<key>.name=... "
                              "(e.g. reports: {name: mimic_cxr, ...}, labels: {name: chexpert, ...})")
-        self.children = {k: build_datamodule({**v, "init_args": {**shared, **dict(v.get("init_args") or {})}})
-                         for k, v in sources.items()}
+        self.children = {k: build_datamodule(v) for k, v in self.child_specs({"sources": sources, **shared}).items()}
         for key, dm in self.children.items():
             if dm.spatial_dims != 2:
                 raise ValueError(f"image_text_label: source {key!r} ({type(dm).__name__}) is not a 2D datamodule")
@@ -89,6 +88,15 @@ class ImageTextLabelDataModule(VLPDataModule):
             raise ValueError(f"image_text_label: sources produce different image sizes {hints}; set image_size once")
 
     collate_fn = staticmethod(collate_skipping)
+    #: init-arg key holding the children (config validation names it in errors)
+    children_key = "sources"
+
+    @staticmethod
+    def child_specs(init_args: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """``{key: {name, init_args}}`` of the sources as built (shared args merged in), for validation."""
+        shared = {k: v for k, v in init_args.items() if k not in ("sources", "label_names")}
+        return {k: {**v, "init_args": {**shared, **dict(v.get("init_args") or {})}}
+                for k, v in dict(init_args.get("sources") or {}).items()}
 
     @property
     def label_names(self) -> list[str]:

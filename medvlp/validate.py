@@ -244,7 +244,7 @@ def check_data(spec: Mapping[str, Any], errors: list[str], where: str = "data") 
         params, _ = init_parameters(cls)
         check_kwargs(cls, {k: v for k, v in args.items() if k in params}, f"{where}.init_args", errors)
         for key, child in child_specs.items():
-            check_data(child, errors, f"{where}.init_args.datamodules.{key}")
+            check_data(child, errors, f"{where}.init_args.{getattr(cls, 'children_key', 'datamodules')}.{key}")
     else:
         check_kwargs(cls, args, f"{where}.init_args", errors)
 

@@ -157,3 +157,14 @@ def test_image_text_label_stream_mixes_reports_and_labels_under_one_label_list(t
     out = method._losses(batch)
     method._total(out, "train").backward()
     assert torch.isfinite(out["itl_loss"]) and out["false_negatives_removed"] > 0
+
+
+def test_image_text_label_config_is_validated_per_source() -> None:
+    from medvlp.cli import main
+
+    base = ["config", "method=umcl", "preset=tiny", "data=image_text_label",
+            "data.init_args.sources.reports.name=mimic_cxr", "data.init_args.sources.reports.init_args.root=/m",
+            "data.init_args.sources.labels.name=chexpert", "data.init_args.sources.labels.init_args.root=/c",
+            "data.init_args.image_size=32"]
+    assert main(base) == 0
+    assert main(base + ["data.init_args.sources.labels.init_args.bogus=3"]) != 0
