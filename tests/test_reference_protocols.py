@@ -554,3 +554,42 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
         expected = {p.get("protocol", k) for k, p in raw["protocols"].items()}
         assert set(df["protocol"].map(lambda k: raw["protocols"][k].get("protocol", k))) == expected, name
         assert df["comparability"].str.contains('"protocol_variant"').all()
+
+
+# ----------------------------------------------------------------------------- EM as CREMI
+def test_cremi_voi_and_adapted_rand_on_hand_computed_labelings() -> None:
+    from medvlp.benchmarks.em_cremi import adapted_rand_error, cremi_voi
+
+    gt = np.array([[1, 1, 2, 2]])
+    assert cremi_voi(gt, gt) == (0.0, 0.0) and adapted_rand_error(gt, gt) == 0.0
+    merged = np.array([[5, 5, 5, 5]])  # one segment for two cells: 1 bit of merge, no split
+    assert cremi_voi(merged, gt) == pytest.approx((0.0, 1.0))
+    # n = [[2, 2]]: Σn² = 8, Σa² = 16, Σb² = 8 → P = 0.5, R = 1, F = 2/3
+    assert adapted_rand_error(merged, gt) == pytest.approx(1 / 3)
+    split = np.array([[1, 2, 3, 4]])
+    assert cremi_voi(split, gt) == pytest.approx((1.0, 0.0))
+    assert cremi_voi(merged, np.array([[0, 0, 2, 2]])) == pytest.approx((0.0, 0.0))  # id 0 ignored
+
+
+def test_watershed_agglomeration_floods_boundaries_into_cells() -> None:
+    from medvlp.benchmarks.em_cremi import watershed_agglomeration
+
+    prob = np.zeros((1, 5, 9), np.float32)
+    prob[:, :, 4] = 0.9  # a boundary plane between two cells
+    seg = watershed_agglomeration(prob)
+    assert len(np.unique(seg)) == 2 and (seg[0, :, :4] == seg[0, 0, 0]).all() and (seg[0, :, 5:] == seg[0, 0, 8]).all()
+    assert seg[0, 0, 0] != seg[0, 0, 8] and seg.min() > 0
+
+
+def test_em_cremi_scores_whole_stitched_test_volumes(tmp_path) -> None:
+    from medvlp.benchmarks.em_cremi import EMCremi
+    from medvlp.datamodules.em import CREMIDataModule
+    from tests.fixtures import make_cremi
+
+    dm = CREMIDataModule(str(make_cremi(tmp_path / "cremi")), samples=["A", "B"], volume_size=(4, 16, 16), test_fraction=0.34, batch_size=4)
+    torch.manual_seed(0)
+    model, _ = build_tiny("gtgm")
+    res = EMCremi().run(_ctx(model, dm, tmp_path, epochs=1, width=8, max_stages=1), 1.0, 0)
+    vals = {v.metric: v.value for v in res.values}
+    assert vals["voi"] == pytest.approx(vals["voi_split"] + vals["voi_merge"]) and 0 <= vals["arand"] <= 1
+    assert "2 volume(s) stitched from 8 sub-volumes" in res.values[0].definition
