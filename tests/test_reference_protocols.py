@@ -495,7 +495,7 @@ def test_mimic_5x200_from_benchx_ids_feeds_category_retrieval(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- paper suites
-PAPER_SUITES = ["paper_mgca_linear", "paper_mgca_segmentation", "paper_benchx"]
+PAPER_SUITES = ["paper_mgca_linear", "paper_mgca_segmentation", "paper_benchx", "paper_gtgm_seg3d"]
 
 
 def _fixture_roots(tmp_path):
@@ -509,7 +509,10 @@ def _fixture_roots(tmp_path):
         (nih / name).write_text("".join(f"{i // 2:08d}_{i % 2:03d}.png 0\n" for i in lines))
     (nih / "train_1.txt").write_text("00000000_000.png 0\n00000000_001.png 0\n")
     (nih / "train_10.txt").write_text("00000001_000.png 0\n00000001_001.png 0\n00000002_000.png 0\n")
-    return {"chexpert": make_chexpert(tmp_path / "chex", n=12), "rsna": make_rsna(tmp_path / "rsna", n=40),
+    from tests.fixtures import make_msd
+
+    msd = make_msd(tmp_path / "msd", n=10)
+    return {"msd": msd, "chexpert": make_chexpert(tmp_path / "chex", n=12), "rsna": make_rsna(tmp_path / "rsna", n=40),
             "covidx": make_covidx(tmp_path / "covidx"), "nih": nih, "siim": make_siim(tmp_path / "siim", n=16),
             "mimic": mimic, "mimic_ids": ids}
 
@@ -521,12 +524,15 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
 
     roots = _fixture_roots(tmp_path)
     key_root = {"chexpert": "chexpert", "chexpert_5x200": "chexpert", "rsna": "rsna", "covidx": "covidx",
-                "nih": "nih", "siim": "siim", "mimic_5x200": "mimic"}
+                "nih": "nih", "siim": "siim", "mimic_5x200": "mimic", "msd_liver": "msd", "msd_lung": "msd",
+                "msd_pancreas": "msd", "msd_heart": "msd"}
     for name in PAPER_SUITES:
         raw = load_suite(name)
         overrides = [f"output={tmp_path / name}", "preset=tiny"]
         for key in raw["datasets"]:
-            overrides += [f"datasets.{key}.init_args.root={roots[key_root[key]]}", f"datasets.{key}.init_args.image_size=32"]
+            overrides.append(f"datasets.{key}.init_args.root={roots[key_root[key]]}")
+            overrides.append(f"datasets.{key}.init_args.volume_size=[8,16,16]" if key.startswith("msd")
+                             else f"datasets.{key}.init_args.image_size=32")
             if key.startswith("chexpert"):  # MGCA's CheXpert split removes a 5x200 set the fixture cannot hold
                 overrides += [f"datasets.{key}.init_args.val_size=3", f"datasets.{key}.init_args.split_convention=hash"]
             if key == "mimic_5x200":
@@ -540,13 +546,19 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
                               f"protocols.{key}.features=[8,8,8,8]"]
             if proto == "benchx_finetune":
                 overrides += [f"protocols.{key}.crop=24", f"protocols.{key}.max_epochs=1", f"protocols.{key}.batch_size=8"]
+            if proto == "gtgm_finetune":
+                overrides += [f"protocols.{key}.max_iterations=1", f"protocols.{key}.eval_interval=1",
+                              f"protocols.{key}.batch_size=2", f"protocols.{key}.width=8", f"protocols.{key}.max_stages=1"]
             if "fraction_files" in params:
                 overrides += [f"protocols.{key}.fraction_files.1={roots['nih'] / 'train_1.txt'}",
                               f"protocols.{key}.fraction_files.10={roots['nih'] / 'train_10.txt'}"]
-            if proto in ("mgca_linear", "mgca_segmentation", "benchx_finetune"):
-                overrides.append(f"protocols.{key}.fractions=[0.1]")
+            if proto in ("mgca_linear", "mgca_segmentation", "benchx_finetune", "gtgm_finetune"):
+                overrides.append(f"protocols.{key}.fractions=[{1.0 if proto == 'gtgm_finetune' else 0.1}]")
         suite = load_suite(name, overrides)
-        suite["methods"] = {"random_init": {"method": "clip", "pretrain": False}}  # pretraining is not under test
+        method = "gtgm" if name == "paper_gtgm_seg3d" else "clip"  # a 3D encoder for the 3D table
+        suite["methods"] = {"random_init": {"method": method, "pretrain": False}}  # pretraining is not under test
+        if name == "paper_gtgm_seg3d":  # one MSD task stands for the four (same datamodule and protocol)
+            suite["datasets"] = {"msd_liver": suite["datasets"]["msd_liver"]}
         # CheXpert 5x200 needs 200 single-finding images per class, more than a fixture holds; the same
         # protocols run on MIMIC 5x200 (built from BenchX's id file) in this suite
         suite["datasets"].pop("chexpert_5x200", None)
@@ -593,3 +605,35 @@ def test_em_cremi_scores_whole_stitched_test_volumes(tmp_path) -> None:
     vals = {v.metric: v.value for v in res.values}
     assert vals["voi"] == pytest.approx(vals["voi_split"] + vals["voi_merge"]) and 0 <= vals["arand"] <= 1
     assert "2 volume(s) stitched from 8 sub-volumes" in res.values[0].definition
+
+
+# ----------------------------------------------------------------------------- GTGM 3D fine-tuning
+def test_gtgm_split_is_first_90_percent_times_ratio_and_last_10_percent() -> None:
+    from medvlp.benchmarks.gtgm_finetune import gtgm_split
+
+    ids = [str(i) for i in range(20)]
+    assert gtgm_split(ids, 1.0) == (list(range(18)), [18, 19])
+    assert gtgm_split(ids, 0.1) == ([0], [18, 19])  # int(20 · 0.9 · 0.1) = 1
+
+
+def test_gtgm_finetune_trains_everything_and_selects_best_validation_dice(tmp_path) -> None:
+    from medvlp.benchmarks.gtgm_finetune import GTGMFinetune
+    from medvlp.datamodules.ct import MSDDataModule
+    from tests.fixtures import make_msd
+
+    root = make_msd(tmp_path / "msd", n=10)
+    dm = MSDDataModule(str(root), volume_size=(8, 16, 16), test_fraction=0.3, batch_size=2)
+    torch.manual_seed(0)
+    model, _ = build_tiny("gtgm")
+    proto = GTGMFinetune()
+    ctx = _ctx(model, dm, tmp_path, max_iterations=2, eval_interval=1, batch_size=2, width=8, max_stages=1)
+    trainer, parts = proto.build(ctx, 1.0, 0)
+    g = trainer.optimizer.param_groups
+    assert type(trainer.optimizer) is torch.optim.AdamW and len(g) == 1 and (g[0]["lr"], g[0]["weight_decay"]) == (1e-4, 1e-5)
+    enc = {id(q) for q in parts["model"].image_backbone().parameters()}
+    assert enc <= {id(q) for q in g[0]["params"]}  # full fine-tuning
+    assert (trainer.monitor, trainer.mode, trainer.max_epochs) == ("val_dice_bg", "max", 2)
+    res = proto.run(ctx, 1.0, 0)
+    vals = {v.metric: v.value for v in res.values}
+    assert 0 <= vals["dice_with_background_bestval"] <= 1 and 0 <= vals["dice_with_background"] <= 1
+    assert res.comparability["split_convention"] == "gtgm_official"
