@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import logging
 import random
@@ -77,29 +78,84 @@ def write_shards(samples: Sequence[dict[str, Any]] | Any, out_dir: str | Path, s
 
 
 class EpochLoader(DataLoader):
-    """DataLoader that advances its :class:`ShardStream`'s epoch (in the main process, before workers
-    copy the dataset) so every epoch reads shards in a new seeded order."""
+    """DataLoader that advances its :class:`ShardStream`'s epoch before each pass, so every epoch reads
+    shards in a new seeded order (the epoch lives in shared memory: persistent workers see it too)."""
 
     def __iter__(self) -> Any:
         self.dataset.epoch += 1  # type: ignore[attr-defined]
         return super().__iter__()
 
 
+def count_samples(path: str) -> int:
+    """Samples (keys with an ``.npy``/``.npz`` member) in one tar shard, from its member headers only.
+
+    Raises:
+        DataError: naming the shard when it cannot be read.
+    """
+    try:
+        with tarfile.open(path) as tar:
+            return len({name.rpartition(".")[0] for name in tar.getnames() if name.endswith((".npy", ".npz"))})
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"{path}: unreadable shard ({exc})") from exc
+
+
 class ShardStream(IterableDataset):
-    """Iterate samples from tar shards, split across ranks and workers."""
+    """Iterate samples from tar shards, split across ranks and workers.
 
-    def __init__(self, shards: Sequence[str], shuffle_buffer: int = 256, seed: int = 0) -> None:
+    With ``equalize`` every rank yields the same number of samples per epoch, ``samples_per_epoch //
+    world_size`` (default: all samples in the shards), split as evenly as possible over its DataLoader
+    workers; a worker whose own shards run out continues with the next shards of the epoch order
+    (wrapping around), so uneven shard counts or sizes never give one rank more batches than another
+    (which would deadlock DDP). Without it (evaluation) each shard is read by exactly one worker of one
+    rank. ``rank``/``world_size`` default to the initialised process group.
+    """
+
+    def __init__(self, shards: Sequence[str], shuffle_buffer: int = 256, seed: int = 0, equalize: bool = False,
+                 samples_per_epoch: int | None = None) -> None:
         self.shards = sorted(str(s) for s in shards)
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.epoch = 0
+        self.shuffle_buffer, self.seed, self.equalize = shuffle_buffer, seed, equalize
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+        self.rank: int | None = None
+        self.world_size: int | None = None
+        self.samples_per_epoch = samples_per_epoch
+        if equalize and samples_per_epoch is None:
+            self.samples_per_epoch = sum(count_samples(p) for p in self.shards)
 
-    def _my_shards(self) -> list[str]:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(int(value))
+
+    def _slot(self) -> tuple[int, int, int, int]:
+        """``(rank, world_size, worker_id, num_workers)``."""
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = self.rank if self.rank is not None else (dist.get_rank() if distributed else 0)
+        world = self.world_size if self.world_size is not None else (dist.get_world_size() if distributed else 1)
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        return rank, world, wid, nw
+
+    def quota(self) -> int | None:
+        """Samples this worker yields per epoch under ``equalize`` (None: read its shards once)."""
+        if not self.equalize:
+            return None
+        _, world, wid, nw = self._slot()
+        per_rank = int(self.samples_per_epoch or 0) // world
+        return per_rank // nw + (1 if wid < per_rank % nw else 0)
+
+    def _my_shards(self) -> Iterator[str]:
+        rank, world, wid, nw = self._slot()
         order = list(self.shards)
         random.Random(self.seed + self.epoch).shuffle(order)
-        return order[rank * nw + wid:: world * nw]
+        slot, slots = rank * nw + wid, world * nw
+        if not self.equalize:
+            yield from order[slot::slots]
+            return
+        for k in itertools.count():  # own shards first, then the others in epoch order (bounded by the quota)
+            yield order[(slot + k * slots) % len(order)]
 
     @staticmethod
     def read_shard(path: str) -> Iterator[dict[str, Any]]:
@@ -135,13 +191,25 @@ class ShardStream(IterableDataset):
             yield sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rng = random.Random(self.seed + self.epoch + 7919 * (get_worker_info().id if get_worker_info() else 0))
+        rank, _, wid, _ = self._slot()
+        rng = random.Random(self.seed + self.epoch + 7919 * wid + 104729 * rank)
+        quota = self.quota()
+        if quota == 0:
+            return
         buffer: list[dict[str, Any]] = []
-        for shard in self._my_shards():
-            for s in self.read_shard(shard):
-                buffer.append(s)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
+        emitted = 0
+
+        def samples() -> Iterator[dict[str, Any]]:
+            for shard in self._my_shards():
+                yield from self.read_shard(shard)
+
+        for s in samples():
+            buffer.append(s)
+            if quota is not None and emitted + len(buffer) >= quota:
+                break  # enough read for this epoch: drain the buffer
+            if len(buffer) >= max(self.shuffle_buffer, 1):
+                yield buffer.pop(rng.randrange(len(buffer)))
+                emitted += 1
         rng.shuffle(buffer)
         yield from buffer
 
@@ -158,6 +226,8 @@ class ShardDataModule(VLPDataModule):
         prepared: a ``medvlp prepare`` output folder: fills unset ``train``/``val``/``test``, ``spatial_dims``,
             ``volume_size`` and ``label_names`` from its manifest; its uint8 images are resized to
             ``image_size`` at load. Sources of different prepare specs are refused.
+        samples_per_epoch: samples per epoch over all ranks (default: every sample in the train shards);
+            each rank yields ``samples_per_epoch // world_size`` (see :class:`ShardStream`).
     """
 
     name = "shards"
@@ -165,8 +235,10 @@ class ShardDataModule(VLPDataModule):
     def __init__(self, train: str | None = None, val: str | None = None, test: str | None = None,
                  shuffle_buffer: int = 256, seed: int = 0, spatial_dims: int = 2, image_size: int = 224,
                  volume_size: Sequence[int] = (32, 128, 128), label_names: Sequence[str] | None = None,
-                 prepared: str | None = None, **loader_kwargs: Any) -> None:
+                 prepared: str | None = None, samples_per_epoch: int | None = None,
+                 **loader_kwargs: Any) -> None:
         super().__init__(**loader_kwargs)
+        self.samples_per_epoch = samples_per_epoch
         from medvlp.datamodules.prepare import PreparedCollate, PreparedDecode, check_same_spec, read_manifest
 
         if prepared:  # a `medvlp prepare` folder: splits, label names and dimensionality from its manifest
@@ -214,7 +286,9 @@ class ShardDataModule(VLPDataModule):
         return found
 
     def build_dataset(self, split: str, augment: bool) -> ShardStream:
-        return ShardStream(self.shards(split), self.shuffle_buffer if split == "train" else 0, self.seed)
+        # train/val: equal samples per rank (DDP); eval_dataloader: every sample once
+        return ShardStream(self.shards(split), self.shuffle_buffer if split == "train" else 0, self.seed,
+                           equalize=True, samples_per_epoch=self.samples_per_epoch if split == "train" else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -224,8 +298,9 @@ class ShardDataModule(VLPDataModule):
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return EpochLoader(self.dataset(split, augment=False), batch_size=self.batch_size, num_workers=self.num_workers,
-                           collate_fn=self.collate_fn, drop_last=split == "train")
+                           collate_fn=self.collate_fn, drop_last=split == "train", pin_memory=self.pin_memory,
+                           persistent_workers=self.persistent_workers)
 
     def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
         return DataLoader(ShardStream(self.shards(split), 0, self.seed), batch_size=batch_size or self.batch_size,
-                          num_workers=self.num_workers, collate_fn=self.collate_fn)
+                          num_workers=self.num_workers, collate_fn=self.collate_fn, pin_memory=self.pin_memory)

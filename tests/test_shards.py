@@ -41,3 +41,25 @@ def test_pretrain_from_shards(tmp_path: Path) -> None:
             "trainer.enable_progress_bar=false", f"run.dir={tmp_path / 'run'}"]
     assert main(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_every_rank_gets_the_same_batches_with_uneven_shards(tmp_path: Path) -> None:
+    """2 ranks × 2 workers over 9 shards of uneven size (26 samples): equal per-rank batch counts (else
+    DDP deadlocks), loader settings honoured, and persistent workers still see each new epoch's order."""
+    dm = PhantomDataModule("xray", num_train=26, num_val=4, num_test=4, image_size=32)
+    ds = dm.dataset("train", augment=False)
+    folder = tmp_path / "uneven"
+    assert len(write_shards((ds[i] for i in range(len(ds))), folder, samples_per_shard=3)) == 9
+    counts, ids = [], []
+    for rank in (0, 1):
+        shards = ShardDataModule(train=str(folder), image_size=32, batch_size=2, num_workers=2, shuffle_buffer=4,
+                                 persistent_workers=True)
+        loader = shards.train_dataloader()
+        assert loader.persistent_workers and loader.dataset.samples_per_epoch == 26
+        loader.dataset.rank, loader.dataset.world_size = rank, 2
+        epochs = [[m["id"] for b in loader for m in b["meta"]] for _ in range(2)]
+        counts.append([len(e) for e in epochs])
+        ids.append(epochs)
+        assert epochs[0] != epochs[1]  # the epoch reaches persistent workers
+    assert counts[0] == counts[1] == [12, 12]  # 13 samples per rank: 7 + 6 per worker → 3 + 3 batches of 2
+    assert len(set(ids[0][0]) | set(ids[1][0])) >= 20  # ranks read mostly different samples
