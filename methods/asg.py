@@ -16,6 +16,7 @@ from medvlp.encoders.vit import tokens_to_map
 from medvlp.losses import (
     asg_soft_targets,
     contrastive_logits,
+    gather_global,
     region_sentence_alignment_loss,
     symmetric_kl_contrastive_loss,
 )
@@ -140,13 +141,19 @@ def asg_losses(img_emb: torch.Tensor, txt_emb: torch.Tensor, tags: torch.Tensor,
             word ``l`` in the sentence(s) of region ``r``.
         present: ``(B, R)`` bool, regions that have a box and a sentence.
         local_temperature: τ of ARSA (official: the same 0.07).
-        gather: global negatives across ranks for IRA (official: per device).
+        gather: global negatives across ranks for IRA and ERL (ERL's soft targets built on the gathered
+            tags); official: per device.
     """
     li2t, lt2i, target = contrastive_logits(img_emb, txt_emb, temperature, gather)
     out = {"ira_loss": F.cross_entropy(li2t, target) + F.cross_entropy(lt2i, target)}
     pos = (tags == 1).to(tag_logits.dtype)
     out["irl_loss"] = F.binary_cross_entropy_with_logits(tag_logits, pos)
-    out["erl_loss"] = symmetric_kl_contrastive_loss(img_emb, txt_emb, asg_soft_targets(pos, soft_label_weight),
+    if gather:  # global negatives: ERL on the gathered batch, its soft targets from the gathered tags
+        img_g, txt_g = gather_global(img_emb, txt_emb)
+        (pos_g,) = gather_global(pos, grad=False)
+    else:
+        img_g, txt_g, pos_g = img_emb, txt_emb, pos
+    out["erl_loss"] = symmetric_kl_contrastive_loss(img_g, txt_g, asg_soft_targets(pos_g, soft_label_weight),
                                                     temperature)
     if patch_emb is not None:
         if grid is None or boxes is None or word_emb is None or word_weights is None or present is None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvlp.encoders import ProjectionHead
-from medvlp.losses import soft_target_contrastive_loss
+from medvlp.losses import gather_global, soft_target_contrastive_loss
 from medvlp.method import VLPMethod
 from medvlp.registry import register_method
 
@@ -207,6 +207,10 @@ class UMCL(VLPMethod):
             label_text = torch.where(lab.sum(1, keepdim=True) > 0, from_pos, neg_n.mean(0, keepdim=True).expand(b, -1))
             idx = (~has_report).nonzero().squeeze(1)
             txt = txt.index_put((idx,), label_text[idx])
+        if self.gather_negatives:  # global negatives; label-set targets built on the gathered labels
+            img, txt = gather_global(img, txt)
+            labels = gather_global(labels, grad=False)[0] if labels is not None else None
+            b = img.shape[0]
         targets = self._targets(labels) if labels is not None else torch.eye(b, device=image.device)
         out["itl_loss"] = soft_target_contrastive_loss(img, txt, targets, self.temperature)
         out["false_negatives_removed"] = (targets.sum() - b).detach() / b

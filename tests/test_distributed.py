@@ -166,3 +166,55 @@ def test_encoders_have_no_parameter_outside_the_loss_and_load_older_checkpoints(
         vit(torch.zeros(1, 1, 16, 16), torch.ones(1, 4, dtype=torch.bool))
     vit.enable_mask_token()
     assert vit(torch.zeros(1, 1, 16, 16), torch.ones(1, 4, dtype=torch.bool))["pooled"].shape == (1, 16)
+
+
+def _soft_worker(rank: int, world: int, port: int, out: dict) -> None:
+    from medvlp.losses import gather_global, soft_target_contrastive_loss
+    from medvlp.methods.asg import asg_losses
+    from medvlp.methods.umcl import label_set_targets
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x_img, x_txt, f_img, f_txt = _data()
+    tags, labels = _soft_inputs()
+    local = slice(rank * GLOBAL_B // world, (rank + 1) * GLOBAL_B // world)
+    img, txt = f_img(x_img[local]), f_txt(x_txt[local])
+    erl = asg_losses(img, txt, tags[local], torch.zeros(GLOBAL_B // world, tags.shape[1]), 0.1, gather=True)["erl_loss"]
+    img_g, txt_g = gather_global(img, txt)  # the UMCL call site
+    itl = soft_target_contrastive_loss(img_g, txt_g, label_set_targets(gather_global(labels[local], grad=False)[0]), 0.1)
+    (erl + itl).backward()
+    for p in list(f_img.parameters()) + list(f_txt.parameters()):  # DDP's gradient averaging
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    out[rank] = {"erl": float(erl), "itl": float(itl), "grad_img": f_img.weight.grad.clone(),
+                 "grad_txt": f_txt.weight.grad.clone()}
+    dist.destroy_process_group()
+
+
+def _soft_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    tags = (torch.rand(GLOBAL_B, 5, generator=g) > 0.5).float()
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [float("nan"), 1.0]] * (GLOBAL_B // 4))
+    return tags, labels
+
+
+def test_soft_target_terms_use_global_negatives_and_targets_built_on_the_gathered_batch() -> None:
+    """ASG's ERL and UMCL's label-set ITL with ``gather_negatives``: loss and DDP-averaged gradients equal one
+    process on the global batch (targets from every rank's tags/labels; positives across ranks count)."""
+    from medvlp.losses import soft_target_contrastive_loss
+    from medvlp.methods.asg import asg_losses
+    from medvlp.methods.umcl import label_set_targets
+
+    x_img, x_txt, f_img, f_txt = _data()
+    tags, labels = _soft_inputs()
+    img, txt = f_img(x_img), f_txt(x_txt)
+    erl = asg_losses(img, txt, tags, torch.zeros(GLOBAL_B, tags.shape[1]), 0.1)["erl_loss"]
+    itl = soft_target_contrastive_loss(img, txt, label_set_targets(labels), 0.1)
+    (erl + itl).backward()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_soft_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        results = dict(out)
+    for rank in (0, 1):
+        assert abs(results[rank]["erl"] - float(erl)) < 1e-5 and abs(results[rank]["itl"] - float(itl)) < 1e-5
+        assert torch.allclose(results[rank]["grad_img"], f_img.weight.grad, atol=1e-5)
+        assert torch.allclose(results[rank]["grad_txt"], f_txt.weight.grad, atol=1e-5)

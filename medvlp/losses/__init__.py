@@ -9,13 +9,15 @@ from medvlp.losses.contrastive import (
     symmetric_kl_contrastive_loss,
 )
 from medvlp.losses.distill import masked_token_distillation_loss
-from medvlp.losses.distributed import gather_with_grad
+from medvlp.losses.distributed import gather_global, gather_tensor, gather_with_grad
 
 __all__ = [
     "asg_soft_targets",
     "barlow_twins_loss",
     "clip_loss",
     "contrastive_logits",
+    "gather_global",
+    "gather_tensor",
     "gather_with_grad",
     "masked_token_distillation_loss",
     "region_sentence_alignment_loss",
