@@ -168,3 +168,28 @@ def test_image_text_label_config_is_validated_per_source() -> None:
             "data.init_args.image_size=32"]
     assert main(base) == 0
     assert main(base + ["data.init_args.sources.labels.init_args.bogus=3"]) != 0
+
+
+@pytest.mark.slow
+def test_cli_pretrains_asg_with_arsa_and_umcl_on_the_unified_stream(tmp_path) -> None:
+    """``medvlp pretrain`` (real Lightning Trainer) on the fixtures: ASG with Chest ImaGenome regions on
+    mimic_cxr logs a non-zero ARSA term; UMCL trains on image_text_label (mimic_cxr + chexpert)."""
+    import csv
+
+    from medvlp.cli import main
+
+    mimic = fx.make_mimic(tmp_path / "mimic")
+    make_imagenome(mimic, tmp_path / "imagenome")
+    chexpert = fx.make_chexpert(tmp_path, n=12)
+    assert main(["pretrain", "method=asg", "preset=tiny", "data=mimic_cxr", f"data.init_args.root={mimic}",
+                 "data.init_args.region_source=chest_imagenome", f"data.init_args.scene_graph_dir={tmp_path / 'imagenome'}",
+                 "data.init_args.image_size=32", "data.init_args.batch_size=3", "trainer.max_steps=2",
+                 f"run.dir={tmp_path / 'asg'}"]) == 0
+    rows = list(csv.DictReader(next((tmp_path / "asg" / "logs").rglob("metrics.csv")).open()))
+    arsa = [float(r["train/arsa_loss_step"]) for r in rows if r.get("train/arsa_loss_step")]
+    assert arsa and all(a > 0 for a in arsa)
+    assert main(["pretrain", "method=umcl", "preset=tiny", "data=image_text_label",
+                 "data.init_args.sources.reports.name=mimic_cxr", f"data.init_args.sources.reports.init_args.root={mimic}",
+                 "data.init_args.sources.labels.name=chexpert", f"data.init_args.sources.labels.init_args.root={chexpert}",
+                 "data.init_args.sources.labels.init_args.val_size=2", "data.init_args.image_size=32",
+                 "data.init_args.batch_size=8", "trainer.max_steps=2", f"run.dir={tmp_path / 'umcl'}"]) == 0
