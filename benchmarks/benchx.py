@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,3 +184,273 @@ class BenchXFinetune(Protocol):
         del parts["model"]
         comp = {"protocol_variant": self.variant, "fraction_source": p["fraction_source"], "best_epoch": result.best_epoch}
         return ProtocolResult(values, parts["split_hash"], comp)
+
+
+SEG_DEFAULTS: dict[str, Any] = {
+    "lr": 2e-5, "weight_decay": 0.05, "layer_decay": 0.65, "batch_size": 8, "max_iterations": 160000,
+    "warmup_iterations": 1500, "eval_interval": 500, "channels": 768, "aux_channels": 256,
+    "fraction_source": "file", "fraction_files": {}, "norm": [0.4978, 0.2449],
+}
+
+
+def _conv(cin: int, cout: int, k: int) -> nn.Sequential:
+    """MMSeg ``ConvModule``: conv (no bias) + BN + ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Feature2Pyramid(nn.Module):
+    """MMSeg ``Feature2Pyramid`` (rescales 4, 2, 1, 0.5): two transposed 2×2 convs (with BN + GELU between),
+    one transposed 2×2 conv, identity and 2×2 max-pooling on four same-resolution ViT maps."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
+                                 nn.ConvTranspose2d(dim, dim, 2, 2))
+        self.up2 = nn.ConvTranspose2d(dim, dim, 2, 2)
+        self.down2 = nn.MaxPool2d(2)
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.up4(maps[0]), self.up2(maps[1]), maps[2], self.down2(maps[3])]
+
+
+class UPerHead(nn.Module):
+    """MMSeg ``UPerHead`` (pool scales 1, 2, 3, 6): a pyramid-pooling module on the coarsest level,
+    1×1 laterals, top-down additions, 3×3 FPN convs, all levels upsampled to the finest and fused by a
+    3×3 conv; dropout 0.1; 1×1 classifier."""
+
+    def __init__(self, dim: int, channels: int, num_classes: int, pool_scales: Sequence[int] = (1, 2, 3, 6)) -> None:
+        super().__init__()
+        self.pool_scales = tuple(pool_scales)
+        self.ppm = nn.ModuleList([_conv(dim, channels, 1) for _ in pool_scales])
+        self.bottleneck = _conv(dim + len(pool_scales) * channels, channels, 3)
+        self.lateral = nn.ModuleList([_conv(dim, channels, 1) for _ in range(3)])
+        self.fpn = nn.ModuleList([_conv(channels, channels, 3) for _ in range(3)])
+        self.fuse = _conv(4 * channels, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.cls = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        up = lambda x, ref: F.interpolate(x, size=ref.shape[2:], mode="bilinear", align_corners=False)  # noqa: E731
+        top = feats[3]
+        pooled = [up(conv(F.adaptive_avg_pool2d(top, s)), top) for s, conv in zip(self.pool_scales, self.ppm)]
+        lat = [conv(f) for conv, f in zip(self.lateral, feats[:3])] + [self.bottleneck(torch.cat([top, *pooled], 1))]
+        for i in range(3, 0, -1):
+            lat[i - 1] = lat[i - 1] + up(lat[i], lat[i - 1])
+        outs = [self.fpn[i](lat[i]) for i in range(3)] + [lat[3]]
+        fused = self.fuse(torch.cat([outs[0]] + [up(o, outs[0]) for o in outs[1:]], 1))
+        return self.cls(self.dropout(fused))
+
+
+class FCNAuxHead(nn.Module):
+    """MMSeg ``FCNHead`` as BenchX's auxiliary head: one 3×3 ``ConvModule``, dropout 0.1, 1×1 classifier."""
+
+    def __init__(self, dim: int, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = _conv(dim, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.cls = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls(self.dropout(self.conv(x)))
+
+
+def mmseg_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
+    """MMSeg ``FocalLoss`` (``use_sigmoid=True``): sigmoid focal loss on one-hot targets, mean over
+    pixels and classes."""
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
+    p = torch.sigmoid(logits)
+    pt = (1 - p) * onehot + p * (1 - onehot)
+    weight = (alpha * onehot + (1 - alpha) * (1 - onehot)) * pt.pow(gamma)
+    return (F.binary_cross_entropy_with_logits(logits, onehot, reduction="none") * weight).mean()
+
+
+def mmseg_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = 0, eps: float = 1e-3) -> torch.Tensor:
+    """MMSeg 1.x ``DiceLoss`` (``use_sigmoid=True``, ``naive_dice=False``): sigmoid probabilities, the
+    ``ignore_index`` class *channel* dropped, per sample ``1 − 2Σpt / (Σp² + eps + Σt² + eps)``, mean."""
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
+    p = torch.sigmoid(logits)
+    if ignore_index is not None:
+        keep = [c for c in range(logits.shape[1]) if c != ignore_index]
+        p, onehot = p[:, keep], onehot[:, keep]
+    p, t = p.flatten(1), onehot.flatten(1)
+    d = 2 * (p * t).sum(1) / ((p * p).sum(1) + eps + (t * t).sum(1) + eps)
+    return (1 - d).mean()
+
+
+def layer_decay_groups(backbone: nn.Module, heads: Sequence[nn.Module], lr: float, weight_decay: float,
+                       decay_rate: float) -> list[dict[str, Any]]:
+    """MMSeg ``LayerDecayOptimizerConstructor`` for ViTs: layer id 0 for the patch/position embeddings
+    and CLS token, ``i + 1`` for block ``i``, ``L + 1`` for everything else (norms after the blocks and
+    the heads); lr × ``decay_rate^(L + 1 − id)``; no weight decay on 1-D parameters, biases and the
+    position embedding / CLS token."""
+    depth = len(getattr(backbone, "blocks", []))
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+
+    def layer_id(name: str) -> int:
+        if name.startswith(("patch_embed", "pos_embed", "cls_token", "mask_token")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return depth + 1
+
+    named = [(n, q) for n, q in backbone.named_parameters()] + [(f"head{i}.{n}", q) for i, h in enumerate(heads)
+                                                                  for n, q in h.named_parameters()]
+    for name, q in named:
+        no_decay = q.ndim == 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
+        groups.setdefault((layer_id(name) if not name.startswith("head") else depth + 1, no_decay), []).append(q)
+    return [{"params": ps, "lr": lr * decay_rate ** (depth + 1 - lid), "weight_decay": 0.0 if nd else weight_decay,
+             "layer_id": lid} for (lid, nd), ps in sorted(groups.items())]
+
+
+@register_benchmark("benchx_segmentation")
+class BenchXSegmentation(Protocol):
+    """BenchX segmentation (``benchmarks/mmsegmentation`` ``upernet_mrm-base_fp16-160k_siim-512x512``).
+
+    * model: the encoder fine-tuned (``frozen_exclude: []``) with its four multi-level maps
+      (``image_feature_maps``; BenchX ``out_indices`` 3/5/7/11) → :class:`Feature2Pyramid` →
+      :class:`UPerHead` (768 channels, pool scales 1/2/3/6) + :class:`FCNAuxHead` on level 2 (256);
+    * loss: focal ×1 + Dice ×3 (Dice ignoring class 0) on the decode head, ×0.4 / ×1.2 on the
+      auxiliary head (:func:`mmseg_focal_loss`, :func:`mmseg_dice_loss`);
+    * optimizer: AdamW(lr 2e-5, betas (0.9, 0.999), weight decay 0.05) with layer-wise lr decay 0.65
+      (:func:`layer_decay_groups`); linear warm-up from 1e-6 over 1,500 iterations then poly (power 1)
+      to 0 at 160,000; batch 8; horizontal flip p 0.5 on train;
+    * selection: validation every 500 iterations on MMSeg's dataset-level Dice of the foreground class
+      (``save_best='Dice.front'``); test at the best weights;
+    * metrics: ``dice_mmseg_dataset`` (MMSeg ``mDice``, classes incl. background, areas summed over the
+      test set) and ``dice_mmseg_dataset_foreground``; label fractions from files (``fraction_files``).
+
+    Deviations: BenchX resizes SIIM to 512 (set the datamodule's ``image_size``); no AMP; the
+    encoder's own ``feature_layers`` give the four levels (set them to 3/5/7/11 for BenchX's choice).
+    """
+
+    name = "benchx_segmentation"
+    variant = "benchx_segmentation"
+    uses_fractions = True
+    needs_mask = True
+    parameters = {
+        "lr": "AdamW base learning rate (2e-5)", "weight_decay": "AdamW weight decay (0.05)",
+        "layer_decay": "layer-wise lr decay rate (0.65)", "batch_size": "batch size (8)",
+        "max_iterations": "training iterations (160000)", "warmup_iterations": "linear warm-up iterations (1500)",
+        "eval_interval": "iterations between validations (500)", "channels": "UPerHead channels (768)",
+        "aux_channels": "FCN auxiliary head channels (256)", "fraction_source": "file | hash | mgca (file)",
+        "fraction_files": "{label percent: subset file} ({})", "norm": "[mean, std] on [0, 1] intensities",
+    }
+
+    def applicable(self, ctx: EvalContext) -> str | None:
+        if ctx.datamodule.spatial_dims != 2:
+            return "BenchX segmentation is 2D"
+        sample = ctx.datamodule.dataset("test", augment=False)[0]
+        if sample is None or "mask" not in sample:
+            return "dataset has no masks"
+        if len(ctx.datamodule.dataset("val", augment=False)) == 0:
+            return "dataset has no validation split (BenchX selects on validation Dice)"
+        return None
+
+    def params(self, ctx: EvalContext) -> dict[str, Any]:
+        """Protocol defaults overridden by the suite's params."""
+        unknown = set(ctx.params) - set(SEG_DEFAULTS) - {"fractions", "seeds"}
+        if unknown:
+            raise ValueError(f"{self.name}: unknown params {sorted(unknown)}; known: {sorted(SEG_DEFAULTS)}")
+        return {**SEG_DEFAULTS, **ctx.params}
+
+    def build(self, ctx: EvalContext, fraction: float, seed: int) -> tuple[HeadTrainer, dict[str, Any]]:
+        """The trainer of one (fraction, seed) run and the pieces the test step needs."""
+        from medvlp.benchmarks.dice import dice_score
+
+        p = self.params(ctx)
+        dm = ctx.datamodule
+        torch.manual_seed(seed)
+        ids = split_ids(dm, "train")
+        rows, subset_hash, how = select_fraction(ids, fraction, seed, p["fraction_source"], p["fraction_files"])
+        model = copy.deepcopy(ctx.model).to(ctx.device)
+        backbone = model.image_backbone()
+        gen = torch.Generator().manual_seed(seed)
+        mean, std = p["norm"]
+
+        def view(x: torch.Tensor) -> torch.Tensor:
+            return to_channels(renormalise(x, dm, float(mean), float(std))[0], encoder_channels(model))
+
+        probe = next(b for b in subset_loader(dm, "train", rows[:2], 2, False, seed) if b is not None)
+        with torch.no_grad():
+            maps = model.eval().image_feature_maps(view(probe["image"]).to(ctx.device))
+        if len(maps) < 4:
+            raise ValueError(f"{self.name}: the encoder exposes {len(maps)} feature levels; UperNet needs 4")
+        dim = maps[0].shape[1]
+        k = 2 if len(dm.label_names) <= 1 else len(dm.label_names) + 1
+        neck, head, aux = Feature2Pyramid(dim), UPerHead(dim, int(p["channels"]), k), FCNAuxHead(dim, int(p["aux_channels"]), k)
+        for m in (neck, head, aux):
+            m.to(ctx.device)
+        opt = torch.optim.AdamW(layer_decay_groups(backbone, [neck, head, aux], float(p["lr"]), float(p["weight_decay"]),
+                                                   float(p["layer_decay"])), betas=(0.9, 0.999))
+        total, warm = int(p["max_iterations"]), int(p["warmup_iterations"])
+
+        def factor(it: int) -> float:
+            if it < warm:
+                return 1e-6 + (1 - 1e-6) * it / max(warm, 1)
+            return max(0.0, 1 - (it - warm) / max(total - warm, 1))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        interval = int(p["eval_interval"])
+
+        def logits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            feats = neck(model.image_feature_maps(x)[-4:])
+            size = x.shape[2:]
+            return (F.interpolate(head(feats), size=size, mode="bilinear", align_corners=False),
+                    F.interpolate(aux(feats[2]), size=size, mode="bilinear", align_corners=False))
+
+        def step(batch: dict[str, Any]) -> torch.Tensor:
+            x, y = view(batch["image"]), batch["mask"][:, 0].long()
+            flip = torch.rand(len(x), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            y = torch.where(flip[:, None, None], y.flip(-1), y)
+            out, out_aux = logits(x.to(ctx.device))
+            y = y.to(ctx.device)
+            return (mmseg_focal_loss(out, y) + 3 * mmseg_dice_loss(out, y)
+                    + 0.4 * mmseg_focal_loss(out_aux, y) + 1.2 * mmseg_dice_loss(out_aux, y))
+
+        def batches(block: int) -> Any:
+            done = 0
+            while done < interval:
+                for batch in subset_loader(dm, "train", rows, int(p["batch_size"]), True, seed * 1000 + block + done):
+                    if batch is None:
+                        continue
+                    yield batch
+                    done += 1
+                    if done >= interval:
+                        return
+
+        def predict(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+            preds, targets = [], []
+            for batch in subset_loader(dm, split, None, int(p["batch_size"]), False, seed):
+                if batch is None:
+                    continue
+                preds.append(logits(view(batch["image"]).to(ctx.device))[0].argmax(1, keepdim=True).cpu())
+                targets.append(batch["mask"].long())
+            return torch.cat(preds), torch.cat(targets)
+
+        def validate() -> dict[str, float]:
+            pred, target = predict("val")
+            return {"val_dice_front": dice_score(pred, target, k, "mmseg_dataset_foreground")}
+
+        trainer = HeadTrainer(
+            modules=[backbone, neck, head, aux], optimizer=opt, scheduler=sched, train_batches=batches,
+            train_step=step, validate=validate, monitor="val_dice_front", mode="max",
+            max_epochs=max(1, total // interval), patience=None, info={"rows": rows, "how": how, "k": k})
+        return trainer, {"predict": predict, "model": model, "split_hash": subset_hash, "heads": (neck, head, aux)}
+
+    def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
+        from medvlp.benchmarks.dice import DEFINITIONS, dice_score
+
+        trainer, parts = self.build(ctx, fraction, seed)
+        result = fit(trainer)
+        p = self.params(ctx)
+        with torch.no_grad():
+            pred, target = parts["predict"]("test")
+        how = (f"BenchX UperNet fine-tune: AdamW lr {p['lr']:g} wd {p['weight_decay']:g} layer decay {p['layer_decay']:g}, "
+               f"warm-up {p['warmup_iterations']} + poly, {result.steps} iterations, best val Dice.front at validation "
+               f"{result.best_epoch + 1}; {trainer.info['how']}; N_test={len(pred)}")
+        values = [MetricValue(f"dice_{d}", dice_score(pred, target, trainer.info["k"], d), f"{DEFINITIONS[d]}; {how}")
+                  for d in ("mmseg_dataset", "mmseg_dataset_foreground")]
+        del parts["model"]
+        return ProtocolResult(values, parts["split_hash"], {"protocol_variant": self.variant,
+                                                            "fraction_source": p["fraction_source"]})

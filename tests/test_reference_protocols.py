@@ -546,17 +546,21 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
                               f"protocols.{key}.features=[8,8,8,8]"]
             if proto == "benchx_finetune":
                 overrides += [f"protocols.{key}.crop=24", f"protocols.{key}.max_epochs=1", f"protocols.{key}.batch_size=8"]
+            if proto == "benchx_segmentation":
+                overrides += [f"protocols.{key}.max_iterations=1", f"protocols.{key}.eval_interval=1",
+                              f"protocols.{key}.channels=8", f"protocols.{key}.aux_channels=8"]
             if proto == "gtgm_finetune":
                 overrides += [f"protocols.{key}.max_iterations=1", f"protocols.{key}.eval_interval=1",
                               f"protocols.{key}.batch_size=2", f"protocols.{key}.width=8", f"protocols.{key}.max_stages=1"]
             if "fraction_files" in params:
                 overrides += [f"protocols.{key}.fraction_files.1={roots['nih'] / 'train_1.txt'}",
                               f"protocols.{key}.fraction_files.10={roots['nih'] / 'train_10.txt'}"]
-            if proto in ("mgca_linear", "mgca_segmentation", "benchx_finetune", "gtgm_finetune"):
+            if proto in ("mgca_linear", "mgca_segmentation", "benchx_finetune", "gtgm_finetune", "benchx_segmentation"):
                 overrides.append(f"protocols.{key}.fractions=[{1.0 if proto == 'gtgm_finetune' else 0.1}]")
         suite = load_suite(name, overrides)
         method = "gtgm" if name == "paper_gtgm_seg3d" else "clip"  # a 3D encoder for the 3D table
-        suite["methods"] = {"random_init": {"method": method, "pretrain": False}}  # pretraining is not under test
+        suite["methods"] = {"random_init": {"method": method, "pretrain": False,  # pretraining is not under test
+                                            "init_args": {"image_encoder": {"depth": 4}}}}  # 4 levels for UperNet
         if name == "paper_gtgm_seg3d":  # one MSD task stands for the four (same datamodule and protocol)
             suite["datasets"] = {"msd_liver": suite["datasets"]["msd_liver"]}
         # CheXpert 5x200 needs 200 single-finding images per class, more than a fixture holds; the same
@@ -637,3 +641,33 @@ def test_gtgm_finetune_trains_everything_and_selects_best_validation_dice(tmp_pa
     vals = {v.metric: v.value for v in res.values}
     assert 0 <= vals["dice_with_background_bestval"] <= 1 and 0 <= vals["dice_with_background"] <= 1
     assert res.comparability["split_convention"] == "gtgm_official"
+
+
+def test_benchx_segmentation_builds_upernet_with_layer_decay_and_reports_mmseg_dice(siim_dm, tmp_path) -> None:
+    from medvlp.benchmarks.benchx import BenchXSegmentation, UPerHead, mmseg_dice_loss
+
+    torch.manual_seed(0)
+    model, _ = build_tiny("clip", "method.init_args.image_encoder.depth=4")
+    ids = __import__("medvlp.benchmarks.views", fromlist=["split_ids"]).split_ids(siim_dm, "train")
+    f = tmp_path / "train_10.txt"
+    f.write_text("".join(f"{i}\n" for i in ids[:6]))
+    proto = BenchXSegmentation()
+    ctx = _ctx(model, siim_dm, tmp_path, max_iterations=2, eval_interval=1, warmup_iterations=1, batch_size=4,
+               channels=8, aux_channels=8, fraction_files={10: str(f)})
+    trainer, parts = proto.build(ctx, 0.1, 0)
+    groups = trainer.optimizer.param_groups
+    assert type(trainer.optimizer) is torch.optim.AdamW
+    by_layer = {g["layer_id"]: g["initial_lr"] for g in groups}
+    depth = 4
+    assert by_layer[depth + 1] == pytest.approx(2e-5) and by_layer[0] == pytest.approx(2e-5 * 0.65 ** (depth + 1))
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
+    assert isinstance(parts["heads"][1], UPerHead) and trainer.monitor == "val_dice_front"
+    assert [ids[r] for r in trainer.info["rows"]] == ids[:6]
+    # MMSeg Dice loss drops the background channel: a perfect foreground gives ~0 even with wrong background
+    y = torch.zeros(1, 4, 4, dtype=torch.long)
+    y[0, :2] = 1
+    logits = torch.full((1, 2, 4, 4), -20.0)
+    logits[0, 1, :2] = 20.0
+    assert float(mmseg_dice_loss(logits, y)) < 1e-3
+    res = proto.run(ctx, 0.1, 0)
+    assert {v.metric for v in res.values} == {"dice_mmseg_dataset", "dice_mmseg_dataset_foreground"}
