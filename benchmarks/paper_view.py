@@ -37,6 +37,10 @@ def backbone_signature(model: Any) -> str:
     return f"{cls}(d{width})" if width else cls
 
 
+#: marks pretraining on label-derived template captions (offline demo only) in ``pretrain_data``
+LABEL_DERIVED = "[label-derived captions]"
+
+
 def model_fields(model: Any, pretrain_data: str) -> dict[str, str]:
     """Comparability fields that come from the evaluated model."""
     return {"method_class": type(model).__name__, "backbone": backbone_signature(model), "pretrain_data": pretrain_data}
@@ -50,9 +54,12 @@ def pretrain_data_of(entry: Mapping[str, Any], cfg_data: Mapping[str, Any] | Non
     if ckpt == "random-init":
         return "none"
     if cfg_data:
+        from medvlp.datamodules.captions import uses_label_derived_captions
+
         name = cfg_data.get("name", "unknown")
         sub = (cfg_data.get("init_args") or {}).get("datamodules")
-        return f"{name}({'+'.join(sorted(sub))})" if isinstance(sub, Mapping) else str(name)
+        out = f"{name}({'+'.join(sorted(sub))})" if isinstance(sub, Mapping) else str(name)
+        return out + (f" {LABEL_DERIVED}" if uses_label_derived_captions(cfg_data) else "")
     return "unknown"
 
 

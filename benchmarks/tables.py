@@ -578,6 +578,14 @@ def report(results: str | Path, out: str | Path | None = None, plots: bool = Tru
         md.append("\n**Flags** (⚠ degenerate cells are withheld from the headline and comparisons)\n\n"
                   + "\n".join(f"- {n}" for n in notes) + "\n")
     md.append("\n**Metric definitions**\n\n" + definitions(df))
+    from medvlp.benchmarks.paper_view import LABEL_DERIVED
+
+    if "comparability" in df:
+        marked = sorted(df.loc[df["comparability"].astype(str).str.contains(LABEL_DERIVED, regex=False), "label"].unique())
+        if marked:
+            md.append(f"\n**Pretrained on label-derived captions** (template captions written from the ground-truth labels "
+                      f"that zero-shot and linear-probe evaluation use; offline demo only, not comparable): "
+                      f"{', '.join(marked)}\n")
     if paper:
         from medvlp.benchmarks.paper_view import paper_table
 

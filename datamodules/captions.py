@@ -3,17 +3,25 @@
 GTGM's official code joins pre-generated captions by volume name (``match_name``) and falls back to
 BLIP on a random slice. medvlp offers the same three routes:
 
-* :class:`CaptionFile` – a CSV/TSV ``id,caption`` joined on ``meta["id"]``.
-* :class:`TemplateCaptioner` – the offline default: a caption written from metadata/labels.
-* :class:`HFImageCaptioner` – a ``transformers`` image-to-text model run on the middle slice (only
-  when the user configures a model; nothing is downloaded otherwise).
+* :class:`HFImageCaptioner` – the paper path: a ``transformers`` image-to-text model (BLIP in GTGM) sees
+  only one random slice of the volume; the caption is ``"<name>, <generated text>"`` after the official
+  :func:`text_filter` (``pretrain/utils/utils_trainer.py::generate_caption``). Only runs with a model the
+  user configures; nothing is downloaded otherwise.
+* :class:`CaptionFile` – a CSV/TSV ``id,caption`` joined on ``meta["id"]`` (pre-generated captions).
+* :class:`TemplateCaptioner` – **offline demo only**: a caption written from the ground-truth labels that
+  zero-shot and linear-probe evaluation later use, so it leaks labels into pretraining (and is identical for
+  every volume of a dataset without labels). It logs a warning when built; the benchmark report marks results
+  pretrained on it (:func:`uses_label_derived_captions`).
 
 A spec is ``{"type": "file"|"template"|"hf", ...kwargs}``.
 """
 from __future__ import annotations
 
+import logging
+import random
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import pandas as pd
@@ -24,12 +32,43 @@ MODALITY_WORDS = {"xray": "chest radiograph", "ct": "chest CT volume", "mri": "b
                   "em": "electron microscopy volume"}
 
 
+LOG = logging.getLogger(__name__)
+# GTGM's text_filter: "figure 1 : ", "fig. 2. ", "figure 3. ", "fig. 4 " at the start, "figure 5 " anywhere
+_FIGURE_PREFIX = re.compile(r"^figure\s\d+\s:\s|^fig\.\s\d+\.\s|^figure\s\d+\.\s|^fig\.\s\d+\s|figure\s\d+\s")
+
+
 class CaptionError(KeyError):
     """A sample has no caption in the configured source."""
 
 
+def text_filter(text: str) -> str:
+    """Remove figure prefixes that captioners trained on papers emit (GTGM ``text_filter``)."""
+    return _FIGURE_PREFIX.sub("", text)
+
+
+def uses_label_derived_captions(spec: Any) -> bool:
+    """True when a data config (any nesting, e.g. ``mixed`` children) uses ``captions: {type: template}``."""
+    if isinstance(spec, Mapping):
+        cap = spec.get("captions")
+        if isinstance(cap, Mapping) and cap.get("type", "template") == "template":
+            return True
+        return any(uses_label_derived_captions(v) for v in spec.values())
+    if isinstance(spec, (list, tuple)):
+        return any(uses_label_derived_captions(v) for v in spec)
+    return False
+
+
 class TemplateCaptioner:
-    """Caption from modality and positive labels, e.g. "A chest CT volume showing lung nodule."."""
+    """Caption from modality and positive labels, e.g. "A chest CT volume showing lung nodule.".
+
+    Offline demo only: the text is derived from the ground-truth labels (see the module docstring).
+    """
+
+    label_derived: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        LOG.warning("template captions are written from ground-truth labels: offline demo only (results "
+                    "pretrained on them are marked as label-derived in benchmark reports)")
 
     def __call__(self, sample: Mapping[str, Any]) -> str:
         modality = MODALITY_WORDS.get(sample.get("modality", ""), "medical image")
@@ -90,28 +129,45 @@ class CaptionFile:
 
 
 class HFImageCaptioner:
-    """Caption the middle slice with a user-configured ``transformers`` image-to-text model (e.g. BLIP).
+    """Caption one random slice with a user-configured ``transformers`` image-to-text model (GTGM: BLIP).
+
+    As GTGM's ``generate_caption``: a uniformly random depth index, the generated text cleaned by
+    :func:`text_filter` and prefixed with the volume name (the id up to its first ``.``) as
+    ``"<name>, <caption>"``. Deviation: the slice is min–max scaled to 0–255 (the official code multiplies
+    an already [0, 1]-scaled slice by 255).
 
     Args:
         model: hub name or local path (the user's explicit choice; downloads only if allowed).
-        prefix_id: prefix the caption with the sample id, as GTGM's ``generate_caption`` does.
+        prefix_id: prefix the caption with the volume name.
+        device: pipeline device.
+        seed: seed of the slice choice (None: nondeterministic, as the official ``random.randint``).
+        pipe: an already built image-to-text callable (tests, custom models); ``model`` is then unused.
     """
 
-    def __init__(self, model: str, prefix_id: bool = True, device: str = "cpu") -> None:
-        from transformers import pipeline
+    label_derived: ClassVar[bool] = False
 
-        self.pipe = pipeline("image-to-text", model=model, device=device)
+    def __init__(self, model: str = "", prefix_id: bool = True, device: str = "cpu", seed: int | None = None,
+                 pipe: Any = None) -> None:
+        if pipe is None:
+            if not model:
+                raise ValueError("captions type hf needs model: <image-to-text model path or hub name>")
+            from transformers import pipeline
+
+            pipe = pipeline("image-to-text", model=model, device=device)
+        self.pipe = pipe
         self.prefix_id = prefix_id
+        self.rng = random.Random(seed)
 
     def __call__(self, sample: Mapping[str, Any]) -> str:
         from PIL import Image
 
         img = sample["image"]
-        arr = img[0, img.shape[1] // 2] if img.ndim == 4 else img[0]
+        arr = img[0, self.rng.randint(0, img.shape[1] - 1)] if img.ndim == 4 else img[0]
         arr = arr.float()
         arr = ((arr - arr.min()) / (arr.max() - arr.min() + 1e-6) * 255).to(torch.uint8).numpy()
-        text = self.pipe(Image.fromarray(np.asarray(arr)).convert("RGB"))[0]["generated_text"]
-        return f"{sample.get('meta', {}).get('id', '')}: {text}" if self.prefix_id else text
+        text = text_filter(self.pipe(Image.fromarray(np.asarray(arr)).convert("RGB"))[0]["generated_text"])
+        name = Path(str(sample.get("meta", {}).get("id", ""))).name.split(".")[0]
+        return f"{name}, {text}" if self.prefix_id else text
 
 
 def build_caption_source(spec: Mapping[str, Any]) -> Any:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset as MonaiDataset, MetaTensor, PersistentDataset
 from monai.transforms import (
-    Compose, MapTransform, Orientationd, RandFlipd, RandScaleIntensityd, RandShiftIntensityd, Resized,
+    CenterSpatialCropd, Compose, MapTransform, Orientationd, RandFlipd, RandScaleIntensityd, RandShiftIntensityd,
+    RandSpatialCropd, Resized, SpatialPadd,
     ResizeWithPadOrCropd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd,
 )
 from torch.utils.data import Dataset
@@ -97,7 +98,9 @@ class VolumeDataModule(RecordDataModule):
         pixdim: target spacing (mm, in RAS x, y, z order) or None to keep the native grid.
         window: ``(a_min, a_max)`` intensity window mapped to [0, 1] (CT: HU), or None for the
             0.5–99.5 percentile range (MRI/EM).
-        resize: ``pad_crop`` (centre pad/crop after spacing) or ``resize`` (interpolate the whole volume).
+        resize: ``pad_crop`` (centre pad/crop after spacing), ``resize`` (interpolate the whole volume) or
+            ``random_crop`` (pad to at least ``volume_size``, then a random ``volume_size`` crop in training and
+            the centre crop in evaluation; GTGM's 32×160×160 training crops).
         cache: ``none`` | ``memory`` (CacheDataset) | ``disk`` (PersistentDataset in ``cache_dir``).
         channels: channels kept from 4D volumes (indices of the last axis, or ``all``); ``None``: a 4D
             volume is an error naming the file.
@@ -137,7 +140,7 @@ class VolumeDataModule(RecordDataModule):
         if isinstance(channels, str):
             check_choice("channels", channels, ("all",), owner)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES, owner)
-        check_choice("resize", resize, ("resize", "pad_crop"), owner)
+        check_choice("resize", resize, ("resize", "pad_crop", "random_crop"), owner)
         check_choice("cache", cache, ("none", "memory", "disk"), owner)
         if cache == "disk" and self.cache_dir is None:
             raise ValueError("cache='disk' needs cache_dir")
@@ -166,6 +169,10 @@ class VolumeDataModule(RecordDataModule):
             steps.append(ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True))
         if self.resize == "pad_crop":
             steps.append(ResizeWithPadOrCropd(keys, xyz, allow_missing_keys=True))
+        elif self.resize == "random_crop":
+            steps.append(SpatialPadd(keys, xyz, allow_missing_keys=True))
+            steps.append(RandSpatialCropd(keys, xyz, random_size=False, allow_missing_keys=True) if augment
+                         else CenterSpatialCropd(keys, xyz, allow_missing_keys=True))
         else:
             steps.append(Resized(keys, xyz, mode=("trilinear", "nearest"), allow_missing_keys=True))
         return steps

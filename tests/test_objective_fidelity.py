@@ -141,6 +141,8 @@ def test_gtgm_paper_config_composes_the_official_setup_with_sources() -> None:
     assert (m.optimizer.lr, m.optimizer.schedule, m.optimizer.restart_steps) == (2e-5, "cosine_restarts", 10000)
     assert m.optimizer.lr * m.optimizer.min_lr_ratio == pytest.approx(1e-8)
     assert (cfg.trainer.max_steps, cfg.trainer.sync_batchnorm, cfg.data.init_args.batch_size) == (200000, True, 2)
+    msd = compose(["method=gtgm", "preset=paper", "data=msd"]).data.init_args
+    assert (list(msd.volume_size), msd.resize) == ([32, 160, 160], "random_crop")
     for name in ("gtgm.yaml", "gtgm.paper.yaml", "unimedi.yaml", "unimedi.paper.yaml"):
         text = resources.files("medvlp.methods").joinpath(name).read_text()
         for line in text.splitlines():
@@ -290,3 +292,75 @@ def test_unimedi_self_distillation_centers_the_teacher_and_does_not_collapse(tmp
             mean = probs.mean(0)
             entropy = -(mean * mean.clamp_min(1e-12).log()).sum().item()
             assert used > 1 and entropy > 1.0, (used, entropy)
+
+
+# ----------------------------------------------------------------------------------------- captions, crops
+def test_caption_text_filter_and_hf_captioner_on_a_random_slice() -> None:
+    from medvlp.datamodules.captions import HFImageCaptioner, text_filter
+
+    assert text_filter("figure 1 : a ct scan of the liver") == "a ct scan of the liver"
+    assert text_filter("fig. 2. axial slice") == "axial slice"
+    assert text_filter("an image figure 3 of a kidney") == "an image of a kidney"
+    seen: list[float] = []
+
+    def pipe(img):  # stands in for BLIP: records which slice it saw
+        seen.append(float(__import__("numpy").asarray(img)[0, 1, 0]))
+        return [{"generated_text": "figure 4 : a grey organ"}]
+
+    vol = torch.full((1, 16, 4, 4), 100.0)
+    vol[0, :, 0, 0] = 0.0
+    vol[0, :, 0, 1] = torch.arange(16.0) + 1  # after min–max scaling pixel (0, 1) still encodes the slice index
+    cap = HFImageCaptioner(pipe=pipe, seed=0)
+    texts = [cap({"image": vol, "meta": {"id": "liver_007.nii.gz"}}) for _ in range(12)]
+    assert texts[0] == "liver_007, a grey organ"
+    assert len(set(seen)) > 3  # random slices, not always the middle one
+
+
+def test_template_captions_are_flagged_as_label_derived(caplog) -> None:
+    from medvlp.datamodules.captions import TemplateCaptioner, uses_label_derived_captions
+    from medvlp.methods.gtgm import GTGM
+
+    with caplog.at_level(logging.WARNING):
+        TemplateCaptioner()
+    assert "offline demo only" in caplog.text
+    assert uses_label_derived_captions(GTGM.example_data)
+    assert not uses_label_derived_captions({"name": "msd", "init_args": {"captions": {"type": "hf", "model": "m"}}})
+
+
+def test_benchmark_report_marks_results_pretrained_on_label_derived_captions(tmp_path) -> None:
+    import json
+
+    from medvlp.benchmarks.paper_view import LABEL_DERIVED, pretrain_data_of
+    from medvlp.benchmarks.results import COLUMNS, ResultStore
+    from medvlp.benchmarks.tables import report
+    from medvlp.methods.gtgm import GTGM
+
+    tagged = pretrain_data_of({}, GTGM.example_data, "x.ckpt")
+    assert tagged.endswith(LABEL_DERIVED)
+    assert LABEL_DERIVED not in pretrain_data_of({}, {"name": "msd", "init_args": {}}, "x.ckpt")
+    store = ResultStore(tmp_path / "results.csv")
+    rows = []
+    for label, pdata in (("gtgm", tagged), ("clip", "phantom")):
+        row = {c: "" for c in COLUMNS}
+        row.update(suite="s", method=label, label=label, dataset="d", protocol="zero_shot", params="{}", fraction=1.0,
+                   seed=0, metric="auc", value=0.5, definition="auc", comparability=json.dumps({"pretrain_data": pdata}))
+        rows.append(row)
+    store.add(rows)
+    md = report(store.path, plots=False)
+    assert "Pretrained on label-derived captions" in md and md.rstrip().endswith("gtgm")
+
+
+def test_random_crop_volumes_for_gtgm(tmp_path) -> None:
+    from medvlp.datamodules.ct import MSDDataModule
+    from tests import fixtures as fx
+
+    root = fx.make_msd(tmp_path / "Task03_Liver")
+    dm = MSDDataModule(str(root), volume_size=(8, 12, 12), resize="random_crop")
+    train = dm.build_dataset("train", augment=True)
+    crops = [train[0]["image"] for _ in range(4)]
+    assert all(c.shape == (1, 8, 12, 12) for c in crops)
+    assert any(not torch.equal(crops[0], c) for c in crops[1:])  # random positions
+    val = dm.build_dataset("train", augment=False)
+    assert torch.equal(val[0]["image"], val[0]["image"])  # centre crop in evaluation
+    with pytest.raises(ValueError, match="resize must be one of"):
+        MSDDataModule(str(root), resize="crop")
