@@ -143,7 +143,9 @@ def test_gtgm_paper_config_composes_the_official_setup_with_sources() -> None:
     assert (cfg.trainer.max_steps, cfg.trainer.sync_batchnorm, cfg.data.init_args.batch_size) == (200000, True, 2)
     msd = compose(["method=gtgm", "preset=paper", "data=msd"]).data.init_args
     assert (list(msd.volume_size), msd.resize) == ([32, 160, 160], "random_crop")
-    for name in ("gtgm.yaml", "gtgm.paper.yaml", "unimedi.yaml", "unimedi.paper.yaml"):
+    clip = compose(["method=clip", "preset=paper"]).method.init_args  # MGCA's ConVIRT re-implementation
+    assert (clip.loss_weights.clip_loss, clip.optimizer.warmup_ratio, clip.optimizer.decay_all) == (2.0, 0.4, True)
+    for name in ("gtgm.yaml", "gtgm.paper.yaml", "unimedi.yaml", "unimedi.paper.yaml", "clip.paper.yaml"):
         text = resources.files("medvlp.methods").joinpath(name).read_text()
         for line in text.splitlines():
             if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
