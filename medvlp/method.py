@@ -212,13 +212,19 @@ class VLPMethod(L.LightningModule):
     def _weight(self, key: str) -> float:
         """Weight of a produced loss term ``key``.
 
-        Rule: an exact ``loss_weights`` key wins; otherwise the longest weight key ``w`` with
-        ``key.endswith("_" + w)`` applies (a ``<modality>_`` prefix of any length, e.g.
-        ``msd_liver_barlow_loss`` → ``barlow_loss``); otherwise 1. Weight keys that name no term the
+        Rule: an exact ``loss_weights`` key wins; otherwise the key is ``<modality>_<term>`` for the longest
+        registered term (:attr:`loss_terms`) it ends with (a prefix of any length, e.g.
+        ``msd_liver_barlow_loss`` → ``barlow_loss``; ``ct_pseudo_itc_loss`` → ``pseudo_itc_loss``, not
+        ``itc_loss``) and takes that term's weight; methods without declared terms use the longest weight key
+        ``w`` with ``key.endswith("_" + w)``; otherwise 1. Weight keys that name no term the
         method can produce (:attr:`loss_terms`, or the terms seen at the first step) raise ``ValueError``.
         """
         if key in self.loss_weights:
             return float(self.loss_weights[key])
+        if self.loss_terms:  # the registered term this key names (longest, so pseudo_itc_loss is not itc_loss)
+            terms = [t for t in self.loss_terms if key == t or key.endswith("_" + t)]
+            term = max(terms, key=len) if terms else None
+            return float(self.loss_weights.get(term, 1.0)) if term else 1.0
         matches = [w for w in self.loss_weights if key.endswith("_" + w)]
         return float(self.loss_weights[max(matches, key=len)]) if matches else 1.0
 

@@ -28,6 +28,11 @@ def test_loss_weight_matches_registered_terms_under_any_modality_prefix() -> Non
     assert m._weight("em_clip1_loss") == 1.0
     m2 = _gtgm(loss_weights={"barlow_loss": 0.01, "ct_rate_barlow_loss": 0.5})
     assert m2._weight("ct_rate_barlow_loss") == 0.5 and m2._weight("mri_barlow_loss") == 0.01
+    from medvlp.methods.unimedi import UniMedI
+
+    u = UniMedI.__new__(UniMedI)  # the rule only needs the registered terms and the weights
+    u.loss_weights = {"itc_loss": 2.0}
+    assert u._weight("ct_itc_loss") == 2.0 and u._weight("ct_pseudo_itc_loss") == 1.0
 
 
 def test_unknown_loss_weight_key_is_an_error_naming_the_known_terms() -> None:
