@@ -169,10 +169,8 @@ class VolumeDataModule(RecordDataModule):
             steps.append(ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True))
         if self.resize == "pad_crop":
             steps.append(ResizeWithPadOrCropd(keys, xyz, allow_missing_keys=True))
-        elif self.resize == "random_crop":
+        elif self.resize == "random_crop":  # pad here; the crop itself is in crop_steps (random in training)
             steps.append(SpatialPadd(keys, xyz, allow_missing_keys=True))
-            steps.append(RandSpatialCropd(keys, xyz, random_size=False, allow_missing_keys=True) if augment
-                         else CenterSpatialCropd(keys, xyz, allow_missing_keys=True))
         else:
             steps.append(Resized(keys, xyz, mode=("trilinear", "nearest"), allow_missing_keys=True))
         return steps
@@ -184,8 +182,16 @@ class VolumeDataModule(RecordDataModule):
         return [RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
                 RandScaleIntensityd("image", 0.1, prob=0.8), RandShiftIntensityd("image", 0.1, prob=0.8)]
 
+    def crop_steps(self, augment: bool) -> list[Any]:
+        """``resize: random_crop``: a random ``volume_size`` crop in training, the centre crop otherwise."""
+        if self.resize != "random_crop":
+            return []
+        keys, xyz = ["image", "label"], list(reversed(self.volume_size))
+        return [RandSpatialCropd(keys, xyz, random_size=False, allow_missing_keys=True) if augment
+                else CenterSpatialCropd(keys, xyz, allow_missing_keys=True)]
+
     def transforms(self, augment: bool) -> Compose:
-        return Compose(self.deterministic_steps() + (self.random_steps() if augment else []))
+        return Compose(self.deterministic_steps() + self.crop_steps(augment) + (self.random_steps() if augment else []))
 
     @property
     def store(self) -> Any:
@@ -218,8 +224,9 @@ class VolumeDataModule(RecordDataModule):
             item: dict[str, Any] = {"image": torch.from_numpy(arrays["image"].astype(np.float32)).permute(0, 3, 2, 1)}
             if "mask" in arrays:
                 item["label"] = torch.from_numpy(arrays["mask"].astype(np.float32)).permute(0, 3, 2, 1)
-            if augment:
-                item = Compose(self.random_steps())(item)
+            steps = self.crop_steps(augment) + (self.random_steps() if augment else [])
+            if steps:
+                item = Compose(steps)(item)
         else:
             try:
                 item = self.transforms(augment)(self._monai_input(record))
