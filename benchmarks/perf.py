@@ -22,7 +22,10 @@
    prepared shards (``medvlp prepare``);
 9. **memory**: activation bytes per sample per method (tensors saved for backward), relative to CLIP;
 10. **eval**: wall time of the quickstart suite's evaluation (random-init model) before vs after the
-    evaluation dedup, same commit, with counted forwards and a value-by-value comparison.
+    evaluation dedup, same commit, with counted forwards and a value-by-value comparison;
+11. **ddp**: samples/s of 2 ``DistributedDataParallel`` processes vs 1 at the same per-process batch
+    (tiny-preset CLIP; gloo on CPU with one thread per process, NCCL when two or more GPUs are visible),
+    printed as the speed-up and the scaling efficiency (speed-up / 2).
 
 Training steps use the demo preset's precision as :func:`medvlp.train.resolve_precision` resolves it on
 this machine (``auto``: bf16 autocast where bf16 is native), except ``clip_step``'s naive baseline (fp32).
@@ -625,13 +628,81 @@ def bench_mimic_index(quick: bool) -> dict[str, Any]:
             "dup_check_speedup": round(quadratic_s / max(linear_s, 1e-9))}
 
 
+class _LossStep(torch.nn.Module):
+    """Forward = a method's training loss, so ``DistributedDataParallel`` wraps the whole step."""
+
+    def __init__(self, method: Any) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.method._total(self.method._losses(batch), "train")
+
+
+def _ddp_worker(rank: int, world: int, port: int, steps: int, out: Any) -> None:
+    """One process of the ``ddp`` entry: tiny-preset CLIP steps under ``DistributedDataParallel``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world > 1
+    backend, device = ("nccl", f"cuda:{rank}") if cuda else ("gloo", "cpu")
+    if not cuda:  # one thread per process in both runs: like with like per process
+        torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model, dm = _model_and_data("clip", preset="tiny")
+    model.to(device).train()
+    step = DistributedDataParallel(_LossStep(model), device_ids=[rank] if cuda else None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
+    batch = next(iter(dm.train_dataloader()))
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    for i in range(steps + 2):
+        if i == 2:  # two warm-up steps
+            if cuda:
+                torch.cuda.synchronize()
+            dist.barrier()
+            t0 = time.perf_counter()
+        opt.zero_grad()
+        step(batch).backward()
+        opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    if rank == 0:
+        out["samples_per_s"] = steps * len(batch["text"]) * world / (time.perf_counter() - t0)
+        out["backend"], out["per_process_batch"] = backend, len(batch["text"])
+    dist.destroy_process_group()
+
+
+def bench_ddp(steps: int) -> dict[str, Any]:
+    """Samples/s of 2 DDP processes vs 1 at the same per-process batch (tiny-preset CLIP): gloo on CPU
+    (one thread per process), NCCL when two or more GPUs are visible."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    res: dict[str, Any] = {}
+    for world in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with mp.Manager() as manager:
+            out = manager.dict()
+            mp.spawn(_ddp_worker, args=(world, port, steps, out), nprocs=world, join=True)
+            res[f"world{world}"] = dict(out)
+    one, two = res["world1"]["samples_per_s"], res["world2"]["samples_per_s"]
+    return {"backend_2proc": res["world2"]["backend"], "per_process_batch": res["world1"]["per_process_batch"],
+            "samples_per_s_1proc": round(one, 2), "samples_per_s_2proc": round(two, 2),
+            "speedup_2_vs_1": round(two / one, 3), "scaling_efficiency": round(two / (2 * one), 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints JSON and a short summary."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes on 2 CPU cores)")
     ap.add_argument("--out", default="results/perf.json")
     ap.add_argument("--only", nargs="*", default=["probe", "throughput", "clip_step", "text_cache", "loader3d", "mfu",
-                                                  "mimic_index", "loader2d", "memory", "eval"])
+                                                  "mimic_index", "loader2d", "memory", "eval", "ddp"])
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args(argv)
@@ -651,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
             "mimic_index": lambda: bench_mimic_index(args.quick),
             "loader2d": lambda: bench_loader2d(16 if args.quick else 48),
             "memory": lambda: bench_memory(["clip", "asg", "umcl", "unimedi", "gtgm"]),
-            "eval": lambda: bench_eval(args.quick)}
+            "eval": lambda: bench_eval(args.quick),
+            "ddp": lambda: bench_ddp(steps)}
     for key in args.only:
         t0 = time.perf_counter()
         report[key] = jobs[key]()

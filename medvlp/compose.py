@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
         "seed": 42,
         "resume": True,
         "checkpoint_every_n_steps": 50,
+        "checkpoint_every_n_minutes": None,
+        "checkpoint_every_n_epochs": None,
         "weights_only_resume": True,
         "lr_monitor": True,
     },

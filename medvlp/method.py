@@ -283,9 +283,9 @@ class VLPMethod(L.LightningModule):
         if not pairs:
             return
         m = self.current_momentum()
-        with torch.no_grad():
-            for online, target in pairs:
-                ema_update(online, target, m)
+        root = getattr(getattr(getattr(self, "_trainer", None), "strategy", None), "model", None)
+        for online, target in pairs:
+            ema_update(online, target, m, root=root)
 
     def current_momentum(self) -> float:
         """EMA momentum, cosine-increased from ``ema_momentum[0]`` to ``ema_momentum[1]`` (BYOL eq. in §3.2)."""
@@ -379,12 +379,41 @@ def _grad_scaler(module: L.LightningModule) -> Any:
     return getattr(plugin, "scaler", None)
 
 
-def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
-    """``θ_target ← m·θ_target + (1−m)·θ_online`` for parameters; buffers are copied."""
-    for po, pt in zip(online.parameters(), target.parameters()):
-        pt.data.mul_(momentum).add_(po.data, alpha=1.0 - momentum)
+def ema_update(online: nn.Module, target: nn.Module, momentum: float, root: nn.Module | None = None) -> None:
+    """``θ_target ← m·θ_target + (1−m)·θ_online`` for parameters (fused ``_foreach`` ops); buffers are copied.
+
+    Args:
+        online, target: modules with the same parameter structure.
+        momentum: ``m``.
+        root: the FSDP-wrapped model when training under FSDP. Sharded online and target parameters are
+            flattened into different shards (their local views differ in size, even empty on some ranks),
+            so the update runs inside ``summon_full_params(root, writeback=True)`` on every rank.
+
+    Raises:
+        ValueError: when the two modules' parameters do not pair up (names the first mismatch).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(root, FSDP):
+        with FSDP.summon_full_params(root, writeback=True, with_grads=False):
+            _ema_local(online, target, momentum)
+    else:
+        _ema_local(online, target, momentum)
+
+
+@torch.no_grad()
+def _ema_local(online: nn.Module, target: nn.Module, momentum: float) -> None:
+    po, pt = list(online.parameters()), list(target.parameters())
+    bad = next((i for i, (a, b) in enumerate(zip(po, pt)) if a.shape != b.shape), None)
+    if len(po) != len(pt) or bad is not None:
+        raise ValueError(f"EMA pair does not match: {len(po)} vs {len(pt)} parameters"
+                         + (f", parameter {bad}: {tuple(po[bad].shape)} vs {tuple(pt[bad].shape)}" if bad is not None else "")
+                         + " (under FSDP pass the wrapped model as root)")
+    if pt:
+        torch._foreach_mul_(pt, momentum)
+        torch._foreach_add_(pt, po, alpha=1.0 - momentum)
     for bo, bt in zip(online.buffers(), target.buffers()):
-        bt.data.copy_(bo.data)
+        bt.copy_(bo)
 
 
 def _plain(x: Any) -> Any:

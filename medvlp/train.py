@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from medvlp.config import instantiate, persistable, save_config, to_container
 from medvlp.io import atomic_torch_save, atomic_write_text
 from medvlp.method import VLPMethod
+from medvlp.scale import build_strategy
 from medvlp.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,29 @@ def build_callbacks(trainer_cfg: Mapping[str, Any], run_cfg: Mapping[str, Any], 
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                         every_n_train_steps=int(run_cfg["checkpoint_every_n_steps"]), save_on_train_epoch_end=True)
     ]
+    callbacks += extra_checkpoints(run_cfg, ckpt_dir)
     callbacks += [instantiate(s, expected=Callback) for s in _specs(trainer_cfg.get("callbacks"))]
     if has_logger and run_cfg.get("lr_monitor", True) and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(StepProgressBar())
     return callbacks
+
+
+def extra_checkpoints(run_cfg: Mapping[str, Any], ckpt_dir: Path) -> list[Callback]:
+    """``last.ckpt`` also every ``run.checkpoint_every_n_minutes`` of training time and every
+    ``run.checkpoint_every_n_epochs`` epochs (each unset or 0 = off), besides the step interval."""
+    from datetime import timedelta
+
+    out: list[Callback] = []
+    minutes, epochs = run_cfg.get("checkpoint_every_n_minutes"), run_cfg.get("checkpoint_every_n_epochs")
+    if minutes:
+        out.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                   train_time_interval=timedelta(minutes=float(minutes))))
+    if epochs:
+        out.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=int(epochs),
+                                   save_on_train_epoch_end=True))
+    return out
 
 
 def build_plugins(trainer_cfg: Mapping[str, Any]) -> list[Any]:
@@ -213,6 +231,7 @@ def pretrain(cfg: DictConfig) -> Path:
     method = build_method(c, dm)
     ckpt_dir = out / "checkpoints"
     trainer_kwargs = {k: v for k, v in c["trainer"].items() if v is not None and k not in ("logger", "callbacks", "plugins")}
+    trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"))  # FSDP/DDP from YAML
     if "precision" in trainer_kwargs:
         trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs.get("accelerator"))
         log.info("precision: %s", trainer_kwargs["precision"])

@@ -65,3 +65,20 @@ def test_non_finite_guard_reads_the_device_once_per_step(monkeypatch: pytest.Mon
     model.body.layers[7].bias.grad[2] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"'body\.layers\.7\.bias'"):
         model.on_after_backward()
+
+
+def test_checkpoints_by_time_and_epoch_besides_steps(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from medvlp.cli import main
+    from medvlp.train import extra_checkpoints
+
+    built = extra_checkpoints({"checkpoint_every_n_minutes": 30, "checkpoint_every_n_epochs": 2}, tmp_path)
+    assert [(c._train_time_interval, c._every_n_epochs) for c in built if isinstance(c, ModelCheckpoint)] == [
+        (__import__("datetime").timedelta(minutes=30), 0), (None, 2)]
+    assert extra_checkpoints({}, tmp_path) == []
+    run = tmp_path / "run"  # all three triggers together in a real pretraining run
+    assert main(["pretrain", "method=clip", "preset=tiny", "trainer.max_steps=5", "run.checkpoint_every_n_steps=2",
+                 "run.checkpoint_every_n_epochs=1", "run.checkpoint_every_n_minutes=0.001",
+                 "trainer.enable_progress_bar=false", f"run.dir={run}"]) == 0
+    assert (run / "checkpoints" / "last.ckpt").is_file()
