@@ -70,9 +70,12 @@ class ResultStore:
             missing = set(LEGACY_COLUMNS) - set(df.columns)
             if missing:
                 raise ValueError(f"{self.path}: not a medvlp result file (missing columns {sorted(missing)})")
+            legacy = "subset_seed" not in df.columns
             for c in COLUMNS:
                 if c not in df.columns:
                     df[c] = ""
+            if legacy:  # before subset and training seeds were separated, one seed drove both
+                df["subset_seed"] = df["seed"].astype(str)
             df["protocol_name"] = [p or k for p, k in zip(df["protocol_name"], df["protocol"])]
             self.df = df[COLUMNS]
         else:

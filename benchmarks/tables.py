@@ -433,7 +433,7 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
             ch = chance_of(g[g["metric"] == metric])
             if ch is not None:
                 ax.hlines(ch, j - 0.45, j + 0.45, colors="black", linestyles="--", lw=1)
-        ax.set_xticks(np.arange(len(metrics)), metrics, fontsize=8)
+        ax.set_xticks(np.arange(len(metrics)), metrics, fontsize=8, rotation=30, ha="right")
         ax.set_title(f"{ds} {col0} (dashed: chance, whiskers: 95 % CI)", fontsize=9)
         ax.legend(fontsize=7, ncol=min(len(labels), 3))
         save(fig, f"{ds}_{col0.replace('@', '_at_')}.png")
@@ -611,9 +611,9 @@ def report(results: str | Path, out: str | Path | None = None, plots: bool = Tru
 
 
 def headline_only(md: str) -> str:
-    """The headline section (and the differences table) of a report's Markdown."""
-    cut = md.find("\n### ")
-    return md if cut < 0 else md[:cut]
+    """The headline section of a report's Markdown (up to the differences or detailed tables)."""
+    cuts = [i for i in (md.find("\n## Differences"), md.find("\n### ")) if i >= 0]
+    return md[:min(cuts)] if cuts else md
 
 
 def report_command(args: Sequence[str]) -> int:
