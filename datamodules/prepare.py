@@ -143,7 +143,7 @@ def encode_record(dm: Any, record: Mapping[str, Any], spec: Mapping[str, Any]) -
         np.save(buf, arr, allow_pickle=False)
         members = {"npy": buf.getvalue()}
     else:
-        sample = dm.load(record, augment=False)
+        sample = _deterministic_sample(dm, record)
         arrays = {"image": (sample["image"].float() * 0.25 + 0.5).numpy().astype(np.float16)}
         if "mask" in sample:
             arrays["mask"] = sample["mask"].numpy().astype(np.uint8 if int(sample["mask"].max()) < 256 else np.int32)
@@ -161,6 +161,38 @@ def encode_record(dm: Any, record: Mapping[str, Any], spec: Mapping[str, Any]) -
         members["txt"] = meta.pop("text").encode("utf-8")
     members["json"] = json.dumps(meta).encode("utf-8")
     return members
+
+
+def _deterministic_sample(dm: Any, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample after the deterministic steps only: for the MONAI pipeline that excludes the crop of
+    ``resize: random_crop`` (stored padded, cropped at load: random in training, centre otherwise)."""
+    from monai.transforms import Compose
+
+    from medvlp.datamodules.volume import VolumeDataModule
+
+    if type(dm).load is not VolumeDataModule.load:  # datamodules that cut their own samples (EM)
+        return dm.load(record, augment=False)
+    item = Compose(dm.deterministic_steps())(dm._monai_input(record))
+    sample = dm.to_sample(item, record)
+    if dm.caption_source is not None:
+        sample["caption"] = dm.caption_source(sample)
+    return sample
+
+
+def _center_crop(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Centre crop (zero pad where smaller) of the last three axes to ``size``."""
+    import torch.nn.functional as F
+
+    pads = []
+    for have, want in zip(reversed(t.shape[-3:]), reversed(list(size))):
+        extra = max(want - have, 0)
+        pads += [extra // 2, extra - extra // 2]
+    t = F.pad(t, pads) if any(pads) else t
+    idx = [slice(None)] * (t.ndim - 3)
+    for have, want in zip(t.shape[-3:], size):
+        start = (have - want) // 2
+        idx.append(slice(start, start + want))
+    return t[tuple(idx)]
 
 
 def _error_of(exc: BaseException, record: Mapping[str, Any]) -> DataError | None:
@@ -420,6 +452,8 @@ class PreparedDecode:
 
     def __init__(self, spec: Mapping[str, Any], image_size: int) -> None:
         self.kind, self.image_size = spec["kind"], image_size
+        # ``resize: random_crop`` volumes are stored padded; streamed shards take the centre crop
+        self.crop = list(spec["volume_size"]) if spec.get("resize") == "random_crop" else None
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         from medvlp.datamodules.tabular import resize_2d
@@ -428,6 +462,11 @@ class PreparedDecode:
         if self.kind == "image2d":
             arr = img.numpy().reshape(img.shape[-2:]) / 255.0
             img = resize_2d(arr.astype(np.float32), self.image_size)
+        if self.crop is not None:
+            img = _center_crop(img, self.crop)
+            for k in ("mask", "instances"):
+                if k in sample:
+                    sample[k] = _center_crop(sample[k], self.crop)
         sample["image"] = (img.float() - 0.5) / 0.25
         return sample
 

@@ -171,3 +171,19 @@ def test_fast_decode_matches_prepared_on_the_pydicom_data_radiograph() -> None:
     if path is None:
         pytest.skip("RG1_UNCI.dcm not available offline")
     assert _paths_agree(Path(path)) <= TOLERANCE
+
+
+def test_prepared_random_crop_volumes_stay_random(tmp_path: Path) -> None:
+    root = fx.make_msd(tmp_path / "msd", n=6)
+    kwargs = {"volume_size": [4, 8, 8], "window": [-175.0, 250.0], "resize": "random_crop"}
+    dm = MSDDataModule(str(root), **kwargs)
+    prep.prepare(dm, tmp_path / "out", samples_per_shard=3, progress=False)
+    pre = MSDDataModule(str(root), prepared=str(tmp_path / "out"), **kwargs)
+    rec = dm.records("train")[0]
+    stored = pre.store.read(rec["id"])[0]["image"]
+    assert stored.shape[1:] != (4, 8, 8)  # padded, not yet cropped
+    assert torch.allclose(pre.load(rec, augment=False)["image"], dm.load(rec, augment=False)["image"], atol=8e-3)
+    crops = {tuple(pre.load(rec, augment=True)["image"].flatten()[:50].tolist()) for _ in range(6)}
+    assert len(crops) > 1  # the crop is still drawn at load
+    batch = next(iter(ShardDataModule(prepared=str(tmp_path / "out"), batch_size=2).eval_dataloader("train", 2)))
+    assert batch["image"].shape == (2, 1, 4, 8, 8) and batch["mask"].shape == (2, 1, 4, 8, 8)
