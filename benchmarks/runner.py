@@ -83,9 +83,11 @@ def obtain_model(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any],
     ``seed`` (one of the suite's ``pretrain_seeds``) pretrains into ``runs/<label>/seed<seed>`` with
     ``run.seed=seed``; ``None`` uses the suite's ``seed`` and ``runs/<label>``.
     """
-    if entry.get("ckpt"):
-        model = load_method(entry["ckpt"], allow_class_path=bool(entry.get("allow_class_path", False)))
-        return model, str(entry["ckpt"]), "external"
+    if entry.get("ckpt"):  # a medvlp checkpoint path or {format, path} of a released model
+        from medvlp.pretrained.formats import load_ckpt_spec
+
+        model, desc = load_ckpt_spec(entry["ckpt"], allow_class_path=bool(entry.get("allow_class_path", False)))
+        return model, desc, "external"
     cfg = _method_config(suite, label, entry, seed, None if seed is None else f"seed{seed}")
     chash = _config_hash(cfg)
     if entry.get("pretrain", True) is False:
@@ -256,8 +258,9 @@ def evaluate_command(args: Sequence[str]) -> int:
     _, overrides = split_args(args)
     cfg = OmegaConf.from_dotlist(overrides)
     if "ckpt" not in cfg:
-        raise ValueError("evaluate needs ckpt=PATH")
+        raise ValueError("evaluate needs ckpt=PATH (or ckpt.format=F ckpt.path=P)")
     allow_class_path = bool(cfg.get("allow_class_path", False))
+    ckpt = to_container(cfg.ckpt)
     data = to_container(cfg.get("data", {"name": "phantom"}))
     if isinstance(data, str):
         data = {"name": data}
@@ -266,7 +269,7 @@ def evaluate_command(args: Sequence[str]) -> int:
         "name": "evaluate",
         "output": str(cfg.get("out", "results/evaluate")),
         # rows are labelled "<method> <backbone>" from the checkpoint's metadata (or label=NAME)
-        "methods": {str(cfg.get("label", "checkpoint")): {"ckpt": str(cfg.ckpt), "auto_label": "label" not in cfg,
+        "methods": {str(cfg.get("label", "checkpoint")): {"ckpt": ckpt, "auto_label": "label" not in cfg,
                                                           "allow_class_path": allow_class_path}},
         "datasets": {data["name"]: data},
         "protocols": {p: to_container(cfg.get("protocol_params", {})).get(p, {}) for p in protocols},

@@ -1,0 +1,99 @@
+"""Checkpoint formats as data: name → converter, layout source, paper, default tokenizer.
+
+Third-party packages can add formats through the ``medvlp.checkpoint_formats`` entry-point group (an
+entry point naming a :class:`CheckpointFormat`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medvlp.registry import Registry, import_class_path
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """One released-checkpoint layout.
+
+    Attributes:
+        name: the ``format`` value in ``ckpt: {format, path}``.
+        builder: ``module.function`` taking ``(state_dict, source, tokenizer=, allow_download=)`` and returning
+            a :class:`~medvlp.pretrained.model.PretrainedVLP`.
+        layout_source: repository and files the key layout was read from.
+        paper: the method's paper.
+        file: the released file this format reads.
+    """
+
+    name: str
+    builder: str
+    layout_source: str
+    paper: str
+    file: str
+
+    def build(self, path: str | Path, **options: Any) -> Any:
+        """Read ``path`` as a tensor archive and convert it."""
+        from medvlp.pretrained.surgery import load_state_file
+
+        return import_class_path(self.builder)(load_state_file(path), str(path), **options)
+
+
+FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format", "medvlp.checkpoint_formats", __name__)
+
+_BUILTIN = [
+    CheckpointFormat("mgca", "medvlp.pretrained.mgca.build",
+                     "HKU-MedAI/MGCA: mgca/models/mgca/mgca_module.py, mgca/models/backbones/{encoder,vits,med,cnn_backbones}.py, "
+                     "mgca/configs/bert_config.json, mgca/datasets/transforms.py",
+                     "Wang et al., Multi-Granularity Cross-modal Alignment, NeurIPS 2022",
+                     "Lightning .ckpt (ViT-B/16 or ResNet-50 image encoder)"),
+    CheckpointFormat("biomedclip", "medvlp.pretrained.biomedclip.build",
+                     "mlfoundations/open_clip: src/open_clip/{timm_model,hf_model}.py; the release's open_clip_config.json",
+                     "Zhang et al., BiomedCLIP, arXiv 2303.00915",
+                     "open_clip_pytorch_model.bin"),
+]
+for _fmt in _BUILTIN:
+    FORMATS.register(_fmt.name)(_fmt)
+
+
+def load_checkpoint(format: str, path: str | Path, **options: Any) -> Any:
+    """Load a released checkpoint of ``format`` as a model with the encoder API.
+
+    Args:
+        format: a registered format (``medvlp list`` shows them) or ``medvlp`` (a medvlp training checkpoint)
+            or ``export`` (a folder written by ``medvlp export``).
+        path: checkpoint file (folder for ``export``).
+        **options: ``tokenizer`` (folder or hub id; default the source's tokenizer, offline), ``allow_download``;
+            ``allow_class_path`` for ``medvlp`` checkpoints (see :func:`medvlp.method.load_method`).
+
+    Raises:
+        KeyError: naming the available formats.
+    """
+    if format == "medvlp":
+        from medvlp.method import load_method
+
+        return load_method(str(path), allow_class_path=bool(options.get("allow_class_path", False)))
+    if format == "export":
+        from medvlp.pretrained.hub import from_pretrained
+
+        return from_pretrained(str(path))[0]
+    return FORMATS.get(format).build(path, **options)
+
+
+def load_ckpt_spec(spec: Any, allow_class_path: bool = False) -> tuple[Any, str]:
+    """Resolve a suite/evaluate ``ckpt`` value: a path (medvlp checkpoint) or ``{format, path, ...options}``.
+
+    Returns:
+        ``(model, description)`` where the description names format and path (for ``results.csv``).
+
+    Raises:
+        ValueError: when a mapping lacks ``format`` or ``path``.
+    """
+    from medvlp.config import to_container
+
+    spec = to_container(spec)
+    if isinstance(spec, (str, Path)):
+        return load_checkpoint("medvlp", spec, allow_class_path=allow_class_path), str(spec)
+    if not isinstance(spec, dict) or "path" not in spec or "format" not in spec:
+        raise ValueError(f"ckpt must be a path or {{format, path}}, got {spec!r}")
+    options = {k: v for k, v in spec.items() if k not in ("format", "path")}
+    return load_checkpoint(str(spec["format"]), spec["path"], **options), f"{spec['format']}:{spec['path']}"

@@ -1,0 +1,64 @@
+"""MGCA Lightning checkpoints (ViT-B/16 and ResNet-50), HKU-MedAI/MGCA.
+
+Layout (``mgca/models/mgca/mgca_module.py``, ``mgca/models/backbones/encoder.py``, ``med.py``,
+``configs/bert_config.json``), under the Lightning ``state_dict``:
+
+* ``img_encoder_q.model.*`` — ViT (BLIP ``vits.py``, timm names) or torchvision ResNet-50 without ``fc``;
+* ``img_encoder_q.global_embed.head.{0,1,3,4}`` — ``GlobalEmbedding`` (Linear 2048 → BN → ReLU → Linear →
+  BN without affine), 128-d output;
+* ``text_encoder_q.model.*`` — BLIP's ``med.py`` BERT: 6 layers of Bio_ClinicalBERT, no token-type embedding,
+  a cross-attention block per layer (``add_cross_attention: true``; unused in ``mode="text"``), persistent
+  ``embeddings.position_ids``;
+* ``text_encoder_q.global_embed.head.*``; training-only: ``*.local_embed.*``, ``patch_local_atten_layer``,
+  ``word_local_atten_layer``, ``prototype_layer``.
+
+Forward as released: the global image feature is the ViT CLS token after the final norm (ResNet: average of
+``layer4``, input first upsampled to 299 px, bilinear, corners aligned); the report feature is the CLS
+token of the last layer. ``BertEncoder.forward`` passes the token-type ids as the third positional argument,
+which ``med.py``'s ``BertModel.forward`` reads as ``position_ids``, so every token uses position 0 — kept
+here (``position_ids="token_type"``). Preprocessing (``mgca/datasets``): resize to 256, centre crop 224,
+grey → RGB, normalise with mean = std = 0.5; reports truncated at 112 tokens.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from medvlp.pretrained.heads import bn_mlp_head
+from medvlp.pretrained.model import BertTower, KeyLedger, PretrainedVLP, bert_from_state, load_strict, load_tokenizer
+from medvlp.pretrained.preprocess import Preprocess
+from medvlp.pretrained.vision import resnet_from_torchvision, vit_from_timm
+
+TOKENIZER = "emilyalsentzer/Bio_ClinicalBERT"
+NUM_HEADS = 12
+
+
+def preprocess_for(resnet: bool) -> Preprocess:
+    """MGCA's evaluation preprocessing (ResNet adds the 299 px upsampling of ``resnet_forward``)."""
+    return Preprocess(image_size=224, resize=256, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3,
+                      final_size=299 if resnet else None, text_max_length=112)
+
+
+def build(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | None = None, allow_download: bool = False,
+          **_: Any) -> PretrainedVLP:
+    """Convert an MGCA checkpoint (either image backbone) into a :class:`PretrainedVLP`."""
+    led = KeyLedger(sd, source)
+    img = led.take("img_encoder_q.model.")
+    resnet = "conv1.weight" in img
+    image_encoder = resnet_from_torchvision(img, source) if resnet else vit_from_timm(img, NUM_HEADS, source)
+    image_proj = bn_mlp_head(led.take("img_encoder_q.global_embed.head."), source)
+    load_strict(image_proj, led.take("img_encoder_q.global_embed.head."), source, "image projection")
+    text_sd = led.take("text_encoder_q.model.", ["embeddings.word_embeddings.weight"])
+    text_sd = {k: v for k, v in text_sd.items() if ".crossattention." not in k}  # multimodal mode only
+    bert = bert_from_state(text_sd, NUM_HEADS, source, token_types=False)
+    text_proj = bn_mlp_head(led.take("text_encoder_q.global_embed.head."), source)
+    load_strict(text_proj, led.take("text_encoder_q.global_embed.head."), source, "text projection")
+    for prefix in ("img_encoder_q.local_embed.", "text_encoder_q.local_embed.", "patch_local_atten_layer.",
+                   "word_local_atten_layer.", "prototype_layer."):
+        led.ignore(prefix, "training-only head (token alignment / prototypes)")
+    led.finish()
+    pre = preprocess_for(resnet)
+    tower = BertTower(bert, load_tokenizer(tokenizer or TOKENIZER, allow_download), pre.text_max_length,
+                      position_ids="token_type")
+    return PretrainedVLP("mgca_resnet50" if resnet else "mgca_vit", image_encoder, tower, image_proj, text_proj, pre)

@@ -1,0 +1,102 @@
+"""A model's own image preprocessing, applied to batches in the medvlp datamodule convention.
+
+medvlp datamodules deliver 1-channel images normalised as ``(x − 0.5) / 0.25`` with ``x ∈ [0, 1]``
+(X-ray and phantom data; :data:`MEDVLP_INPUT`). A released model expects its own input: e.g. MGCA 3
+channels at 224 px normalised with mean = std = 0.5, BiomedCLIP the OpenAI CLIP mean/std after a bicubic
+resize. :class:`Preprocess` maps one to the other on tensors, so every protocol can feed any model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: (mean, std) of the medvlp datamodule convention: ``image = (x − mean) / std`` with ``x ∈ [0, 1]``
+MEDVLP_INPUT: tuple[float, float] = (0.5, 0.25)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Preprocessing spec (stored in exported ``config.json``) and its tensor implementation.
+
+    Args:
+        spatial_dims: 2 or 3.
+        image_size: side (2D) or ``(D, H, W)`` the model sees after ``resize``/``crop``.
+        channels: input channels of the model (grey images are repeated to 3).
+        mean: per-channel mean of the model's normalisation (after mapping to ``[0, 1]``).
+        std: per-channel std.
+        resize: shorter side to resize to before the centre crop (``None``: resize straight to
+            ``image_size``; MGCA: 256 then crop 224).
+        interpolation: ``bilinear`` | ``bicubic`` | ``trilinear``.
+        final_size: optional resize after normalisation (MGCA ResNet: 299 px, bilinear, corners aligned).
+        input_mean: mean of the incoming batch's normalisation (the datamodule convention).
+        input_std: std of the incoming batch's normalisation.
+        window: HU window ``(min, max)`` the model was trained with (documentation for CT models).
+        text_max_length: tokens per report.
+    """
+
+    spatial_dims: int = 2
+    image_size: int | Sequence[int] = 224
+    channels: int = 3
+    mean: Sequence[float] = (0.5, 0.5, 0.5)
+    std: Sequence[float] = (0.5, 0.5, 0.5)
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    final_size: int | None = None
+    input_mean: float = MEDVLP_INPUT[0]
+    input_std: float = MEDVLP_INPUT[1]
+    window: Sequence[float] | None = None
+    text_max_length: int = 128
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocess":
+        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}")
+        return cls(**dict(d))
+
+    def _size(self) -> tuple[int, ...]:
+        s = self.image_size
+        return tuple(int(v) for v in s) if isinstance(s, Sequence) else (int(s),) * self.spatial_dims
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """Map a batch ``(B, C, *spatial)`` in the input convention to the model's input."""
+        sd = image.ndim - 2
+        if sd != self.spatial_dims:
+            raise ValueError(f"this model takes {self.spatial_dims}D images, got shape {tuple(image.shape)}")
+        x = image.float() * self.input_std + self.input_mean  # back to [0, 1]
+        size = self._size()
+        mode = self.interpolation if sd == 2 else "trilinear"
+        align = None if mode in ("nearest",) else False
+        if self.resize is not None:
+            shorter = min(x.shape[2:])
+            scaled = tuple(max(1, round(s * self.resize / shorter)) for s in x.shape[2:])
+            if scaled != tuple(x.shape[2:]):
+                x = F.interpolate(x, size=scaled, mode=mode, align_corners=align)
+            starts = [(s - c) // 2 for s, c in zip(x.shape[2:], size)]
+            if any(st < 0 for st in starts):
+                raise ValueError(f"crop {size} is larger than the resized image {tuple(x.shape[2:])}")
+            x = x[(..., *[slice(st, st + c) for st, c in zip(starts, size)])]
+        elif tuple(x.shape[2:]) != size:
+            x = F.interpolate(x, size=size, mode=mode, align_corners=align)
+        if x.shape[1] == 1 and self.channels > 1:
+            x = x.expand(-1, self.channels, *x.shape[2:])
+        elif x.shape[1] != self.channels:
+            raise ValueError(f"model takes {self.channels} channels, got {x.shape[1]}")
+        shape = (1, self.channels) + (1,) * sd
+        mean = torch.as_tensor(list(self.mean), dtype=x.dtype, device=x.device).reshape(shape)
+        std = torch.as_tensor(list(self.std), dtype=x.dtype, device=x.device).reshape(shape)
+        x = (x - mean) / std
+        if self.final_size is not None:
+            x = F.interpolate(x, size=(self.final_size,) * sd, mode="bilinear" if sd == 2 else "trilinear",
+                              align_corners=True)
+        return x
