@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from medvlp.pretrained.formats import CheckpointFormat
 from medvlp.pretrained.heads import linear_head
 from medvlp.pretrained.model import BertTower, KeyLedger, PretrainedVLP, bert_from_state, load_tokenizer
 from medvlp.pretrained.preprocess import Preprocess
@@ -49,3 +50,13 @@ def build(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | None = N
     led.finish()
     tower = BertTower(bert, load_tokenizer(tokenizer or TOKENIZER, allow_download), PREPROCESS.text_max_length)
     return PretrainedVLP("biomedclip", image_encoder, tower, image_proj, text_proj, PREPROCESS, logit_scale)
+
+
+class BiomedCLIPFormat(CheckpointFormat):
+    """``format: biomedclip`` (see the module docstring)."""
+
+    name = "biomedclip"
+    layout_source = "mlfoundations/open_clip: src/open_clip/{timm_model,hf_model}.py; the release's open_clip_config.json"
+    paper = "Zhang et al., BiomedCLIP, arXiv 2303.00915"
+    file = "open_clip_pytorch_model.bin"
+    convert = staticmethod(build)  # type: ignore[assignment]

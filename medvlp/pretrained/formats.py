@@ -1,65 +1,55 @@
 """Checkpoint formats as data: name → converter, layout source, paper, default tokenizer.
 
 Third-party packages can add formats through the ``medvlp.checkpoint_formats`` entry-point group (an
-entry point naming a :class:`CheckpointFormat`).
+entry point naming a :class:`CheckpointFormat` subclass).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from medvlp.registry import Registry, import_class_path
+from medvlp.registry import Registry
 
 
-@dataclass(frozen=True)
 class CheckpointFormat:
-    """One released-checkpoint layout.
+    """One released-checkpoint layout; subclasses are registered in :data:`FORMATS`.
 
     Attributes:
         name: the ``format`` value in ``ckpt: {format, path}``.
-        builder: ``module.function`` taking ``(state_dict, source, tokenizer=, allow_download=)`` and returning
-            a :class:`~medvlp.pretrained.model.PretrainedVLP`.
         layout_source: repository and files the key layout was read from.
         paper: the method's paper.
         file: the released file this format reads.
     """
 
-    name: str
-    builder: str
-    layout_source: str
-    paper: str
-    file: str
+    name: ClassVar[str] = ""
+    layout_source: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    file: ClassVar[str] = ""
 
-    def build(self, path: str | Path, **options: Any) -> Any:
-        """Read ``path`` as a tensor archive and convert it."""
+    @classmethod
+    def convert(cls, sd: dict[str, Any], source: str, **options: Any) -> Any:
+        """Turn the file's state dict into a :class:`~medvlp.pretrained.model.PretrainedVLP`."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, path: str | Path, **options: Any) -> Any:
+        """Read ``path`` as a tensor archive (no code executed) and convert it."""
         from medvlp.pretrained.surgery import load_state_file
 
-        return import_class_path(self.builder)(load_state_file(path), str(path), **options)
+        return cls.convert(load_state_file(path), str(path), **options)
 
 
-FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format", "medvlp.checkpoint_formats", __name__)
-
-_BUILTIN = [
-    CheckpointFormat("mgca", "medvlp.pretrained.mgca.build",
-                     "HKU-MedAI/MGCA: mgca/models/mgca/mgca_module.py, mgca/models/backbones/{encoder,vits,med,cnn_backbones}.py, "
-                     "mgca/configs/bert_config.json, mgca/datasets/transforms.py",
-                     "Wang et al., Multi-Granularity Cross-modal Alignment, NeurIPS 2022",
-                     "Lightning .ckpt (ViT-B/16 or ResNet-50 image encoder)"),
-    CheckpointFormat("biomedclip", "medvlp.pretrained.biomedclip.build",
-                     "mlfoundations/open_clip: src/open_clip/{timm_model,hf_model}.py; the release's open_clip_config.json",
-                     "Zhang et al., BiomedCLIP, arXiv 2303.00915",
-                     "open_clip_pytorch_model.bin"),
-]
-for _fmt in _BUILTIN:
-    FORMATS.register(_fmt.name)(_fmt)
+FORMATS: Registry[type[CheckpointFormat]] = Registry("checkpoint format", "medvlp.checkpoint_formats",
+                                                     "medvlp.pretrained.builtin_formats",
+                                                     base="medvlp.pretrained.formats.CheckpointFormat")
+register_format = FORMATS.register
 
 
 def load_checkpoint(format: str, path: str | Path, **options: Any) -> Any:
     """Load a released checkpoint of ``format`` as a model with the encoder API.
 
     Args:
-        format: a registered format (``medvlp list`` shows them) or ``medvlp`` (a medvlp training checkpoint)
+        format: a registered format (``FORMATS.names()``) or ``medvlp`` (a medvlp training checkpoint)
             or ``export`` (a folder written by ``medvlp export``).
         path: checkpoint file (folder for ``export``).
         **options: ``tokenizer`` (folder or hub id; default the source's tokenizer, offline), ``allow_download``;

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from medvlp.pretrained.formats import CheckpointFormat
 from medvlp.pretrained.heads import bn_mlp_head
 from medvlp.pretrained.model import BertTower, KeyLedger, PretrainedVLP, bert_from_state, load_strict, load_tokenizer
 from medvlp.pretrained.preprocess import Preprocess
@@ -62,3 +63,13 @@ def build(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | None = N
     tower = BertTower(bert, load_tokenizer(tokenizer or TOKENIZER, allow_download), pre.text_max_length,
                       position_ids="token_type")
     return PretrainedVLP("mgca_resnet50" if resnet else "mgca_vit", image_encoder, tower, image_proj, text_proj, pre)
+
+
+class MGCAFormat(CheckpointFormat):
+    """``format: mgca`` (see the module docstring)."""
+
+    name = "mgca"
+    layout_source = "HKU-MedAI/MGCA: mgca/models/mgca/mgca_module.py, mgca/models/backbones/{encoder,vits,med,cnn_backbones}.py, mgca/configs/bert_config.json, mgca/datasets/transforms.py"
+    paper = "Wang et al., Multi-Granularity Cross-modal Alignment, NeurIPS 2022"
+    file = "Lightning .ckpt (ViT-B/16 or ResNet-50 image encoder)"
+    convert = staticmethod(build)  # type: ignore[assignment]
