@@ -6,3 +6,19 @@ registry is first queried (see :mod:`medvlp.registry`).
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def load(format: str, path: str, **options: object) -> object:
+    """A released or medvlp checkpoint as a model with ``encode_image``/``encode_text``/...; ``format`` is
+    a checkpoint format (``mgca``, ``biomedclip``, ...), ``medvlp`` or ``export`` (see README "Weights in and
+    out")."""
+    from medvlp.pretrained import load as _load
+
+    return _load(format, path, **options)
+
+
+def from_pretrained(path_or_repo: str, **kwargs: object) -> tuple[object, object]:
+    """``(model, preprocess)`` from a ``medvlp export`` folder (or a hub repo when online)."""
+    from medvlp.pretrained.export import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path_or_repo, **kwargs)

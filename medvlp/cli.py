@@ -19,6 +19,7 @@ commands:
   list method=M | data=D | protocol=P    arguments, types and defaults of one component
   pretrain  method=M data=D    pretrain one method (resumes from <run>/checkpoints/last.ckpt)
   evaluate  ckpt=PATH data=D protocols=[..]   run protocols on one checkpoint
+  export    ckpt=PATH out=DIR [format=hf|timm]  portable folder: config.json + model.safetensors + text/
   benchmark suite=NAME|PATH    methods x datasets x protocols x fractions x seeds -> results.csv
   report    results=PATH       headline table with 95 % CIs and significance vs a reference, tables, plots, report.html
   demo                         benchmark suite=quickstart, then report (the main job)
@@ -48,6 +49,11 @@ Print the composed (and validated) config that `medvlp pretrain` with the same a
                 [protocol_params.<protocol>.<key>=V] [out=DIR] [device=cpu|cuda]
 
 Run benchmark protocols on one checkpoint; rows go to <out>/results.csv.""",
+    "export": """medvlp export ckpt=PATH out=DIR [format=hf|timm] [allow_class_path=true]
+
+Write a portable folder: config.json (method, hyperparameters, preprocessing, library versions),
+model.safetensors (no optimizer state, no pickle) and text/ (text model + tokenizer); load it with
+medvlp.from_pretrained(DIR). format=timm writes the 2D ViT image encoder as a timm state dict.""",
     "benchmark": """medvlp benchmark suite=NAME|PATH [key=value ...] [device=cpu|cuda]
 
 Run a suite (methods x datasets x protocols x fractions x seeds) into <output>/results.csv; finished units
@@ -123,6 +129,10 @@ def run_command(command: str, rest: list[str]) -> int | None:
 
         print(f"checkpoint: {pretrain(cfg)}")
         return 0
+    if command == "export":
+        from medvlp.pretrained.export import export_command
+
+        return export_command(rest)
     if command == "evaluate":
         from medvlp.benchmarks.runner import evaluate_command
 

@@ -63,7 +63,7 @@ def load_checkpoint(format: str, path: str | Path, **options: Any) -> Any:
 
         return load_method(str(path), allow_class_path=bool(options.get("allow_class_path", False)))
     if format == "export":
-        from medvlp.pretrained.hub import from_pretrained
+        from medvlp.pretrained.export import from_pretrained
 
         return from_pretrained(str(path))[0]
     return FORMATS.get(format).build(path, **options)

@@ -7,7 +7,7 @@ resize. :class:`Preprocess` maps one to the other on tensors, so every protocol 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -100,3 +100,23 @@ class Preprocess:
             x = F.interpolate(x, size=(self.final_size,) * sd, mode="bilinear" if sd == 2 else "trilinear",
                               align_corners=True)
         return x
+
+    def image(self, raw: Any) -> torch.Tensor:
+        """A model-ready batch of one image from a raw array, tensor or PIL image.
+
+        ``raw`` is ``(H, W)``, ``(H, W, C)`` (2D) or ``(D, H, W)`` (3D); uint8 is scaled by 1/255, CT values
+        are windowed with :attr:`window` when it is set, other floats are taken as ``[0, 1]``. Colour images
+        are averaged to grey for 1-channel models.
+        """
+        import numpy as np
+
+        arr = torch.as_tensor(np.asarray(raw))
+        x = arr.float() / 255.0 if arr.dtype == torch.uint8 else arr.float()
+        if self.window is not None:
+            lo, hi = float(self.window[0]), float(self.window[1])
+            x = ((x - lo) / (hi - lo)).clamp(0, 1)
+        if self.spatial_dims == 2 and x.ndim == 3:  # (H, W, C)
+            x = x.mean(-1) if self.channels == 1 else x.movedim(-1, 0)
+        if x.ndim == self.spatial_dims:
+            x = x.unsqueeze(0)
+        return replace(self, input_mean=0.0, input_std=1.0)(x.unsqueeze(0))
