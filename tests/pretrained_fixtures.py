@@ -48,10 +48,11 @@ def hf_vit(dim: int, depth: int, seed: int = 0, img: int = 224, patch: int = 16)
     return randomise(ViTModel(cfg, add_pooling_layer=False), seed)
 
 
-def hf_bert(dim: int, depth: int, seed: int = 1, token_types: bool = True, max_pos: int = 512) -> nn.Module:
+def hf_bert(dim: int, depth: int, seed: int = 1, token_types: bool = True, max_pos: int = 512,
+            vocab: int | None = None) -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=vocab_size(), hidden_size=dim, num_hidden_layers=depth, num_attention_heads=HEADS,
+    cfg = BertConfig(vocab_size=vocab or vocab_size(), hidden_size=dim, num_hidden_layers=depth, num_attention_heads=HEADS,
                      intermediate_size=4 * dim, max_position_embeddings=max_pos, type_vocab_size=2 if token_types else 1)
     model = randomise(BertModel(cfg, add_pooling_layer=False), seed)
     if not token_types:
@@ -71,23 +72,25 @@ def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def mgca_checkpoint(path: Path, arch: str = "vit", dim: int = 48, depth: int = 2, text_dim: int = 48,
-                    text_depth: int = 2, emb: int = 16, hidden: int = 32) -> dict[str, Any]:
-    """Write an MGCA Lightning checkpoint; returns the oracle modules."""
+                    text_depth: int = 2, emb: int = 16, hidden: int = 32, convirt: bool = False,
+                    vocab: int | None = None) -> dict[str, Any]:
+    """Write an MGCA (or, with ``convirt``, MGCA's ConVIRT) Lightning checkpoint; returns the oracle modules."""
+    ip, tp = ("img_encoder.", "text_encoder.") if convirt else ("img_encoder_q.", "text_encoder_q.")
     from medvlp.encoders.resnet import ResNetEncoder
     from medvlp.pretrained.vit import hf_vit_to_timm
 
     sd: dict[str, torch.Tensor] = {}
     if arch == "vit":
         vit = hf_vit(dim, depth)
-        sd.update(_prefixed("img_encoder_q.model.", hf_vit_to_timm(vit.state_dict())))
+        sd.update(_prefixed(ip + "model.", hf_vit_to_timm(vit.state_dict())))
         img_dim, local_in = dim, dim
     else:
         vit = randomise(ResNetEncoder(in_channels=3, layers=(1, 1, 1, 1)), 0)
-        sd.update(_prefixed("img_encoder_q.model.", vit.state_dict()))
+        sd.update(_prefixed(ip + "model.", vit.state_dict()))
         img_dim, local_in = 2048, 1024
     img_head, txt_head = bn_head(img_dim, hidden, emb, 2), bn_head(text_dim, hidden, emb, 3)
-    sd.update(_prefixed("img_encoder_q.global_embed.head.", img_head.state_dict()))
-    bert = hf_bert(text_dim, text_depth, token_types=False)
+    sd.update(_prefixed(ip + "global_embed.head.", img_head.state_dict()))
+    bert = hf_bert(text_dim, text_depth, token_types=False, vocab=vocab)
     bsd = {k: v for k, v in bert.state_dict().items() if "token_type" not in k}
     bsd["embeddings.position_ids"] = torch.arange(512).expand(1, -1)
     for i in range(text_depth):  # med.py cross-attention blocks (add_cross_attention: true)
@@ -97,26 +100,27 @@ def mgca_checkpoint(path: Path, arch: str = "vit", dim: int = 48, depth: int = 2
             w = torch.randn(*shape)
             bsd[f"encoder.layer.{i}.crossattention.{name}.weight"] = w
             bsd[f"encoder.layer.{i}.crossattention.{name}.bias"] = torch.randn(shape[0])
-    sd.update(_prefixed("text_encoder_q.model.", bsd))
-    sd.update(_prefixed("text_encoder_q.global_embed.head.", txt_head.state_dict()))
-    for prefix, cin in (("img_encoder_q.local_embed.head.", local_in), ("text_encoder_q.local_embed.head.", text_dim)):
+    sd.update(_prefixed(tp + "model.", bsd))
+    sd.update(_prefixed(tp + "global_embed.head.", txt_head.state_dict()))
+    for prefix, cin in ((ip + "local_embed.head.", local_in), (tp + "local_embed.head.", text_dim)):
         local = nn.Sequential(nn.Conv1d(cin, hidden, 1), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Conv1d(hidden, emb, 1),
                               nn.BatchNorm1d(emb, affine=False))
         sd.update(_prefixed(prefix, local.state_dict()))
-    for name in ("patch_local_atten_layer.", "word_local_atten_layer."):
-        sd.update(_prefixed(name, nn.MultiheadAttention(emb, 1, batch_first=True).state_dict()))
-    sd["prototype_layer.weight"] = torch.randn(50, emb)
+    if not convirt:
+        for name in ("patch_local_atten_layer.", "word_local_atten_layer."):
+            sd.update(_prefixed(name, nn.MultiheadAttention(emb, 1, batch_first=True).state_dict()))
+        sd["prototype_layer.weight"] = torch.randn(50, emb)
     torch.save({"epoch": 49, "global_step": 1000, "state_dict": sd,
                 "hyper_parameters": {"img_encoder": "vit_base" if arch == "vit" else "resnet_50", "emb_dim": emb}}, path)
     return {"image": vit, "bert": bert, "image_head": img_head, "text_head": txt_head}
 
 
 def biomedclip_checkpoint(path: Path, dim: int = 48, depth: int = 2, text_dim: int = 48, text_depth: int = 2,
-                          emb: int = 32) -> dict[str, Any]:
+                          emb: int = 32, vocab: int | None = None) -> dict[str, Any]:
     """Write an open_clip BiomedCLIP state dict; returns the oracle modules."""
     from medvlp.pretrained.vit import hf_vit_to_timm
 
-    vit, bert = hf_vit(dim, depth, seed=4), hf_bert(text_dim, text_depth, seed=5)
+    vit, bert = hf_vit(dim, depth, seed=4), hf_bert(text_dim, text_depth, seed=5, vocab=vocab)
     sd = _prefixed("visual.trunk.", hf_vit_to_timm(vit.state_dict()))
     sd["visual.head.proj.weight"] = torch.randn(emb, dim) * 0.1
     sd.update(_prefixed("text.transformer.", bert.state_dict()))
@@ -125,3 +129,24 @@ def biomedclip_checkpoint(path: Path, dim: int = 48, depth: int = 2, text_dim: i
     sd["logit_scale"] = torch.tensor(4.6052)
     torch.save(sd, path)
     return {"image": vit, "bert": bert, "sd": sd}
+
+
+def gloria_checkpoint(path: Path, text_dim: int = 48, text_depth: int = 4) -> dict[str, Any]:
+    """Write a GLoRIA Lightning checkpoint (ResNet-50 layout with one block per stage); returns oracles."""
+    from medvlp.encoders.resnet import ResNetEncoder
+
+    rn = randomise(ResNetEncoder(in_channels=3, layers=(1, 1, 1, 1)), 8)
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=vocab_size(), hidden_size=text_dim, num_hidden_layers=text_depth, num_attention_heads=HEADS,
+                     intermediate_size=4 * text_dim)
+    bert = randomise(BertModel(cfg), 9)  # AutoModel keeps the pooler
+    sd = _prefixed("gloria.img_encoder.model.", rn.state_dict())
+    g = nn.Linear(2048, text_dim)
+    sd.update(_prefixed("gloria.img_encoder.global_embedder.", randomise(g, 10).state_dict()))
+    sd["gloria.img_encoder.local_embedder.weight"] = torch.randn(text_dim, 1024, 1, 1)
+    bsd = dict(bert.state_dict())
+    bsd["embeddings.position_ids"] = torch.arange(512).expand(1, -1)
+    sd.update(_prefixed("gloria.text_encoder.model.", bsd))
+    torch.save({"epoch": 10, "state_dict": sd}, path)
+    return {"image": rn, "global": g, "bert": bert}

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from medvlp.pretrained.formats import load_checkpoint
 from medvlp.pretrained.surgery import LayoutError
-from tests.pretrained_fixtures import biomedclip_checkpoint, mgca_checkpoint, randomise, write_tokenizer
+from tests.pretrained_fixtures import (biomedclip_checkpoint, gloria_checkpoint, mgca_checkpoint, randomise,
+                                      write_tokenizer)
 
 TEXTS = ["no pleural effusion", "mild cardiomegaly with small left effusion"]
 
@@ -66,6 +67,56 @@ def test_mgca_resnet50_layout(tmp_path: Path, tok: Path) -> None:
     ref = oracle["image"](pix)["pooled"]
     torch.testing.assert_close(model.image_representation(x), ref, atol=1e-4, rtol=1e-4)
     assert [m.shape[1] for m in model.image_feature_maps(x)] == [256, 512, 1024, 2048]
+
+
+@torch.no_grad()
+def test_convirt_layout_of_the_mgca_reimplementation(tmp_path: Path, tok: Path) -> None:
+    oracle = mgca_checkpoint(tmp_path / "convirt.ckpt", arch="resnet", convirt=True)
+    model = load_checkpoint("convirt", tmp_path / "convirt.ckpt", tokenizer=str(tok))
+    x = torch.randn(2, 1, 32, 32)
+    pix = F.interpolate(_mgca_pixels(x), size=(299, 299), mode="bilinear", align_corners=True)
+    ref = _mgca_head(oracle["image"](pix)["pooled"], oracle["image_head"])
+    torch.testing.assert_close(model.encode_image(x, normalize=False), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(LayoutError, match="img_encoder_q"):  # an MGCA file is not a ConVIRT file
+        mgca_checkpoint(tmp_path / "m.ckpt")
+        load_checkpoint("convirt", tmp_path / "m.ckpt", tokenizer=str(tok))
+
+
+@torch.no_grad()
+def test_gloria_matches_official_aggregation(tmp_path: Path, tok: Path) -> None:
+    """Sentence embedding transcribed from gloria/models/text_model.py (word aggregation loop, mean over 97 word
+    slots, sum over the last 4 layers); image from vision_model.py (299 px upsampling, layer4 average, Linear)."""
+    from medvlp.pretrained.gloria import clean_report
+
+    oracle = gloria_checkpoint(tmp_path / "chexpert_resnet50.ckpt")
+    model = load_checkpoint("gloria", tmp_path / "chexpert_resnet50.ckpt", tokenizer=str(tok))
+    x = torch.randn(2, 1, 32, 32)
+    pix = F.interpolate(_mgca_pixels(x), size=(299, 299), mode="bilinear", align_corners=True)
+    ref = oracle["global"](oracle["image"](pix)["pooled"])
+    torch.testing.assert_close(model.encode_image(x, normalize=False), ref, atol=1e-4, rtol=1e-4)
+    reports = ["1. No pleural effusion. 2. Mild cardiomegaly.", "Heart size normal. Lungs clear."]
+    assert clean_report(reports[0]) == "no pleural effusion mild cardiomegaly"
+    t = model.text_encoder.tokenizer
+    enc = t([clean_report(r) for r in reports], padding="max_length", max_length=97, truncation=True, return_tensors="pt")
+    hidden = oracle["bert"](**enc, output_hidden_states=True).hidden_states[-4:]
+    emb = torch.stack(hidden).permute(1, 0, 2, 3)  # batch, layers, words, dim
+    idx2word = {v: k for k, v in t.get_vocab().items()}
+    rows = []
+    for embs, ids in zip(emb.permute(0, 2, 1, 3), enc["input_ids"]):  # loop over words as the official code
+        agg, bank = [], []
+        for e, i in zip(embs, ids):
+            word = idx2word[int(i)]
+            if word == "[SEP]":
+                agg.append(torch.stack(bank).sum(0))
+                agg.append(e)
+                break
+            if not word.startswith("##") and bank:
+                agg.append(torch.stack(bank).sum(0))
+                bank = []
+            bank.append(e)
+        agg = torch.cat([torch.stack(agg), torch.zeros(97 - len(agg), *agg[0].shape)])
+        rows.append(agg.mean(0).sum(0))
+    torch.testing.assert_close(model.encode_text(reports, normalize=False), torch.stack(rows), atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
@@ -160,3 +211,19 @@ def test_resnet_3d_feature_maps() -> None:
     enc = ResNetEncoder(in_channels=1, spatial_dims=3, layers=(1, 1, 1, 1)).eval()
     maps = enc(torch.randn(1, 1, 32, 32, 32))["maps"]
     assert [tuple(m.shape[1:]) for m in maps] == [(256, 8, 8, 8), (512, 4, 4, 4), (1024, 2, 2, 2), (2048, 1, 1, 1)]
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_official_shapes_load(tmp_path: Path, tok: Path) -> None:
+    """Full widths: MGCA ViT-B/16 + 6-layer Bio_ClinicalBERT (vocab 28996), BiomedCLIP ViT-B/16 + 12-layer
+    PubMedBERT (vocab 30522, 512-d joint space)."""
+    mgca_checkpoint(tmp_path / "mgca.ckpt", dim=768, depth=12, text_dim=768, text_depth=6, emb=128, hidden=2048,
+                    vocab=28996)
+    model = load_checkpoint("mgca", tmp_path / "mgca.ckpt", tokenizer=str(tok))
+    assert model.encode_image(torch.randn(1, 1, 64, 64)).shape == (1, 128)
+    assert model.encode_text(TEXTS).shape == (2, 128)
+    biomedclip_checkpoint(tmp_path / "b.bin", dim=768, depth=12, text_dim=768, text_depth=12, emb=512, vocab=30522)
+    model = load_checkpoint("biomedclip", tmp_path / "b.bin", tokenizer=str(tok))
+    assert model.encode_image(torch.randn(1, 1, 64, 64)).shape == (1, 512)
+    assert model.encode_text(TEXTS).shape == (2, 512)

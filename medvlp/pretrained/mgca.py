@@ -44,25 +44,38 @@ def preprocess_for(resnet: bool) -> Preprocess:
 def build(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | None = None, allow_download: bool = False,
           **_: Any) -> PretrainedVLP:
     """Convert an MGCA checkpoint (either image backbone) into a :class:`PretrainedVLP`."""
+    return _build(sd, source, tokenizer, allow_download, "img_encoder_q.", "text_encoder_q.", "mgca")
+
+
+def build_convirt(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | None = None,
+                  allow_download: bool = False, **_: Any) -> PretrainedVLP:
+    """Convert a ConVIRT checkpoint of MGCA's reimplementation (``mgca/models/convirt/convirt_module.py``:
+    the same ``ImageEncoder``/``BertEncoder`` as MGCA under ``img_encoder.``/``text_encoder.``, no
+    token-alignment or prototype layers)."""
+    return _build(sd, source, tokenizer, allow_download, "img_encoder.", "text_encoder.", "convirt")
+
+
+def _build(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | None, allow_download: bool, img_p: str,
+           txt_p: str, name: str) -> PretrainedVLP:
     led = KeyLedger(sd, source)
-    img = led.take("img_encoder_q.model.")
+    img = led.take(f"{img_p}model.")
     resnet = "conv1.weight" in img
     image_encoder = resnet_from_torchvision(img, source) if resnet else vit_from_timm(img, NUM_HEADS, source)
-    image_proj = bn_mlp_head(led.take("img_encoder_q.global_embed.head."), source)
-    load_strict(image_proj, led.take("img_encoder_q.global_embed.head."), source, "image projection")
-    text_sd = led.take("text_encoder_q.model.", ["embeddings.word_embeddings.weight"])
+    image_proj = bn_mlp_head(led.take(f"{img_p}global_embed.head."), source)
+    load_strict(image_proj, led.take(f"{img_p}global_embed.head."), source, "image projection")
+    text_sd = led.take(f"{txt_p}model.", ["embeddings.word_embeddings.weight"])
     text_sd = {k: v for k, v in text_sd.items() if ".crossattention." not in k}  # multimodal mode only
     bert = bert_from_state(text_sd, NUM_HEADS, source, token_types=False)
-    text_proj = bn_mlp_head(led.take("text_encoder_q.global_embed.head."), source)
-    load_strict(text_proj, led.take("text_encoder_q.global_embed.head."), source, "text projection")
-    for prefix in ("img_encoder_q.local_embed.", "text_encoder_q.local_embed.", "patch_local_atten_layer.",
+    text_proj = bn_mlp_head(led.take(f"{txt_p}global_embed.head."), source)
+    load_strict(text_proj, led.take(f"{txt_p}global_embed.head."), source, "text projection")
+    for prefix in (f"{img_p}local_embed.", f"{txt_p}local_embed.", "patch_local_atten_layer.",
                    "word_local_atten_layer.", "prototype_layer."):
         led.ignore(prefix, "training-only head (token alignment / prototypes)")
     led.finish()
     pre = preprocess_for(resnet)
     tower = BertTower(bert, load_tokenizer(tokenizer or TOKENIZER, allow_download), pre.text_max_length,
                       position_ids="token_type")
-    return PretrainedVLP("mgca_resnet50" if resnet else "mgca_vit", image_encoder, tower, image_proj, text_proj, pre)
+    return PretrainedVLP(f"{name}_resnet50" if resnet else f"{name}_vit", image_encoder, tower, image_proj, text_proj, pre)
 
 
 class MGCAFormat(CheckpointFormat):
@@ -73,3 +86,14 @@ class MGCAFormat(CheckpointFormat):
     paper = "Wang et al., Multi-Granularity Cross-modal Alignment, NeurIPS 2022"
     file = "Lightning .ckpt (ViT-B/16 or ResNet-50 image encoder)"
     convert = staticmethod(build)  # type: ignore[assignment]
+
+
+class ConVIRTFormat(CheckpointFormat):
+    """``format: convirt`` — ConVIRT as reimplemented in the MGCA repository (ResNet-50 by default)."""
+
+    name = "convirt"
+    layout_source = ("HKU-MedAI/MGCA: mgca/models/convirt/convirt_module.py with mgca/models/backbones/encoder.py "
+                     "(the ConVIRT authors released no code)")
+    paper = "Zhang et al., Contrastive Learning of Medical Visual Representations from Paired Images and Text, MLHC 2022"
+    file = "Lightning .ckpt (ResNet-50 or ViT-B/16 image encoder)"
+    convert = staticmethod(build_convirt)  # type: ignore[assignment]
