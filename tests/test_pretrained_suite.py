@@ -46,4 +46,4 @@ def test_benchmark_suite_with_released_checkpoints(tmp_path: Path) -> None:
                  "data.init_args.num_test=16", "data.init_args.image_size=32", "protocols=[retrieval]",
                  f"out={tmp_path / 'eval'}"]) == 0
     ev = pd.read_csv(tmp_path / "eval" / "results.csv")
-    assert set(ev["label"]) == {"biomedclip"} and set(ev["protocol"]) == {"retrieval"}
+    assert set(ev["label"]) == {"biomedclip ViTEncoder(d=48, L=1)"} and set(ev["protocol"]) == {"retrieval"}
