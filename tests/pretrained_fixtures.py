@@ -73,7 +73,7 @@ def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def mgca_checkpoint(path: Path, arch: str = "vit", dim: int = 48, depth: int = 2, text_dim: int = 48,
                     text_depth: int = 2, emb: int = 16, hidden: int = 32, convirt: bool = False,
-                    vocab: int | None = None) -> dict[str, Any]:
+                    vocab: int | None = None, asg: bool = False) -> dict[str, Any]:
     """Write an MGCA (or, with ``convirt``, MGCA's ConVIRT) Lightning checkpoint; returns the oracle modules."""
     ip, tp = ("img_encoder.", "text_encoder.") if convirt else ("img_encoder_q.", "text_encoder_q.")
     from medvlp.encoders.resnet import ResNetEncoder
@@ -106,7 +106,11 @@ def mgca_checkpoint(path: Path, arch: str = "vit", dim: int = 48, depth: int = 2
         local = nn.Sequential(nn.Conv1d(cin, hidden, 1), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Conv1d(hidden, emb, 1),
                               nn.BatchNorm1d(emb, affine=False))
         sd.update(_prefixed(prefix, local.state_dict()))
-    if not convirt:
+    if asg:  # ASG: IRL decoder (models/irl_model.py) and the frozen tag-text BERT instead of prototypes
+        sd.update(_prefixed("irl.decoder.", nn.TransformerDecoderLayer(text_dim, 4, 64).state_dict()))
+        sd.update(_prefixed("irl.mlp_head.0.", nn.Linear(text_dim, 1).state_dict()))
+        sd.update(_prefixed("text_encoder.", hf_bert(text_dim, 1, seed=7).state_dict()))
+    elif not convirt:
         for name in ("patch_local_atten_layer.", "word_local_atten_layer."):
             sd.update(_prefixed(name, nn.MultiheadAttention(emb, 1, batch_first=True).state_dict()))
         sd["prototype_layer.weight"] = torch.randn(50, emb)
@@ -150,3 +154,51 @@ def gloria_checkpoint(path: Path, text_dim: int = 48, text_depth: int = 4) -> di
     sd.update(_prefixed("gloria.text_encoder.model.", bsd))
     torch.save({"epoch": 10, "state_dict": sd}, path)
     return {"image": rn, "global": g, "bert": bert}
+
+
+def medclip_checkpoint(path: Path, text_dim: int = 48, text_depth: int = 2, emb: int = 32) -> dict[str, Any]:
+    """Write a MedCLIP-ViT ``pytorch_model.bin``: the Swin part in the names ``save_pretrained`` writes (the
+    released transformers-4 names), reduced width (embed 24, depths 1-1-2-1, heads 3-6-12-24, window 7)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel, SwinConfig, SwinModel
+
+    swin = randomise(SwinModel(SwinConfig(embed_dim=24, depths=[1, 1, 2, 1], num_heads=[3, 6, 12, 24], window_size=7,
+                                          image_size=224)), 11)
+    with tempfile.TemporaryDirectory() as tmp:
+        swin.save_pretrained(tmp)
+        swin_sd = load_file(f"{tmp}/model.safetensors")
+    bert = randomise(BertModel(BertConfig(vocab_size=vocab_size(), hidden_size=text_dim, num_hidden_layers=text_depth,
+                                          num_attention_heads=HEADS, intermediate_size=4 * text_dim)), 12)
+    sd = _prefixed("vision_model.model.", swin_sd)
+    sd["vision_model.projection_head.weight"] = torch.randn(emb, swin.num_features) * 0.1
+    sd.update(_prefixed("text_model.model.", bert.state_dict()))
+    sd["text_model.projection_head.weight"] = torch.randn(emb, text_dim) * 0.1
+    sd["logit_scale"] = torch.tensor(3.2)
+    torch.save(sd, path)
+    return {"image": swin, "bert": bert, "sd": sd}
+
+
+def biovil_checkpoints(image_path: Path, text_path: Path, text_dim: int = 48, text_depth: int = 2,
+                       proj: int = 16) -> dict[str, Any]:
+    """Write BioViL's image file (``ImageModel.state_dict()``) and a CXR-BERT ``pytorch_model.bin``."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from medvlp.encoders.resnet import ResNetEncoder
+
+    rn = randomise(ResNetEncoder(in_channels=3, layers=(1, 1, 1, 1)), 13)
+    projector = randomise(nn.Sequential(nn.Conv2d(2048, proj, 1, bias=False), nn.BatchNorm2d(proj), nn.ReLU(),
+                                        nn.Conv2d(proj, proj, 1)), 14)
+    sd = _prefixed("encoder.encoder.", rn.state_dict())
+    sd["encoder.encoder.fc.weight"], sd["encoder.encoder.fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)
+    sd.update(_prefixed("projector.model.", projector.state_dict()))
+    torch.save(sd, image_path)
+    mlm = randomise(BertForMaskedLM(BertConfig(vocab_size=vocab_size(), hidden_size=text_dim, num_hidden_layers=text_depth,
+                                               num_attention_heads=HEADS, intermediate_size=4 * text_dim)), 15)
+    head = randomise(nn.ModuleDict({"dense_to_hidden": nn.Linear(text_dim, proj), "LayerNorm": nn.LayerNorm(proj),
+                                    "dense_to_output": nn.Linear(proj, proj)}), 16)
+    tsd = dict(mlm.state_dict())
+    tsd.update(_prefixed("cls_projection_head.", head.state_dict()))
+    torch.save(tsd, text_path)
+    return {"image": rn, "projector": projector, "bert": mlm.bert, "head": head}

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from medvlp.pretrained.formats import load_checkpoint
 from medvlp.pretrained.surgery import LayoutError
-from tests.pretrained_fixtures import (biomedclip_checkpoint, gloria_checkpoint, mgca_checkpoint, randomise,
-                                      write_tokenizer)
+from tests.pretrained_fixtures import (biomedclip_checkpoint, biovil_checkpoints, gloria_checkpoint, medclip_checkpoint, mgca_checkpoint,
+                                      randomise, write_tokenizer)
 
 TEXTS = ["no pleural effusion", "mild cardiomegaly with small left effusion"]
 
@@ -83,6 +83,18 @@ def test_convirt_layout_of_the_mgca_reimplementation(tmp_path: Path, tok: Path) 
 
 
 @torch.no_grad()
+def test_asg_layout(tmp_path: Path, tok: Path) -> None:
+    oracle = mgca_checkpoint(tmp_path / "asg.ckpt", asg=True)
+    model = load_checkpoint("asg", tmp_path / "asg.ckpt", tokenizer=str(tok))
+    x = torch.randn(2, 1, 32, 32)
+    cls = oracle["image"](pixel_values=_mgca_pixels(x)).last_hidden_state[:, 0]
+    torch.testing.assert_close(model.encode_image(x, normalize=False), _mgca_head(cls, oracle["image_head"]),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(LayoutError, match="irl"):  # an ASG file is not an MGCA file
+        load_checkpoint("mgca", tmp_path / "asg.ckpt", tokenizer=str(tok))
+
+
+@torch.no_grad()
 def test_gloria_matches_official_aggregation(tmp_path: Path, tok: Path) -> None:
     """Sentence embedding transcribed from gloria/models/text_model.py (word aggregation loop, mean over 97 word
     slots, sum over the last 4 layers); image from vision_model.py (299 px upsampling, layer4 average, Linear)."""
@@ -138,6 +150,45 @@ def test_biomedclip_matches_oracles(tmp_path: Path, tok: Path) -> None:
     assert model.logit_scale == pytest.approx(4.6052)
 
 
+@torch.no_grad()
+def test_medclip_swin_matches_transformers_swin(tmp_path: Path, tok: Path) -> None:
+    from medvlp.pretrained.medclip import MEAN, STD
+
+    oracle = medclip_checkpoint(tmp_path / "pytorch_model.bin")
+    model = load_checkpoint("medclip", tmp_path / "pytorch_model.bin", tokenizer=str(tok))
+    x = torch.randn(2, 1, 32, 32)
+    pix = F.interpolate(x * 0.25 + 0.5, size=(224, 224), mode="bicubic", align_corners=False).repeat(1, 3, 1, 1)
+    pooled = oracle["image"](pixel_values=(pix - MEAN) / STD).pooler_output
+    sd = oracle["sd"]
+    torch.testing.assert_close(model.image_representation(x), pooled, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.encode_image(x, normalize=False), pooled @ sd["vision_model.projection_head.weight"].T,
+                               atol=1e-4, rtol=1e-4)
+    rows = []
+    for text in TEXTS:
+        enc = model.text_encoder.tokenizer([text], return_tensors="pt")
+        hs = oracle["bert"](**enc, output_hidden_states=True).hidden_states
+        rows.append(torch.stack([hs[1], hs[2], hs[-1]]).permute(1, 0, 2, 3).mean(2).mean(1)[0])
+    ref = torch.stack(rows) @ sd["text_model.projection_head.weight"].T
+    torch.testing.assert_close(model.encode_text(TEXTS, normalize=False), ref, atol=1e-4, rtol=1e-4)
+    assert len(model.image_feature_maps(x)) == 4
+
+
+@torch.no_grad()
+def test_biovil_and_cxr_bert(tmp_path: Path, tok: Path) -> None:
+    o = biovil_checkpoints(tmp_path / "biovil.pt", tmp_path / "cxrbert.bin")
+    model = load_checkpoint("biovil", tmp_path / "biovil.pt", text_path=str(tmp_path / "cxrbert.bin"), tokenizer=str(tok))
+    x = torch.randn(2, 1, 32, 32)
+    pix = F.interpolate(x * 0.25 + 0.5, size=(512, 512), mode="bilinear", align_corners=False)[..., 32:480, 32:480]
+    fmap = o["image"](pix.repeat(1, 3, 1, 1))["maps"][-1]
+    torch.testing.assert_close(model.encode_image(x, normalize=False), o["projector"](fmap).mean(dim=(2, 3)),
+                               atol=1e-4, rtol=1e-4)
+    enc = model.text_encoder.tokenizer(TEXTS, padding="longest", return_tensors="pt")
+    cls = o["bert"](input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state[:, 0]
+    h = o["head"]
+    ref = h["dense_to_output"](h["LayerNorm"](F.gelu(h["dense_to_hidden"](cls))))
+    torch.testing.assert_close(model.encode_text(TEXTS, normalize=False), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_unexpected_key_is_named(tmp_path: Path, tok: Path) -> None:
     mgca_checkpoint(tmp_path / "m.ckpt")
     ck = torch.load(tmp_path / "m.ckpt", weights_only=True)
@@ -165,13 +216,24 @@ class _Evil:
         return (Path.touch, (Path(_Evil.marker),))
 
 
-@pytest.mark.parametrize("fmt", ["mgca", "biomedclip", "medvlp"])
+@pytest.mark.parametrize("fmt", ["mgca", "asg", "convirt", "gloria", "biomedclip", "medclip", "biovil", "medvlp", "export"])
 def test_pickle_with_code_refused_for_every_format(tmp_path: Path, fmt: str) -> None:
     _Evil.marker = str(tmp_path / "executed")
     path = tmp_path / "evil.ckpt"
     path.write_bytes(pickle.dumps({"state_dict": {"a": _Evil()}}))
+    options = {}
+    if fmt == "export":  # an export folder whose weights file is a pickle
+        import json
+
+        (tmp_path / "x").mkdir()
+        (tmp_path / "x" / "config.json").write_text(json.dumps({"format": "medvlp-export/1", "method": "clip",
+                                                                 "class_path": "x.Y", "hparams": {"text_encoder": {}}}))
+        (tmp_path / "x" / "model.safetensors").write_bytes(path.read_bytes())
+        path = tmp_path / "x"
+    if fmt == "biovil":  # the text weights file is checked the same way
+        options["text_path"] = str(tmp_path / "evil.ckpt")
     with pytest.raises(RuntimeError, match="refusing to load"):
-        load_checkpoint(fmt, path)
+        load_checkpoint(fmt, path, **options)
     assert not (tmp_path / "executed").exists()
 
 

@@ -129,9 +129,8 @@ def load_export(folder: str | Path, allow_class_path: bool = False) -> MedVLPExp
         FileNotFoundError: naming the missing file.
         ValueError: when ``config.json`` is not a medvlp export or names an unregistered method.
     """
-    from safetensors.torch import load_file
-
     from medvlp.encoders.vit import skip_pretrained_init
+    from medvlp.pretrained.surgery import load_state_file
     from medvlp.registry import METHODS
 
     folder = Path(folder)
@@ -149,11 +148,11 @@ def load_export(folder: str | Path, allow_class_path: bool = False) -> MedVLPExp
     else:
         raise ValueError(f"{folder}: method {name!r} is not registered ({', '.join(METHODS.names())}); install its "
                          "plugin or pass allow_class_path=True")
+    state = load_state_file(folder / "model.safetensors")  # safetensors only: no code can run
     hparams = copy.deepcopy(cfg["hparams"])
     _encoder_args(hparams["text_encoder"])["model"] = str(folder / "text")
     with skip_pretrained_init():
         model = method_cls(**hparams)
-    state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{folder}/model.safetensors does not match {name}: missing {missing[:5]}, "

@@ -55,8 +55,17 @@ def build_convirt(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | 
     return _build(sd, source, tokenizer, allow_download, "img_encoder.", "text_encoder.", "convirt")
 
 
+def build_asg(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | None = None, allow_download: bool = False,
+              **_: Any) -> PretrainedVLP:
+    """Convert an official ASG checkpoint (ASGMVLP/ASGMVLP_CODE ``main.py``: MGCA's ``ImageEncoder``/``BertEncoder``
+    as ``img_encoder_q``/``text_encoder_q``, plus the training-only ``irl`` decoder and the frozen tag-text BERT
+    ``text_encoder``)."""
+    return _build(sd, source, tokenizer, allow_download, "img_encoder_q.", "text_encoder_q.", "asg",
+                  extra_ignored=("irl.", "text_encoder."))
+
+
 def _build(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | None, allow_download: bool, img_p: str,
-           txt_p: str, name: str) -> PretrainedVLP:
+           txt_p: str, name: str, extra_ignored: tuple[str, ...] = ()) -> PretrainedVLP:
     led = KeyLedger(sd, source)
     img = led.take(f"{img_p}model.")
     resnet = "conv1.weight" in img
@@ -69,8 +78,8 @@ def _build(sd: Mapping[str, torch.Tensor], source: str, tokenizer: str | None, a
     text_proj = bn_mlp_head(led.take(f"{txt_p}global_embed.head."), source)
     load_strict(text_proj, led.take(f"{txt_p}global_embed.head."), source, "text projection")
     for prefix in (f"{img_p}local_embed.", f"{txt_p}local_embed.", "patch_local_atten_layer.",
-                   "word_local_atten_layer.", "prototype_layer."):
-        led.ignore(prefix, "training-only head (token alignment / prototypes)")
+                   "word_local_atten_layer.", "prototype_layer.", *extra_ignored):
+        led.ignore(prefix, "training-only head (token alignment / prototypes / IRL decoder / tag-text BERT)")
     led.finish()
     pre = preprocess_for(resnet)
     tower = BertTower(bert, load_tokenizer(tokenizer or TOKENIZER, allow_download), pre.text_max_length,
@@ -97,3 +106,13 @@ class ConVIRTFormat(CheckpointFormat):
     paper = "Zhang et al., Contrastive Learning of Medical Visual Representations from Paired Images and Text, MLHC 2022"
     file = "Lightning .ckpt (ResNet-50 or ViT-B/16 image encoder)"
     convert = staticmethod(build_convirt)  # type: ignore[assignment]
+
+
+class ASGFormat(CheckpointFormat):
+    """``format: asg`` — the official ASG Lightning checkpoint."""
+
+    name = "asg"
+    layout_source = "ASGMVLP/ASGMVLP_CODE: main.py (class ASG), models/encoder.py, models/irl_model.py"
+    paper = "Li et al., Anatomical Structure-Guided Medical Vision-Language Pre-training, MICCAI 2024"
+    file = "Lightning .ckpt (ViT-B/16 or ResNet-50 image encoder)"
+    convert = staticmethod(build_asg)  # type: ignore[assignment]

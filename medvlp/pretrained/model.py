@@ -44,10 +44,10 @@ class KeyLedger:
         self.used.update(prefix + k for k in out)
         return out
 
-    def ignore(self, pattern: str, reason: str) -> None:
-        """Mark keys containing ``pattern`` as deliberately unused (training-only heads, buffers)."""
+    def ignore(self, prefix: str, reason: str) -> None:
+        """Mark keys starting with ``prefix`` as deliberately unused (training-only heads, buffers)."""
         for k in self.sd:
-            if pattern in k and k not in self.used:
+            if k.startswith(prefix) and k not in self.used:
                 self.ignored[k] = reason
 
     def finish(self) -> None:
