@@ -101,7 +101,8 @@ class VolumeDataModule(RecordDataModule):
         resize: ``pad_crop`` (centre pad/crop after spacing), ``resize`` (interpolate the whole volume) or
             ``random_crop`` (pad to at least ``volume_size``, then a random ``volume_size`` crop in training and
             the centre crop in evaluation; GTGM's 32×160×160 training crops).
-        cache: ``none`` | ``memory`` (CacheDataset) | ``disk`` (PersistentDataset in ``cache_dir``).
+        cache: ``none`` | ``memory`` (CacheDataset) | ``disk`` (PersistentDataset in ``cache_dir``, default
+            ``$MEDVLP_CACHE/volumes/<datamodule>``; the paper preset's default for CT-RATE, MSD, BTCV, BraTS).
         channels: channels kept from 4D volumes (indices of the last axis, or ``all``); ``None``: a 4D
             volume is an error naming the file.
         nonfinite: ``fail`` (NaN/Inf is an error naming the file) or ``zero`` (replaced by 0).
@@ -142,8 +143,10 @@ class VolumeDataModule(RecordDataModule):
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES, owner)
         check_choice("resize", resize, ("resize", "pad_crop", "random_crop"), owner)
         check_choice("cache", cache, ("none", "memory", "disk"), owner)
-        if cache == "disk" and self.cache_dir is None:
-            raise ValueError("cache='disk' needs cache_dir")
+        if cache == "disk" and self.cache_dir is None:  # default: $MEDVLP_CACHE/volumes/<datamodule>
+            import os
+
+            self.cache_dir = Path(os.environ.get("MEDVLP_CACHE", Path.home() / ".cache" / "medvlp")) / "volumes" / self.name
 
     @property
     def spatial_dims(self) -> int:

@@ -49,3 +49,14 @@ def test_disk_cache_is_built_by_rank_zero_and_shared(tmp_path: Path) -> None:
     other = MSDDataModule(root, cache_dir=str(cache), **{**KW, "volume_size": [8, 32, 32]})
     other.dataset("train", augment=False)[0]
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2  # another spec never reads stale files
+
+
+def test_paper_preset_caches_volumes_on_disk_by_default(tmp_path: Path, monkeypatch) -> None:
+    from medvlp.compose import compose
+
+    for data in ("ct_rate", "msd", "btcv", "brats"):
+        assert compose([f"data={data}", "preset=paper"])["data"]["init_args"]["cache"] == "disk"
+    monkeypatch.setenv("MEDVLP_CACHE", str(tmp_path / "cache"))
+    dm = MSDDataModule(str(fx.make_msd(tmp_path / "msd", n=4)), volume_size=[8, 16, 16], cache="disk")
+    dm.dataset("train", augment=False)[0]
+    assert dm.cache_dir == tmp_path / "cache" / "volumes" / "msd" and any(dm.cache_dir.rglob("*.pt"))
