@@ -187,3 +187,41 @@ def test_prepared_random_crop_volumes_stay_random(tmp_path: Path) -> None:
     assert len(crops) > 1  # the crop is still drawn at load
     batch = next(iter(ShardDataModule(prepared=str(tmp_path / "out"), batch_size=2).eval_dataloader("train", 2)))
     assert batch["image"].shape == (2, 1, 4, 8, 8) and batch["mask"].shape == (2, 1, 4, 8, 8)
+
+
+@pytest.mark.slow  # a real `medvlp prepare` process killed with SIGKILL mid-run, then rerun (~1 min)
+def test_prepare_survives_sigkill(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from PIL import Image
+
+    root = tmp_path / "covidx"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 80), ("test", 2)):
+        (root / split).mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (1536, 1536), np.uint8)).save(root / split / f"{split}_{i}.jpg")
+            lines.append(f"p{i} {split}_{i}.jpg {['normal', 'pneumonia', 'COVID-19'][i % 3]} src")
+        (root / f"{split}_COVIDx9A.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "medvlp.cli", "prepare", "data=covidx", f"data.init_args.root={root}", f"out={out}",
+           "samples_per_shard=1", "progress=false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(out.glob("*/*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(out.glob("*/*.json"))
+    assert 3 <= len(done) < 82 and not (out / "index.json").exists()  # killed mid-way
+    stamps = {p.with_suffix(".tar"): p.with_suffix(".tar").stat().st_mtime_ns for p in done}
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    manifest = json.loads((out / "index.json").read_text())
+    assert manifest["last_run"]["verified_kept"] >= len(done)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # verified shards not rewritten
+    assert sum(v["n_samples"] for v in manifest["splits"].values()) == 82 and not list(out.glob("*/.*.tmp"))
