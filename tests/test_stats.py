@@ -170,3 +170,33 @@ def test_per_image_segmentation_outputs_reproduce_every_dice_definition() -> Non
         else:
             recipe, arrays = mean_recipe("v"), {"v": per_image_dice(pred, target, 3, d)}
         assert stats.metric_value(recipe, arrays) == pytest.approx(dice_score(pred, target, 3, d), abs=1e-6), d
+
+
+def test_voi_at_the_single_instance_baseline_is_flagged_degenerate() -> None:
+    from medvlp.benchmarks.segmentation import degenerate_voi_flags, voi
+
+    target = np.repeat(np.arange(1, 5), 4).reshape(4, 4)  # 4 instances
+    baseline = sum(voi(np.ones_like(target), target))  # split 0, merge = H(target) = ln 4
+    assert baseline == pytest.approx(math.log(4))
+    assert degenerate_voi_flags(baseline + 0.001, baseline)[0].startswith("degenerate")
+    assert degenerate_voi_flags(sum(voi(target, target)), baseline) == []
+
+
+def test_instance_voi_run_flags_a_decoder_without_boundaries_and_stores_per_volume_values(monkeypatch) -> None:
+    import torch
+
+    from medvlp.benchmarks.segmentation import InstanceVOI
+
+    inst = torch.from_numpy(np.repeat(np.arange(1, 5), 16).reshape(1, 1, 4, 4, 4)).repeat(2, 1, 1, 1, 1)
+    prob = torch.zeros(2, 2, 4, 4, 4)
+    prob[:, 0] = 1.0  # background everywhere: no boundary predicted
+    out = {"prob": prob, "instances": inst, "ids": ["a", "b"], "split_hash": "h", "how": "test"}
+    proto = InstanceVOI()
+    monkeypatch.setattr(proto, "fit_predict", lambda ctx, f, s: out)
+    res = proto.run(None)
+    assert res.flags and res.flags[0].startswith("degenerate")
+    assert res.samples["voi"] == pytest.approx([math.log(4)] * 2)
+    assert stats.metric_value(res.recipes["voi"], res.samples) == pytest.approx(res.values[0].value)
+    prob[:, 1, :, :, 0] = 1.0  # a boundary plane between every pair of instances along the last axis
+    prob[:, 0, :, :, 0] = 0.0
+    assert proto.run(None).flags == []
