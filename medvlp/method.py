@@ -122,10 +122,19 @@ class VLPMethod(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.compile_encoders and stage == "fit":
-            for enc in (self.image_encoder, self.text_encoder):
-                if not getattr(enc, "_medvlp_compiled", False):
-                    enc.forward = torch.compile(enc.forward)  # type: ignore[method-assign]
-                    enc._medvlp_compiled = True
+            for module in self.compile_targets():
+                if not getattr(module, "_medvlp_compiled", False):
+                    # dynamic=None: a second shape of a path (another batch or sequence length) marks the
+                    # changing dims dynamic instead of compiling one graph per shape
+                    module.forward = torch.compile(module.forward, dynamic=None)  # type: ignore[method-assign]
+                    module._medvlp_compiled = True
+
+    def compile_targets(self) -> list[nn.Module]:
+        """Modules whose ``forward`` ``compile_encoders`` compiles (parameter names stay unchanged): the
+        image encoder, and the text encoder's transformer only — tokenisation (Python strings) stays outside
+        the graph, where every new report would otherwise be a guard failure and a recompilation."""
+        text = getattr(self.text_encoder, "model", self.text_encoder)
+        return [self.image_encoder, text]
 
     # ------------------------------------------------------------------ what a method implements
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
