@@ -82,3 +82,26 @@ def test_checkpoints_by_time_and_epoch_besides_steps(tmp_path) -> None:
                  "run.checkpoint_every_n_epochs=1", "run.checkpoint_every_n_minutes=0.001",
                  "trainer.enable_progress_bar=false", f"run.dir={run}"]) == 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_text_encoder_activation_checkpointing_gives_the_same_gradients() -> None:
+    from medvlp.encoders import TextEncoder
+
+    grads, calls = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        enc = TextEncoder("builtin:tiny", max_length=16, tiny_hidden_size=32, grad_checkpointing=ckpt)
+        enc.train()
+        for m in enc.modules():  # no dropout: both runs deterministic, still in train mode
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if hasattr(m, "dropout_prob"):
+                m.dropout_prob = 0.0
+        n = [0]
+        enc.model.encoder.layer[0].attention.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        enc(["heart size normal", "small left pleural effusion"])["pooled"].pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
+        calls.append(n[0])
+    assert calls == [1, 2]  # with checkpointing the layer is recomputed in backward
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

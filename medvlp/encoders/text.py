@@ -96,6 +96,9 @@ class TextEncoder(nn.Module):
         tiny_hidden_size: width of ``builtin:tiny``.
         local_files_only: never contact a hub when loading (default); set False to allow downloads of
             a configured hub model.
+        grad_checkpointing: activation checkpointing of the transformer layers (Hugging Face
+            ``gradient_checkpointing_enable``, non-reentrant), for DDP; under FSDP use the strategy's
+            ``activation_checkpointing_policy: [bert_layer]``.
         prefix_cache: keep the frozen prefix's output (embeddings + frozen layers) for up to this many
             distinct texts (least recently used evicted; 0 = off) and run only the trainable layers on it.
             Needs ``freeze_layers`` or ``freeze`` and a BERT-like post-LayerNorm encoder. The frozen prefix
@@ -107,7 +110,7 @@ class TextEncoder(nn.Module):
     def __init__(self, model: str = "builtin:minilm", max_length: int = 128, pooling: str = "cls",
                  freeze_layers: int = 0, freeze: bool = False, tiny_hidden_size: int = 64,
                  local_files_only: bool = True, prefix_cache: int = 0, num_layers: int | None = None,
-                 freeze_embeddings: bool = True) -> None:
+                 freeze_embeddings: bool = True, grad_checkpointing: bool = False) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -134,6 +137,8 @@ class TextEncoder(nn.Module):
             self.model.requires_grad_(False)
         elif freeze_layers:
             self._freeze_first(freeze_layers, freeze_embeddings)
+        if grad_checkpointing:  # recompute transformer layers in backward (training only; saves activations)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if prefix_cache < 0:
             raise ValueError(f"prefix_cache must be >= 0, got {prefix_cache}")
         self.prefix_cache_size = prefix_cache
