@@ -256,7 +256,8 @@ def pretrain(cfg: DictConfig) -> Path:
                "precision": str(trainer_kwargs.get("precision", "32-true")),
                "train_loss": _metric(trainer, "train/loss_epoch"), "skipped": skipped,
                "provenance": provenance(trainer.strategy.root_device)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if trainer.is_global_zero:  # under DDP every rank returns here; one writes the summary
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return last
 
 

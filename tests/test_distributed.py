@@ -147,7 +147,9 @@ def test_lightning_ddp_gather_negatives_equals_single_process_on_global_batch(dd
     assert grads.keys() == ranks[0]["grads"].keys()
     for rank in ranks:
         for name, g in grads.items():
-            assert torch.allclose(rank["grads"][name], g, atol=1e-6, rtol=1e-4), name
+            # fp32 sums in another order (2 processes of 1 thread vs this process's threads): a missing
+            # gather changes gradients by ~1e-2, reduction order by ~1e-7
+            assert torch.allclose(rank["grads"][name], g, atol=1e-5, rtol=1e-3), name
 
 
 def test_encoders_have_no_parameter_outside_the_loss_and_load_older_checkpoints() -> None:
