@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from medvlp.config import load_yaml, merge, packaged_yaml
+from medvlp.config import load_yaml, merge, method_defaults, packaged_yaml
 
 DEFAULTS: dict[str, Any] = {
     "method": {"name": "clip", "init_args": {}},
@@ -116,9 +116,8 @@ def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None 
         example_layer = OmegaConf.create({"data": {"name": data, "init_args": example.get("init_args", {})}})
     preset = OmegaConf.select(user, "preset", default=base.preset)
     layers: list[tuple[str, DictConfig, bool]] = [("defaults", base, False)]  # (source, layer, method-owned)
-    if "." not in str(method):
-        layers.append((f"methods/{method}.yaml",
-                       OmegaConf.create({"method": {"init_args": packaged_yaml("medvlp.methods", method)}}), True))
+    layers.append((f"methods/{method}.yaml",  # a plugin's own defaults_file too
+                   OmegaConf.create({"method": {"init_args": method_defaults(str(method))}}), True))
     if "." not in str(data):
         layers.append((f"datamodules/{data}.yaml",
                        OmegaConf.create({"data": {"init_args": packaged_yaml("medvlp.datamodules", data)}}), False))

@@ -35,9 +35,31 @@ def load_yaml(path: str | Path) -> DictConfig:
 def packaged_yaml(package: str, name: str) -> DictConfig:
     """Load ``<name>.yaml`` shipped inside ``package`` (e.g. a method's defaults)."""
     ref = resources.files(package).joinpath(f"{name}.yaml")
-    if not ref.is_file():
+    cfg = OmegaConf.create(ref.read_text()) if ref.is_file() else OmegaConf.create({})
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{package}/{name}.yaml must hold a mapping at the top level")
+    return cfg
+
+
+def method_defaults(name: str) -> DictConfig:
+    """Default ``init_args`` of a method: the packaged ``methods/<name>.yaml`` of a built-in, else the YAML
+    file a plugin class names in its ``defaults_file`` class attribute (a path relative to the class's
+    module, shipped as package data), else empty."""
+    cfg = packaged_yaml("medvlp.methods", name) if "." not in name else OmegaConf.create({})
+    if cfg:
+        return cfg
+    import inspect
+
+    from medvlp.registry import METHODS
+
+    try:
+        cls = METHODS.get(name)
+    except (KeyError, ImportError, ValueError):
+        return OmegaConf.create({})  # reported by validation with a suggestion
+    rel = getattr(cls, "defaults_file", None)
+    if not rel:
         return OmegaConf.create({})
-    return OmegaConf.create(ref.read_text())
+    return load_yaml(Path(inspect.getfile(cls)).parent / rel)
 
 
 def merge(*cfgs: Mapping[str, Any] | DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
@@ -91,7 +113,7 @@ def persistable(cfg: Any) -> Any:
     folder name or a results row.
     """
     if not isinstance(cfg, (DictConfig, ListConfig)):
-        cfg = OmegaConf.create(cfg) if isinstance(cfg, (Mapping, list)) else cfg
+        cfg = OmegaConf.create(dict(cfg) if isinstance(cfg, Mapping) else cfg) if isinstance(cfg, (Mapping, list)) else cfg
         if not isinstance(cfg, (DictConfig, ListConfig)):
             return cfg
     raw = OmegaConf.to_container(cfg, resolve=False)

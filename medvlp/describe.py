@@ -44,7 +44,7 @@ def summary(obj: Any) -> str:
 
 def packaged_names(package: str) -> list[tuple[str, str]]:
     """``(name, first comment line)`` of every ``*.yaml`` shipped in ``package``."""
-    out = []
+    out: list[tuple[str, str]] = []
     try:
         files = sorted(resources.files(package).iterdir(), key=lambda r: r.name)
     except (ModuleNotFoundError, FileNotFoundError):
@@ -75,9 +75,12 @@ def describe(kind: str, name: str) -> str:
             lines.append(f"  {key}: {text}")
         lines.append("  fractions, seeds: label fractions and seeds (protocols that use them)")
         return "\n".join(lines)
-    from medvlp.config import packaged_yaml, to_container
+    from medvlp.config import method_defaults, packaged_yaml, to_container
 
-    packaged = to_container(packaged_yaml(_PACKAGED_DEFAULTS[KINDS[kind]], name)) if "." not in name else {}
+    if KINDS[kind] == "METHODS":
+        packaged = to_container(method_defaults(name))  # built-in YAML or a plugin's defaults_file
+    else:
+        packaged = to_container(packaged_yaml(_PACKAGED_DEFAULTS[KINDS[kind]], name)) if "." not in name else {}
     params, open_ = init_parameters(cls)
     hints = _hints(cls)
     docs: dict[str, str] = {}

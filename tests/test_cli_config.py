@@ -109,6 +109,11 @@ def test_logger_false_trains_without_a_logger(tmp_path: Path) -> None:
                  f"run.dir={run}"]) == 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert not (run / "logs").exists()
+    import json
+
+    prov = json.loads((run / "summary.json").read_text())["provenance"]
+    assert set(prov) == {"versions", "git_commit", "host", "python", "device"}
+    assert prov["versions"]["lightning"] and prov["versions"]["medvlp"]
 
 
 def _tfrecord_scalars(path: Path) -> dict[str, list[float]]:
@@ -170,3 +175,13 @@ def test_wandb_offline_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyP
     run = tmp_path / "run"
     assert main(["pretrain", "preset=tiny", "logger=wandb", "trainer.enable_progress_bar=false", f"run.dir={run}"]) == 0
     assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_unit_progress_counts_and_estimates() -> None:
+    from medvlp.progress import UnitProgress, format_seconds
+
+    p = UnitProgress(5)
+    assert p.step("a", seconds=None, n=2).startswith("unit 2/5 (a): elapsed ")  # skipped units: no timing
+    assert p.step("a", seconds=None).endswith("ETA ?")
+    assert p.step("b", seconds=30.0).endswith("ETA 30s")
+    assert format_seconds(3725) == "1h02m" and format_seconds(65) == "1m05s"

@@ -80,7 +80,11 @@ protocols: {protocols}
 
 
 @pytest.mark.parametrize("kind", ["2d", "3d"])
-def test_manifest_pretrains_and_benchmarks_without_code(kind: str, tmp_path: Path) -> None:
+def test_manifest_pretrains_and_benchmarks_without_code(kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="medvlp.progress")
     manifest = make_2d_fixture(tmp_path / "data") if kind == "2d" else make_3d_fixture(tmp_path / "data")
     args = ARGS_2D if kind == "2d" else ARGS_3D
     run = tmp_path / "run"
@@ -93,6 +97,11 @@ def test_manifest_pretrains_and_benchmarks_without_code(kind: str, tmp_path: Pat
     df = pd.read_csv(tmp_path / "bench" / "results.csv")
     assert {"zero_shot", "linear_probe"} <= set(df["protocol"]) and df["value"].notna().all()
     assert df["dataset_version"].str.startswith("csv:").all()
+    prov = json.loads(df["comparability"].iloc[0])["provenance"]  # every row records versions, host, device
+    assert prov["versions"]["torch"] and prov["host"] and prov["device"].startswith("cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "medvlp.progress"]
+    n = 3 if kind == "2d" else 2
+    assert lines[-1].startswith(f"unit {n}/{n} (") and "elapsed" in lines[-1] and "ETA 0s" in lines[-1]
 
 
 def test_index_split_labels_and_captions(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ class ToyInfoNCE(VLPMethod):
     """Image→text InfoNCE only, to prove plugins are discovered, listed, trained and benchmarked."""
 
     name = "toy_infonce"
+    #: default init_args shipped with the plugin (read by ``medvlp.compose`` like methods/<name>.yaml)
+    defaults_file = "toy.yaml"
 
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         img = self.encode_image(batch["image"], normalize=False)
