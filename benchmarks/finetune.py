@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
                                        label_samples, macro_auc, random_batches)
 from medvlp.benchmarks.splits import fraction_rows
+from medvlp.progress import track
 from medvlp.registry import register_benchmark
 
 
@@ -97,7 +98,7 @@ class Finetune(Protocol):
         bs, epochs = int(p.get("batch_size", 16)), int(p.get("epochs", 5))
         batches = list(random_batches(rows, bs, epochs, seed))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(batches))
-        for idx in batches:
+        for idx in track(batches, len(batches), f"{self.name} f={fraction:g} s={seed}"):
             y = y_all[idx].to(ctx.device)
             logits = head(model.image_representation(x_all[idx].to(ctx.device)))
             known = ~torch.isnan(y)

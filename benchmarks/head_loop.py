@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from medvlp.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def fit(trainer: HeadTrainer) -> FitResult:
     best_state = [copy.deepcopy(m.state_dict()) for m in trainer.modules]
     best_epoch, since, steps, history, done = -1, 0, 0, [], 0
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
-    for epoch in range(trainer.max_epochs):
+    for epoch in track(range(trainer.max_epochs), trainer.max_epochs, "head epochs"):
         for m in trainer.modules:
             m.train()
         if trainer.set_train_mode is not None:

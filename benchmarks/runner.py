@@ -23,6 +23,8 @@ from medvlp.benchmarks.results import ResultStore
 from medvlp.compose import compose, split_args
 from medvlp.config import load_yaml, merge, packaged_yaml, to_container
 from medvlp.method import load_method
+from medvlp.progress import UnitProgress
+from medvlp.provenance import provenance
 from medvlp.registry import BENCHMARKS
 from medvlp.train import build_datamodule_from_config, build_method, pretrain
 
@@ -124,7 +126,7 @@ def _protocols(suite: Mapping[str, Any]) -> list[tuple[str, Any, dict[str, Any]]
     return out
 
 
-def unit_seeds(proto: Any, params: Mapping[str, Any], fraction: float) -> list[tuple[int, int]]:
+def unit_seeds(proto: Any, params: Mapping[str, Any], fraction: float, quiet: bool = False) -> list[tuple[int, int]]:
     """``(subset_seed, training_seed)`` pairs to run for one fraction, without deterministic repeats.
 
     ``seeds`` are training seeds; ``subset_seeds`` draw the label subset (absent: each training seed
@@ -143,10 +145,16 @@ def unit_seeds(proto: Any, params: Mapping[str, Any], fraction: float) -> list[t
         if key not in seen:
             seen.add(key)
             out.append((ss, s))
-    if len(out) < len(pairs):
+    if len(out) < len(pairs) and not quiet:
         log.info("%s at fraction %g: %d of %d seed pairs would repeat an identical run; running %d",
                  proto.name, fraction, len(pairs) - len(out), len(pairs), len(out))
     return out
+
+
+def _n_units(proto: Any, params: Mapping[str, Any]) -> int:
+    """(fraction, seed pair) units one protocol runs per model and dataset."""
+    fractions = params.get("fractions", [1.0]) if proto.uses_fractions else [1.0]
+    return sum(len(unit_seeds(proto, params, float(f), quiet=True)) for f in fractions)
 
 
 def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
@@ -164,20 +172,29 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
     only = {k: set(v["protocols"]) for k, v in suite["datasets"].items() if v.get("protocols")}
     for dm in datasets.values():
         dm.prepare_data()
+    per_model = {(ds, key): _n_units(proto, params) for ds in datasets for key, proto, params in protocols
+                 if not (ds in only and key not in only[ds])}
+    pseeds = {label: ([None] if (e or {}).get("pretrain_seeds", suite.get("pretrain_seeds")) is None or (e or {}).get("ckpt")
+                      else [int(s) for s in (e or {}).get("pretrain_seeds", suite.get("pretrain_seeds"))])
+              for label, e in suite["methods"].items()}
+    progress = UnitProgress(sum(per_model.values()) * sum(len(v) for v in pseeds.values()))
+    prov = provenance(device)
     for label, entry in suite["methods"].items():
         entry = dict(entry or {})
-        seeds = entry.get("pretrain_seeds", suite.get("pretrain_seeds"))
-        for pseed in ([None] if seeds is None or entry.get("ckpt") else [int(s) for s in seeds]):
+        for pseed in pseeds[label]:
             model, ckpt, chash = obtain_model(suite, label, entry, pseed)
             _evaluate_model(suite, store, cache, datasets, only, protocols, label, entry, model, ckpt, chash,
-                            "" if pseed is None else pseed, device)
+                            "" if pseed is None else pseed, device, progress, per_model, prov)
     log.info("feature cache: %d hits, %d misses", cache.hits, cache.misses)
     return store.path
 
 
 def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: FeatureCache, datasets: Mapping[str, Any],
                     only: Mapping[str, set], protocols: list, label: str, entry: Mapping[str, Any], model: Any,
-                    ckpt: str, chash: str, pseed: int | str, device: str) -> None:
+                    ckpt: str, chash: str, pseed: int | str, device: str, progress: UnitProgress | None = None,
+                    per_model: Mapping[tuple[str, str], int] | None = None, prov: Any = None) -> None:
+    progress = progress or UnitProgress(0)
+    per_model = per_model or {}
     weights = model_fingerprint(model)  # once per model; the feature cache reuses it
     cache.pin(model, weights)
     seed = None if pseed == "" else int(pseed)
@@ -192,6 +209,7 @@ def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: Feature
     for ds_name, dm in datasets.items():
         if enc_dims is not None and dm.spatial_dims not in enc_dims:
             log.info("%s on %s: skipped (encoder supports %sD, data is %dD)", label, ds_name, list(enc_dims), dm.spatial_dims)
+            progress.step(f"{label} {ds_name}: skipped", n=sum(n for k, n in per_model.items() if k[0] == ds_name))
             continue
         store.drop_stale({"weights": weights, "config_hash": chash, "dataset_version": dm.dataset_version},
                          label=label, dataset=ds_name, pretrain_seed=pseed)
@@ -202,6 +220,7 @@ def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: Feature
             reason = proto.applicable(ctx)
             if reason:
                 log.info("%s on %s: %s skipped (%s)", label, ds_name, key, reason)
+                progress.step(f"{label} {ds_name} {key}: skipped", n=per_model.get((ds_name, key), 0))
                 continue
             fractions = params.get("fractions", [1.0]) if proto.uses_fractions else [1.0]
             pjson = json.dumps({k: v for k, v in params.items() if k not in ("fractions", "seeds", "subset_seeds")},
@@ -212,6 +231,7 @@ def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: Feature
                                 pretrain_seed=pseed, subset_seed=subset_seed, seed=seed, weights=weights,
                                 config_hash=chash, dataset_version=dm.dataset_version)
                     if store.done(**unit):
+                        progress.step(f"{label} {ds_name} {key}: done before", quiet=True)
                         continue
                     t0 = time.time()
                     ctx.subset_seed = subset_seed
@@ -221,12 +241,14 @@ def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: Feature
                     for flag in res.flags:
                         log.warning("%s %s %s f=%g: %s", label, ds_name, key, fraction, flag)
                     now = time.strftime("%Y-%m-%dT%H:%M:%S")
-                    comp = json.dumps({**mfields, **row_fields(proto, params, dm, res)}, sort_keys=True, default=str)
+                    comp = json.dumps({**mfields, **row_fields(proto, params, dm, res), "provenance": prov},
+                                      sort_keys=True, default=str)
                     store.add([{**unit, "comparability": comp, "suite": suite["name"], "method": method, "backbone": backbone,
                                 "protocol_name": proto.name, "checkpoint": ckpt, "split_hash": res.split_hash,
                                 "metric": v.metric, "value": v.value, "definition": v.definition,
                                 "flags": " | ".join(res.flags), "timestamp": now}
                                for v in res.values], res.samples, res.recipes)
+                    progress.step(f"{label} {ds_name} {key} f={fraction:g} s={subset_seed}/{seed}", time.time() - t0)
     cache.unpin(model)
 
 

@@ -9,6 +9,7 @@ DiceCE. Full fine-tuning uses MONAI sliding-window inference for volumes at test
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch import nn
 from medvlp.benchmarks.dice import DEFINITIONS, dice_score
 from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, random_batches
 from medvlp.benchmarks.splits import fraction_rows
+from medvlp.progress import track
 from medvlp.registry import register_benchmark
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -165,7 +167,8 @@ class Segmentation(Protocol):
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
         bs = int(p.get("batch_size", 16))
         epochs = int(p.get("epochs", 30))
-        for idx in random_batches(rows, bs, epochs, seed):
+        n_steps = epochs * max(1, math.ceil(len(rows) / bs))
+        for idx in track(random_batches(rows, bs, epochs, seed), n_steps, f"{self.name} f={fraction:g} s={seed}"):
             y = train_y[idx].to(ctx.device)
             logits = decoder(self._maps(model, train_x, idx, frozen, ctx.device), size)
             loss = loss_fn(logits, y)

@@ -28,6 +28,7 @@ from medvlp.datamodules.phantom_render import (
 from medvlp.datamodules.phantom_reports import write_report
 from medvlp.io import atomic_write_bytes, atomic_write_text
 from medvlp.registry import register_datamodule
+from medvlp.progress import track
 
 log = logging.getLogger(__name__)
 GENERATOR_VERSION = 2
@@ -83,9 +84,9 @@ def generate_split(modality: str, split: str, n: int, size: Sequence[int], seed:
     jobs = [(modality, seed, SPLIT_OFFSET[split] + i, list(size), prevalence) for i in range(n)]
     if workers > 1 and n > 32:
         with ProcessPoolExecutor(workers) as pool:
-            cases = list(pool.map(_render_one, jobs, chunksize=16))
+            cases = list(track(pool.map(_render_one, jobs, chunksize=16), n, f"phantom {modality} {split}"))
     else:
-        cases = [_render_one(j) for j in jobs]
+        cases = [_render_one(j) for j in track(jobs, n, f"phantom {modality} {split}")]
     arrays = {"image": np.stack([c["image"] for c in cases]), "mask": np.stack([c["mask"] for c in cases]),
               "labels": np.stack([c["labels"] for c in cases])}
     if cases[0]["boxes"] is not None:

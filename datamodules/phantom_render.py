@@ -300,6 +300,11 @@ def _mni_template(shape: tuple[int, int, int]) -> np.ndarray:
         data = ndimage.zoom(data, zoom, order=1)
         return (data / max(float(data.max()), 1e-6)).astype(np.float32)
     except ImportError:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "nilearn is not installed: phantom MRI uses a procedural head instead of the MNI152 template "
+            "(pip install 'medvlp[mri]' for the template)")
         zz, yy, xx = _grid(shape)
         head = ((zz - 0.5) / 0.45) ** 2 + ((yy - 0.5) / 0.45) ** 2 + ((xx - 0.5) / 0.38) ** 2 <= 1
         brain = ((zz - 0.5) / 0.4) ** 2 + ((yy - 0.5) / 0.4) ** 2 + ((xx - 0.5) / 0.33) ** 2 <= 1

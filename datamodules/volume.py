@@ -26,6 +26,7 @@ from medvlp.checks import check_choice
 from medvlp.datamodules.base import SkippingDataset
 from medvlp.datamodules.readers import NONFINITE_POLICIES, DataError, read_volume
 from medvlp.datamodules.tabular import RecordDataModule
+from medvlp.progress import bars_enabled
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class VolumeDataModule(RecordDataModule):
         data = [self._monai_input(r) for r in records]
         transform = self.transforms(augment)
         if self.cache == "memory":
-            monai_ds: Dataset = CacheDataset(data, transform, progress=False)
+            monai_ds: Dataset = CacheDataset(data, transform, progress=bars_enabled())
         elif self.cache == "disk":
             monai_ds = PersistentDataset(data, transform, cache_dir=self.cache_dir / self.spec_hash())
             self.cache_built[split] = build_disk_cache(monai_ds, f"{type(self).__name__}/{split}")

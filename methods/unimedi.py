@@ -8,7 +8,6 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from medvlp.encoders import ProjectionHead
 from medvlp.losses import clip_loss, masked_token_distillation_loss
