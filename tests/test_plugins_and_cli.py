@@ -40,7 +40,7 @@ def test_installed_plugin_is_listed_and_trains(plugin_path: Path, tmp_path: Path
                 f"run.dir={tmp_path / 'run'}"], plugin_path, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
-    assert "embed_dim: 24" in (tmp_path / "run" / "config.yaml").read_text()  # the plugin's defaults_file
+    assert "temperature: 0.2" in (tmp_path / "run" / "config.yaml").read_text()  # the plugin's defaults_file
 
 
 def test_list_shows_every_kind(capsys: pytest.CaptureFixture[str]) -> None:
