@@ -15,7 +15,8 @@ and at least one phrase found in the sample's report text becomes one (box, sent
 regions whose sentence sets are identical are merged into one pair (box = the union of their boxes), so
 ARSA never gets two identical target columns; at most ``max_pairs`` (ASG: 23) pairs are kept in the
 file's order. Boxes are mapped with the same geometry as the image (longest side resized to
-``image_size``, centred zero padding: :func:`letterbox_box`).
+``image_size``, centred zero padding: :func:`letterbox_box`; then the image's crop, if any:
+:func:`crop_box`).
 """
 from __future__ import annotations
 
@@ -90,6 +91,14 @@ def letterbox_box(box: Sequence[float], height: int, width: int, size: int) -> t
     return (clamp(x1 * sx + left), clamp(y1 * sy + top), clamp(x2 * sx + left), clamp(y2 * sy + top))
 
 
+def crop_box(box: Sequence[float], top: int, left: int, size: int) -> tuple[float, float, float, float]:
+    """Shift a box by a ``size × size`` crop at ``(top, left)`` and clip it to the crop (albumentations
+    ``RandomCrop``/``CenterCrop`` with ``pascal_voc`` boxes, as ASG's pretrain_dataset.py)."""
+    x1, y1, x2, y2 = box
+    clamp = lambda v: min(max(v, 0.0), float(size))  # noqa: E731
+    return (clamp(x1 - left), clamp(y1 - top), clamp(x2 - left), clamp(y2 - top))
+
+
 def _phrase_span(text: str, phrase: str) -> tuple[int, int] | None:
     """Character span of ``phrase`` in ``text`` (case- and whitespace-insensitive), or None."""
     pattern = r"\s+".join(re.escape(w) for w in phrase.split())
@@ -141,17 +150,30 @@ class ChestImaGenomeRegions:
             self.stats["pairs_truncated"] += len(out) - self.max_pairs
         return out[: self.max_pairs]
 
-    def sample_fields(self, dicom_id: str, text: str, height: int, width: int, size: int) -> dict[str, Any]:
+    def sample_fields(self, dicom_id: str, text: str, height: int, width: int, size: int,
+                      crop: tuple[int, int, int] | None = None) -> dict[str, Any]:
         """Batch fields for one image: ``regions`` (max_pairs, 4) pixel boxes in the model input,
-        ``region_present`` (max_pairs,) and ``region_spans`` (max_pairs, max_phrases, 2), −1 padded."""
+        ``region_present`` (max_pairs,) and ``region_spans`` (max_pairs, max_phrases, 2), −1 padded.
+
+        ``crop``: ``(top, left, crop_size)`` of the image's crop after the resize + pad to ``size``;
+        a box left with no area inside the crop is dropped (counted as ``regions_cropped_out``), as
+        albumentations drops it in ASG."""
         boxes = torch.zeros(self.max_pairs, 4)
         present = torch.zeros(self.max_pairs, dtype=torch.bool)
         spans = torch.full((self.max_pairs, self.max_phrases, 2), -1, dtype=torch.long)
-        for k, (box, sp) in enumerate(self.pairs(dicom_id, text)):
-            boxes[k] = torch.tensor(letterbox_box(box, height, width, size))
+        k = 0
+        for box, sp in self.pairs(dicom_id, text):
+            mapped = letterbox_box(box, height, width, size)
+            if crop is not None:
+                mapped = crop_box(mapped, *crop)
+                if mapped[2] <= mapped[0] or mapped[3] <= mapped[1]:
+                    self.stats["regions_cropped_out"] += 1
+                    continue
+            boxes[k] = torch.tensor(mapped)
             present[k] = True
             for j, (s, e) in enumerate(sp[: self.max_phrases]):
                 spans[k, j, 0], spans[k, j, 1] = s, e
+            k += 1
         return {"regions": boxes, "region_present": present, "region_spans": spans}
 
 

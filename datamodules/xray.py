@@ -36,6 +36,8 @@ REPORT_PROBLEMS = {
 }
 CHEXPERT_5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 NORM_MEAN, NORM_STD = 0.5, 0.25
+#: per-channel ImageNet statistics (ASG's ``A.Normalize`` in datasets/pretrain_dataset.py)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def read_csv(path: Path, required: Sequence[str], **kwargs: Any) -> pd.DataFrame:
@@ -75,6 +77,14 @@ class XrayDataModule(RecordDataModule):
             see :func:`read_image_2d`) or ``full`` (full-resolution float decode, then bilinear resize).
         prepared: a folder written by ``medvlp prepare`` for this dataset: images are read from its shards
             (by id, random access), labels/reports/masks still from the dataset's index.
+        channels: 1 (default) or 3 (the grey image replicated, as ``cv2.COLOR_GRAY2RGB`` in ASG/MGCA).
+        normalize: ``medvlp`` (default: ``(v - 0.5) / 0.25`` on [0, 1]) or ``imagenet`` (per-channel
+            ImageNet mean/std; needs ``channels=3``).
+        crop_size: ``None`` (default: the model input is the ``image_size`` square) or a size: after the
+            resize + pad to ``image_size``, a random ``crop_size`` crop in training and the centre crop
+            otherwise (ASG: 256 then 224); region boxes and masks get the same crop.
+        intensity_jitter: training-time random gain and offset, each uniform in ``±intensity_jitter``
+            (default 0.1; 0 turns it off).
     """
 
     modality = "xray"
@@ -83,18 +93,58 @@ class XrayDataModule(RecordDataModule):
     intensity_norm = (NORM_MEAN, NORM_STD)
 
     def __init__(self, root: str, image_size: int = 224, split_convention: str = "hash", decode: str = "fast",
-                 prepared: str | None = None, **kwargs: Any) -> None:
+                 prepared: str | None = None, channels: int = 1, normalize: str = "medvlp",
+                 crop_size: int | None = None, intensity_jitter: float = 0.1, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
-        check_choice("split_convention", split_convention, self.SPLIT_CONVENTIONS, type(self).__name__)
-        check_choice("decode", decode, ("fast", "full"), type(self).__name__)
+        owner = type(self).__name__
+        check_choice("split_convention", split_convention, self.SPLIT_CONVENTIONS, owner)
+        check_choice("decode", decode, ("fast", "full"), owner)
+        check_choice("channels", channels, (1, 3), owner)
+        check_choice("normalize", normalize, ("medvlp", "imagenet"), owner)
+        if normalize == "imagenet" and channels != 3:
+            raise ValueError(f"{owner}: normalize=imagenet needs channels=3, got channels={channels}")
+        if crop_size is not None and not 0 < crop_size <= image_size:
+            raise ValueError(f"{owner}: crop_size must be in (0, image_size={image_size}], got {crop_size}")
+        if intensity_jitter < 0:
+            raise ValueError(f"{owner}: intensity_jitter must be >= 0, got {intensity_jitter}")
+        self.channels, self.normalize, self.crop_size = channels, normalize, crop_size
+        self.intensity_jitter = intensity_jitter
+        if normalize != "medvlp":  # per-channel statistics: reference views cannot renormalise a scalar (mean, std)
+            self.intensity_norm = None
         self.image_size = image_size
         self.split_convention = split_convention
         self.decode = decode
         self.prepared = prepared
         self._store: Any = None
 
+    @property
+    def input_size(self) -> int:
+        """Side of the model input: ``crop_size`` when cropping, else ``image_size``."""
+        return self.crop_size or self.image_size
+
     def encoder_hints(self) -> dict[str, Any]:
-        return {"spatial_dims": [2], "img_size_2d": self.image_size}
+        hints: dict[str, Any] = {"spatial_dims": [2], "img_size_2d": self.input_size}
+        if self.channels != 1:  # the encoders' default is 1 channel
+            hints["in_channels"] = self.channels
+        return hints
+
+    def crop_offset(self, augment: bool) -> tuple[int, int] | None:
+        """``(top, left)`` of the ``crop_size`` crop in the ``image_size`` square: uniform in training
+        (``augment``), centred otherwise (albumentations ``CenterCrop`` rounding); ``None`` without a crop."""
+        if self.crop_size is None:
+            return None
+        span = self.image_size - self.crop_size
+        if augment:
+            top, left = (int(v) for v in torch.randint(span + 1, (2,)))
+            return top, left
+        return span // 2, span // 2
+
+    def crop(self, t: torch.Tensor, offset: tuple[int, int] | None) -> torch.Tensor:
+        """``t[..., top:top + crop_size, left:left + crop_size]`` (``t`` unchanged without an offset)."""
+        if offset is None:
+            return t
+        top, left = offset
+        return t[..., top:top + self.crop_size, left:left + self.crop_size]
 
     @property
     def store(self) -> Any:
@@ -113,17 +163,28 @@ class XrayDataModule(RecordDataModule):
             return read_image_2d(record["path"])
         return read_image_2d(record["path"], max_side=self.image_size)
 
-    def image_tensor(self, record: Mapping[str, Any] | str | Path, augment: bool) -> torch.Tensor:
-        """Normalised ``(1, image_size, image_size)`` image of a record (or of an image file path)."""
+    def image_tensor(self, record: Mapping[str, Any] | str | Path, augment: bool,
+                     offset: tuple[int, int] | None = None) -> torch.Tensor:
+        """Normalised ``(channels, input_size, input_size)`` image of a record (or of an image file path).
+
+        ``offset``: the crop's ``(top, left)`` (drawn by :meth:`crop_offset` when ``None`` and cropping)."""
         if not isinstance(record, Mapping):
             record = {"id": str(record), "path": record}
-        img = resize_2d(self.image_array(record), self.image_size)
-        if augment:
-            img = img * (1 + 0.1 * (2 * torch.rand(1) - 1)) + 0.1 * (2 * torch.rand(1) - 1)
+        if offset is None:
+            offset = self.crop_offset(augment)
+        img = self.crop(resize_2d(self.image_array(record), self.image_size), offset)
+        if augment and self.intensity_jitter:
+            j = self.intensity_jitter
+            img = img * (1 + j * (2 * torch.rand(1) - 1)) + j * (2 * torch.rand(1) - 1)
+        img = img.expand(self.channels, -1, -1)
+        if self.normalize == "imagenet":
+            return (img - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
         return (img - NORM_MEAN) / NORM_STD
 
-    def base_sample(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
-        sample: dict[str, Any] = {"image": self.image_tensor(record, augment), "modality": "xray",
+    def base_sample(self, record: Mapping[str, Any], augment: bool,
+                    offset: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Image, labels, text and meta of a record; ``offset`` as in :meth:`image_tensor`."""
+        sample: dict[str, Any] = {"image": self.image_tensor(record, augment, offset), "modality": "xray",
                                   "meta": {"id": record["id"], "path": str(record["path"])}}
         if "labels" in record:
             sample["labels"] = torch.as_tensor(record["labels"], dtype=torch.float32)
@@ -251,13 +312,15 @@ class MIMICCXRDataModule(XrayDataModule):
         return kept
 
     def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
-        sample = self.base_sample(record, augment)
+        offset = self.crop_offset(augment)  # one crop for the image and its region boxes
+        sample = self.base_sample(record, augment, offset)
         if self.region_pairs is not None:
             from PIL import Image
 
             with Image.open(record["path"]) as im:  # header only: the original size the boxes refer to
                 width, height = im.size
-            sample.update(self.region_pairs.sample_fields(record["id"], record["text"], height, width, self.image_size))
+            sample.update(self.region_pairs.sample_fields(record["id"], record["text"], height, width, self.image_size,
+                                                          crop=None if offset is None else (*offset, self.crop_size)))
         return sample
 
     def _report(self, path: str) -> tuple[str, dict[str, str], str | None]:
@@ -465,8 +528,9 @@ class RSNAPneumoniaDataModule(XrayDataModule):
         mask = np.zeros(self.source_shape(record), np.float32)
         for x1, y1, x2, y2 in record["boxes"]:
             mask[int(y1):int(y2), int(x1):int(x2)] = 1
-        sample = self.base_sample(record, augment)
-        sample["mask"] = (resize_2d(mask, self.image_size, "nearest") > 0.5).long()
+        offset = self.crop_offset(augment)
+        sample = self.base_sample(record, augment, offset)
+        sample["mask"] = self.crop((resize_2d(mask, self.image_size, "nearest") > 0.5).long(), offset)
         return sample
 
 
@@ -522,8 +586,9 @@ class SIIMDataModule(XrayDataModule):
                 mask |= rle_decode_siim(rle, h, w)
             except DataError as exc:
                 raise DataError(f"{record['path']} (ImageId {record['id']}): {exc}") from exc
-        sample = self.base_sample(record, augment)
-        sample["mask"] = (resize_2d(mask.astype(np.float32), self.image_size, "nearest") > 0.5).long()
+        offset = self.crop_offset(augment)
+        sample = self.base_sample(record, augment, offset)
+        sample["mask"] = self.crop((resize_2d(mask.astype(np.float32), self.image_size, "nearest") > 0.5).long(), offset)
         return sample
 
 

@@ -214,10 +214,13 @@ class ASG(VLPMethod):
     * Tag queries: the shared text encoder's CLS output at first use, frozen in a buffer (official: a
       separate frozen 12-layer Bio_ClinicalBERT run every step in train mode, i.e. with dropout).
     * A batch without any present region gives ARSA = 0 (the official mean over no rows is NaN).
-    * Images (X-ray datamodules): one channel, longest side resized to ``image_size`` with centred zero
-      padding and intensity normalisation ``(x − 0.5) / 0.25``; the official pipeline replicates gray
-      to RGB, resizes to 256, randomly crops 224 and applies ImageNet mean/std. With ``init_from`` the
-      DeiT-B RGB patch kernels are summed for the single channel.
+    * Images: ``preset=paper`` sets the official pipeline on the X-ray datamodules (gray replicated to
+      RGB, longest side → 256 + zero padding, random 224 crop in training / centre crop otherwise, boxes
+      shifted and clipped with the crop, ImageNet mean/std); the region box of a region cropped out entirely
+      is dropped as albumentations drops it. Without the preset the datamodule defaults apply (one channel,
+      no crop, ``(x − 0.5) / 0.25``, ±10 % intensity jitter; ``init_from`` then sums DeiT-B's RGB patch
+      kernels for the single channel). The readers min-max scale each image to [0, 1] (official: ``/ 255``
+      of the 8-bit image; equal for images spanning 0..255).
 
     The official training setup (4 GPUs × 72, 50 epochs, early stopping on the validation loss with
     patience 5, DeiT-B init, Bio_ClinicalBERT cut to 6 layers, Chest ImaGenome regions) is

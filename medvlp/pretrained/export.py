@@ -50,19 +50,28 @@ def _encoder_args(spec: Any) -> dict[str, Any]:
 
 def preprocess_for_method(model: Any, run_config: Mapping[str, Any] | None = None) -> Preprocess:
     """The preprocessing a medvlp-trained model expects: 1 channel (or the encoder's channels), the
-    datamodule normalisation ``(x − 0.5)/0.25``, the encoder's reference size; the HU window comes from the
-    training run's data config when known."""
+    datamodule normalisation ``(x − 0.5)/0.25`` (ImageNet mean/std under ``normalize: imagenet``), the
+    encoder's reference size (``image_size`` then a centre ``crop_size`` crop when the run cropped); the HU
+    window comes from the training run's data config when known."""
     enc = model.image_encoder
     dims = tuple(getattr(enc, "spatial_dims", (2,)))
     sd = dims[0]
     hp = _encoder_args(copy.deepcopy(dict(model.hparams.get("image_encoder") or {})))
     size: Any = hp.get("img_size_2d", 224) if sd == 2 else hp.get("img_size_3d", [32, 128, 128])
     data = dict((run_config or {}).get("data", {}).get("init_args", {}) or {})
+    resize = None
     if sd == 2 and "image_size" in data:
         size = data["image_size"]
+        if data.get("crop_size"):  # X-ray crop_size: resize + pad to image_size, then the (centre) crop
+            size, resize = data["crop_size"], data["image_size"]
     channels = int(getattr(enc, "in_channels", 1))
-    return Preprocess(spatial_dims=sd, image_size=size, channels=channels, mean=(MEDVLP_INPUT[0],) * channels,
-                      std=(MEDVLP_INPUT[1],) * channels, window=data.get("window"),
+    mean, std = (MEDVLP_INPUT[0],) * channels, (MEDVLP_INPUT[1],) * channels
+    if data.get("normalize") == "imagenet":  # X-ray normalize=imagenet (channels=3)
+        from medvlp.datamodules.xray import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return Preprocess(spatial_dims=sd, image_size=size, channels=channels, mean=mean, std=std, resize=resize,
+                      window=data.get("window"),
                       text_max_length=int(getattr(model.text_encoder, "max_length", 128)),
                       extra={"supported_spatial_dims": list(dims)})
 
