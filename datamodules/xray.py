@@ -588,7 +588,8 @@ class SIIMDataModule(XrayDataModule):
                 raise DataError(f"{record['path']} (ImageId {record['id']}): {exc}") from exc
         offset = self.crop_offset(augment)
         sample = self.base_sample(record, augment, offset)
-        sample["mask"] = self.crop((resize_2d(mask.astype(np.float32), self.image_size, "nearest") > 0.5).long(), offset)
+        mask_t = (resize_2d(mask.astype(np.float32), self.image_size, "nearest") > 0.5).long()
+        sample["mask"] = self.crop(mask_t, offset)
         return sample
 
 

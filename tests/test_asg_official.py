@@ -221,7 +221,8 @@ def test_asg_paper_preset_composes_the_official_training_setup(tmp_path) -> None
     cfg = to_container(compose(["method=asg", "preset=paper", "data=mimic_cxr", "data.init_args.root=/data/mimic",
                                 "data.init_args.scene_graph_dir=/data/imagenome"]))
     m, t, d = cfg["method"]["init_args"], cfg["trainer"], cfg["data"]["init_args"]
-    assert d["batch_size"] == 72 and d["region_source"] == "chest_imagenome" and d["image_size"] == 256 and d["crop_size"] == 224
+    assert d["batch_size"] == 72 and d["region_source"] == "chest_imagenome"
+    assert d["image_size"] == 256 and d["crop_size"] == 224
     assert t["devices"] == 4 and t["strategy"] == "ddp" and t["max_epochs"] == 50 and t["max_steps"] == -1
     opt = m["optimizer"]
     assert (opt["lr"], opt["weight_decay"], opt["warmup_ratio"]) == (4e-5, 0.05, 0.4)

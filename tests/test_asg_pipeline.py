@@ -109,7 +109,8 @@ def test_defaults_unchanged_and_bad_options_named(tmp_path) -> None:
     dm = MIMICCXRDataModule(str(tmp_path), image_size=40)
     assert (dm.channels, dm.normalize, dm.crop_size, dm.intensity_jitter) == (1, "medvlp", None, 0.1)
     img = dm.image_tensor(path, augment=False)
-    assert img.shape == (1, 40, 40) and torch.allclose(img[:, 1:], torch.full((1, 39, 40), (0.6 - 0.5) / 0.25), atol=1e-5)
+    assert img.shape == (1, 40, 40)
+    assert torch.allclose(img[:, 1:], torch.full((1, 39, 40), (0.6 - 0.5) / 0.25), atol=1e-5)
     assert dm.encoder_hints() == {"spatial_dims": [2], "img_size_2d": 40} and dm.intensity_norm == (0.5, 0.25)
     with pytest.raises(ValueError, match="normalize must be one of"):
         MIMICCXRDataModule(str(tmp_path), normalize="imgnet")
@@ -140,7 +141,8 @@ def test_export_preprocessing_follows_the_crop_and_imagenet_normalisation() -> N
     from medvlp.pretrained.export import preprocess_for_method
 
     model = SimpleNamespace(image_encoder=SimpleNamespace(spatial_dims=(2,), in_channels=3),
-                            hparams={"image_encoder": {"img_size_2d": 224}}, text_encoder=SimpleNamespace(max_length=112))
+                            hparams={"image_encoder": {"img_size_2d": 224}},
+                            text_encoder=SimpleNamespace(max_length=112))
     run = {"data": {"init_args": {"image_size": 256, "crop_size": 224, "channels": 3, "normalize": "imagenet"}}}
     pre = preprocess_for_method(model, run)
     assert (pre.image_size, pre.resize, tuple(pre.mean), tuple(pre.std)) == (224, 256, IMAGENET_MEAN, IMAGENET_STD)
