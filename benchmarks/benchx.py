@@ -80,6 +80,7 @@ class BenchXFinetune(Protocol):
 
     name = "benchx_finetune"
     variant = "benchx_finetune"
+    defaults = FINETUNE_DEFAULTS
     uses_fractions = True
 
     def applicable(self, ctx: EvalContext) -> str | None:
@@ -88,13 +89,6 @@ class BenchXFinetune(Protocol):
         if len(ctx.datamodule.dataset("val", augment=False)) == 0:
             return "dataset has no validation split (BenchX selects on validation AUROC)"
         return None
-
-    def params(self, ctx: EvalContext) -> dict[str, Any]:
-        """Protocol defaults overridden by the suite's params."""
-        unknown = set(ctx.params) - set(FINETUNE_DEFAULTS) - {"fractions", "seeds"}
-        if unknown:
-            raise ValueError(f"{self.name}: unknown params {sorted(unknown)}; known: {sorted(FINETUNE_DEFAULTS)}")
-        return {**FINETUNE_DEFAULTS, **ctx.params}
 
     def view(self, ctx: EvalContext, x: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:
         """BenchX's view of a datamodule batch."""
@@ -325,6 +319,7 @@ class BenchXSegmentation(Protocol):
 
     name = "benchx_segmentation"
     variant = "benchx_segmentation"
+    defaults = SEG_DEFAULTS
     uses_fractions = True
     needs_mask = True
     parameters = {
@@ -345,13 +340,6 @@ class BenchXSegmentation(Protocol):
         if len(ctx.datamodule.dataset("val", augment=False)) == 0:
             return "dataset has no validation split (BenchX selects on validation Dice)"
         return None
-
-    def params(self, ctx: EvalContext) -> dict[str, Any]:
-        """Protocol defaults overridden by the suite's params."""
-        unknown = set(ctx.params) - set(SEG_DEFAULTS) - {"fractions", "seeds"}
-        if unknown:
-            raise ValueError(f"{self.name}: unknown params {sorted(unknown)}; known: {sorted(SEG_DEFAULTS)}")
-        return {**SEG_DEFAULTS, **ctx.params}
 
     def build(self, ctx: EvalContext, fraction: float, seed: int) -> tuple[HeadTrainer, dict[str, Any]]:
         """The trainer of one (fraction, seed) run and the pieces the test step needs."""

@@ -93,6 +93,7 @@ class GTGMFinetune(Protocol):
 
     name = "gtgm_finetune"
     variant = "gtgm_finetune"
+    defaults = DEFAULTS
     uses_fractions = True
     needs_mask = True
     parameters = {
@@ -108,13 +109,6 @@ class GTGMFinetune(Protocol):
             return "GTGM fine-tuning is 3D"
         sample = ctx.datamodule.dataset("test", augment=False)[0]
         return None if sample is not None and "mask" in sample else "dataset has no masks"
-
-    def params(self, ctx: EvalContext) -> dict[str, Any]:
-        """Protocol defaults overridden by the suite's params."""
-        unknown = set(ctx.params) - set(DEFAULTS) - {"fractions", "seeds"}
-        if unknown:
-            raise ValueError(f"{self.name}: unknown params {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        return {**DEFAULTS, **ctx.params}
 
     @staticmethod
     def ordered_refs(dm: Any) -> list[tuple[str, str, int]]:

@@ -72,6 +72,7 @@ class MGCALinear(Protocol):
 
     name = "mgca_linear"
     variant = "mgca_linear"
+    defaults = DEFAULTS
     uses_fractions = True
 
     def applicable(self, ctx: EvalContext) -> str | None:
@@ -80,13 +81,6 @@ class MGCALinear(Protocol):
         if len(ctx.datamodule.dataset("val", augment=False)) == 0:
             return "dataset has no validation split (MGCA selects on validation loss)"
         return None
-
-    def params(self, ctx: EvalContext) -> dict[str, Any]:
-        """Protocol defaults overridden by the suite's params."""
-        unknown = set(ctx.params) - set(DEFAULTS) - {"fractions", "seeds"}
-        if unknown:
-            raise ValueError(f"{self.name}: unknown params {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        return {**DEFAULTS, **ctx.params}
 
     def view(self, ctx: EvalContext, x: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:
         """The MGCA view of a datamodule batch: renormalised, cropped, channel-replicated."""

@@ -123,6 +123,7 @@ class MGCASegmentation(Protocol):
 
     name = "mgca_segmentation"
     variant = "mgca_segmentation"
+    defaults = DEFAULTS
     uses_fractions = True
     needs_mask = True
 
@@ -135,13 +136,6 @@ class MGCASegmentation(Protocol):
         if len(ctx.datamodule.dataset("val", augment=False)) == 0:
             return "dataset has no validation split (MGCA selects on validation loss)"
         return None
-
-    def params(self, ctx: EvalContext) -> dict[str, Any]:
-        """Protocol defaults overridden by the suite's params."""
-        unknown = set(ctx.params) - set(DEFAULTS) - {"fractions", "seeds"}
-        if unknown:
-            raise ValueError(f"{self.name}: unknown params {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        return {**DEFAULTS, **ctx.params}
 
     def train_rows(self, ctx: EvalContext, fraction: float, seed: int) -> tuple[list[int], str, str]:
         """Training rows after MGCA's 1:negatives balancing and label-fraction draw; hash; description."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,21 @@ class Protocol:
     #: suite parameters the protocol reads (name → "description (default)"); suites are validated against
     #: them (plus ``fractions``, ``seeds``, ``protocol``). ``None``: undeclared, not checked.
     parameters: ClassVar[dict[str, str] | None] = None
+
+    #: fixed settings of a reference protocol (its source's hyperparameters); :meth:`params` merges the
+    #: suite's params over them. Empty for protocols that read ``ctx.params`` directly.
+    defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def params(self, ctx: EvalContext) -> dict[str, Any]:
+        """:attr:`defaults` overridden by the suite's params.
+
+        Raises:
+            ValueError: naming an unknown parameter and the known ones.
+        """
+        unknown = set(ctx.params) - set(self.defaults) - {"fractions", "seeds"}
+        if unknown:
+            raise ValueError(f"{self.name}: unknown params {sorted(unknown)}; known: {sorted(self.defaults)}")
+        return {**self.defaults, **ctx.params}
 
     def applicable(self, ctx: EvalContext) -> str | None:
         """``None`` when the protocol can run on this datamodule, else the reason it cannot."""
