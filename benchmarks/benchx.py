@@ -80,15 +80,10 @@ class BenchXFinetune(Protocol):
 
     name = "benchx_finetune"
     variant = "benchx_finetune"
+    needs_labels = True
+    selection = "BenchX selects on validation AUROC"
     defaults = FINETUNE_DEFAULTS
     uses_fractions = True
-
-    def applicable(self, ctx: EvalContext) -> str | None:
-        if not ctx.datamodule.label_names:
-            return "dataset has no labels"
-        if len(ctx.datamodule.dataset("val", augment=False)) == 0:
-            return "dataset has no validation split (BenchX selects on validation AUROC)"
-        return None
 
     def view(self, ctx: EvalContext, x: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:
         """BenchX's view of a datamodule batch."""
@@ -319,6 +314,7 @@ class BenchXSegmentation(Protocol):
 
     name = "benchx_segmentation"
     variant = "benchx_segmentation"
+    selection = "BenchX selects on validation Dice"
     defaults = SEG_DEFAULTS
     uses_fractions = True
     needs_mask = True
@@ -334,12 +330,7 @@ class BenchXSegmentation(Protocol):
     def applicable(self, ctx: EvalContext) -> str | None:
         if ctx.datamodule.spatial_dims != 2:
             return "BenchX segmentation is 2D"
-        sample = ctx.datamodule.dataset("test", augment=False)[0]
-        if sample is None or "mask" not in sample:
-            return "dataset has no masks"
-        if len(ctx.datamodule.dataset("val", augment=False)) == 0:
-            return "dataset has no validation split (BenchX selects on validation Dice)"
-        return None
+        return super().applicable(ctx)
 
     def build(self, ctx: EvalContext, fraction: float, seed: int) -> tuple[HeadTrainer, dict[str, Any]]:
         """The trainer of one (fraction, seed) run and the pieces the test step needs."""

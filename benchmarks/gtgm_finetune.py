@@ -107,8 +107,7 @@ class GTGMFinetune(Protocol):
     def applicable(self, ctx: EvalContext) -> str | None:
         if ctx.datamodule.spatial_dims != 3:
             return "GTGM fine-tuning is 3D"
-        sample = ctx.datamodule.dataset("test", augment=False)[0]
-        return None if sample is not None and "mask" in sample else "dataset has no masks"
+        return super().applicable(ctx)
 
     @staticmethod
     def ordered_refs(dm: Any) -> list[tuple[str, str, int]]:

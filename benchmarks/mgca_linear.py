@@ -72,15 +72,10 @@ class MGCALinear(Protocol):
 
     name = "mgca_linear"
     variant = "mgca_linear"
+    needs_labels = True
+    selection = "MGCA selects on validation loss"
     defaults = DEFAULTS
     uses_fractions = True
-
-    def applicable(self, ctx: EvalContext) -> str | None:
-        if not ctx.datamodule.label_names:
-            return "dataset has no labels"
-        if len(ctx.datamodule.dataset("val", augment=False)) == 0:
-            return "dataset has no validation split (MGCA selects on validation loss)"
-        return None
 
     def view(self, ctx: EvalContext, x: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:
         """The MGCA view of a datamodule batch: renormalised, cropped, channel-replicated."""

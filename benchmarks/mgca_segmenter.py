@@ -123,6 +123,7 @@ class MGCASegmentation(Protocol):
 
     name = "mgca_segmentation"
     variant = "mgca_segmentation"
+    selection = "MGCA selects on validation loss"
     defaults = DEFAULTS
     uses_fractions = True
     needs_mask = True
@@ -130,12 +131,7 @@ class MGCASegmentation(Protocol):
     def applicable(self, ctx: EvalContext) -> str | None:
         if ctx.datamodule.spatial_dims != 2:
             return "MGCA's segmentation protocol is 2D"
-        sample = ctx.datamodule.dataset("test", augment=False)[0]
-        if sample is None or "mask" not in sample:
-            return "dataset has no masks"
-        if len(ctx.datamodule.dataset("val", augment=False)) == 0:
-            return "dataset has no validation split (MGCA selects on validation loss)"
-        return None
+        return super().applicable(ctx)
 
     def train_rows(self, ctx: EvalContext, fraction: float, seed: int) -> tuple[list[int], str, str]:
         """Training rows after MGCA's 1:negatives balancing and label-fraction draw; hash; description."""

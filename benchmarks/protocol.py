@@ -105,6 +105,10 @@ class Protocol:
     primary_metric: ClassVar[str | None] = None  # headline metric (default: the first one reported)
     needs_text: ClassVar[bool] = False
     needs_mask: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
+    #: how a protocol that trains picks its checkpoint (e.g. "MGCA selects on validation loss"); it then
+    #: needs a non-empty validation split
+    selection: ClassVar[str | None] = None
     #: suite parameters the protocol reads (name → "description (default)"); suites are validated against
     #: them (plus ``fractions``, ``seeds``, ``protocol``). ``None``: undeclared, not checked.
     parameters: ClassVar[dict[str, str] | None] = None
@@ -125,7 +129,21 @@ class Protocol:
         return {**self.defaults, **ctx.params}
 
     def applicable(self, ctx: EvalContext) -> str | None:
-        """``None`` when the protocol can run on this datamodule, else the reason it cannot."""
+        """``None`` when the protocol can run on this datamodule, else the reason it cannot.
+
+        The base checks what the class declares: labels (:attr:`needs_labels`), masks (:attr:`needs_mask`)
+        and a validation split when the protocol selects on it (:attr:`selection`). Subclasses add their own
+        checks and then call this.
+        """
+        dm = ctx.datamodule
+        if self.needs_labels and not dm.label_names:
+            return "dataset has no labels"
+        if self.needs_mask:
+            sample = dm.dataset("test", augment=False)[0]
+            if sample is None or "mask" not in sample:
+                return "dataset has no masks"
+        if self.selection and len(dm.dataset("val", augment=False)) == 0:
+            return f"dataset has no validation split ({self.selection})"
         return None
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:

@@ -131,10 +131,6 @@ class Segmentation(Protocol):
     uses_fractions = True
     needs_mask = True
 
-    def applicable(self, ctx: EvalContext) -> str | None:
-        sample = ctx.datamodule.dataset("test", augment=False)[0]
-        return None if sample is not None and "mask" in sample else "dataset has no masks"
-
     def fit_predict(self, ctx: EvalContext, fraction: float, seed: int) -> dict[str, Any]:
         """Train the decoder (and, in ``full`` mode, a copy of the encoder) and predict the test split."""
         p = ctx.params
