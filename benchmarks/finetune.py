@@ -77,9 +77,7 @@ class Finetune(Protocol):
 
     name = "finetune"
     uses_fractions = True
-
-    def applicable(self, ctx: EvalContext) -> str | None:
-        return None if ctx.datamodule.label_names else "dataset has no labels"
+    needs_labels = True
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         p = ctx.params

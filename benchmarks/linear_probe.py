@@ -56,9 +56,7 @@ class LinearProbe(Protocol):
     uses_fractions = True
     deterministic = True  # lbfgs on fixed features: the training seed cannot change the result
     primary_metric = "auc"
-
-    def applicable(self, ctx: EvalContext) -> str | None:
-        return None if ctx.datamodule.label_names else "dataset has no labels"
+    needs_labels = True
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         train = ctx.features.get(ctx.model, ctx.datamodule, "train", ctx.device)

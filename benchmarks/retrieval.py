@@ -156,9 +156,10 @@ class CategoryRetrieval(Protocol):
     name = "category_retrieval"
     variant = "gloria_category"
     needs_text = True
+    needs_labels = True
 
     def applicable(self, ctx: EvalContext) -> str | None:
-        return text_reason(ctx) or (None if ctx.datamodule.label_names else "dataset has no labels")
+        return text_reason(ctx) or super().applicable(ctx)
 
     @torch.no_grad()
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:

@@ -41,14 +41,15 @@ class ZeroShot(Protocol):
 
     name = "zero_shot"
     needs_text = True
+    needs_labels = True
     primary_metric = "auc"
 
     def applicable(self, ctx: EvalContext) -> str | None:
-        if not ctx.datamodule.label_names:
-            return "dataset has no labels"
-        if ctx.params.get("prompts", "handcrafted") == "learned" and not hasattr(ctx.model, "learned_zero_shot_classifier"):
+        reason = super().applicable(ctx)
+        if reason is None and ctx.params.get("prompts", "handcrafted") == "learned" \
+                and not hasattr(ctx.model, "learned_zero_shot_classifier"):
             return "method has no learned prompts"
-        return None
+        return reason
 
     @torch.no_grad()
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
@@ -143,9 +144,7 @@ class ZeroShotArgmax(ZeroShot):
     variant = "gloria_argmax"
 
     def applicable(self, ctx: EvalContext) -> str | None:
-        if not ctx.datamodule.label_names:
-            return "dataset has no labels"
-        return None
+        return Protocol.applicable(self, ctx)  # labels only: the arg-max protocol has no learned-prompt mode
 
     @torch.no_grad()
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
