@@ -247,7 +247,6 @@ class MIMICCXRDataModule(XrayDataModule):
         self.views, self.text_sections = tuple(views), tuple(text_sections)
         for section in self.text_sections:
             check_choice("text_sections", section, ("impression", "findings"), type(self).__name__)
-        self._report_cache: dict[str, tuple[str, dict[str, str], str | None]] = {}
         self._logged_reports: set[str] = set()
 
     @property
@@ -268,11 +267,14 @@ class MIMICCXRDataModule(XrayDataModule):
         out = []
         root, reports_root = str(self.root), str(self.reports_root)
         bad_reports: set[str] = set()
+        reports: dict[str, tuple[str, dict[str, str], str | None]] = {}
         for i, row in enumerate(df.itertuples(index=False)):
             sid, study = str(row.subject_id), str(row.study_id)
             rel = f"files/p{sid[:2]}/p{sid}/s{study}"  # plain strings: pathlib costs more than the parse
             report = f"{reports_root}/{rel}.txt"
-            text, sections, problem = self._report(report)
+            if report not in reports:  # several images share one study report
+                reports[report] = self._report(report)
+            text, sections, problem = reports[report]
             if problem:
                 if self.empty_report == "fail":
                     raise DataError(f"{report}: {REPORT_PROBLEMS[problem]} (study {study})")
@@ -325,28 +327,20 @@ class MIMICCXRDataModule(XrayDataModule):
 
     def _report(self, path: str) -> tuple[str, dict[str, str], str | None]:
         """``(text, sections, problem)``; ``problem`` is a key of :data:`REPORT_PROBLEMS` or ``None``."""
-        cached = self._report_cache.get(path)
-        if cached is not None:
-            return cached
         if not os.path.isfile(path):
-            out: tuple[str, dict[str, str], str | None] = ("", {}, "missing_file")
-        else:
-            with open(path, "rb") as fh:
-                data = fh.read()
-            try:
-                raw = data.decode("utf-8")
-            except UnicodeDecodeError:
-                out = ("", {}, "decode")
-            else:
-                if not raw.strip():
-                    out = ("", {}, "empty_file")
-                else:
-                    sections = parse_sections(raw, addendum=self.addendum)
-                    text = " ".join(sections[s] for s in self.text_sections if sections.get(s)).strip()
-                    kept = {k: v for k, v in sections.items() if k in ("findings", "impression")}
-                    out = (text, kept, None if text else "no_sections")
-        self._report_cache[path] = out  # several images share one study report
-        return out
+            return "", {}, "missing_file"
+        with open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            raw = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "", {}, "decode"
+        if not raw.strip():
+            return "", {}, "empty_file"
+        sections = parse_sections(raw, addendum=self.addendum)
+        text = " ".join(sections[s] for s in self.text_sections if sections.get(s)).strip()
+        kept = {k: v for k, v in sections.items() if k in ("findings", "impression")}
+        return text, kept, None if text else "no_sections"
 
 
 @register_datamodule("chexpert")
