@@ -3,8 +3,8 @@
 Modalities: chest X-ray (2D), chest CT, brain MRI (from the real MNI152 template nilearn ships) and EM
 (3D). Findings change the image and the report (see :mod:`medvlp.datamodules.phantom_render` and
 :mod:`medvlp.datamodules.phantom_reports`). Samples are generated once per (modality, split, size,
-seed, generator version) into ``cache_dir`` as ``.npz`` + ``.json`` and memory-mapped afterwards; they are
-never committed.
+seed, generator version, canonical-report share) into ``cache_dir`` as ``.npz`` + ``.json`` and
+memory-mapped afterwards; they are never committed.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from medvlp.datamodules.captions import attach_captions
 from medvlp.datamodules.phantom_render import (
     CT_LABELS, EM_LABELS, MRI_LABELS, XRAY_LABELS, XRAY_REGIONS, render_ct, render_em, render_mri, render_xray,
 )
-from medvlp.datamodules.phantom_reports import write_report
+from medvlp.datamodules.phantom_reports import canonical_report, write_report
 from medvlp.io import atomic_write_bytes, atomic_write_text
 from medvlp.registry import register_datamodule
 from medvlp.progress import track
@@ -39,6 +39,9 @@ MODALITIES = {
     "em": (render_em, EM_LABELS, 3),
 }
 SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+#: third entropy word of the per-sample stream that draws "canonical report or not" (kept apart from the
+#: rendering stream, so the images and the free-text reports do not change with the share)
+CANONICAL_STREAM = 0xCA0
 NORM_MEAN, NORM_STD = 0.5, 0.25
 
 
@@ -47,8 +50,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDVLP_CACHE", Path.home() / ".cache" / "medvlp"))
 
 
-def _render_one(args: tuple[str, int, int, Sequence[int], float]) -> dict[str, Any]:
-    modality, seed, index, size, prevalence = args
+def uses_canonical_report(seed: int, index: int, share: float) -> bool:
+    """Whether sample ``index`` of generator ``seed`` gets its label set's canonical report.
+
+    One uniform draw per sample from its own stream ``(seed, index, CANONICAL_STREAM)`` compared with
+    ``share``: deterministic, and the samples chosen at a share are a subset of those chosen at any larger
+    share.
+    """
+    if share <= 0.0:
+        return False
+    return bool(np.random.default_rng([seed, index, CANONICAL_STREAM]).random() < share)
+
+
+def _render_one(args: tuple[str, int, int, Sequence[int], float, float]) -> dict[str, Any]:
+    modality, seed, index, size, prevalence, canonical_share = args
     render, label_names, sd = MODALITIES[modality]
     rng = np.random.default_rng([seed, index])
     if sd == 2:
@@ -56,6 +71,9 @@ def _render_one(args: tuple[str, int, int, Sequence[int], float]) -> dict[str, A
     else:
         case = render(rng, shape=tuple(int(s) for s in size), prevalence=prevalence)
     text, sections, triplets = write_report(case.findings, label_names, modality, rng)
+    if uses_canonical_report(seed, index, canonical_share):
+        positives = [n for n, v in zip(label_names, case.labels) if v > 0.5]
+        text, sections, triplets = canonical_report(positives, label_names, modality)
     return {
         "image": case.image.astype(np.float16),
         "mask": case.mask.astype(np.uint8),
@@ -74,14 +92,22 @@ def _render_one(args: tuple[str, int, int, Sequence[int], float]) -> dict[str, A
 
 
 def generate_split(modality: str, split: str, n: int, size: Sequence[int], seed: int, prevalence: float,
-                   cache_dir: Path, workers: int = 0) -> Path:
-    """Generate (or reuse) one split; returns the folder holding ``arrays.npz`` and ``records.json``."""
-    key = json.dumps([GENERATOR_VERSION, modality, split, n, list(size), seed, prevalence])
+                   cache_dir: Path, workers: int = 0, canonical_reports: float = 0.0) -> Path:
+    """Generate (or reuse) one split; returns the folder holding ``arrays.npz`` and ``records.json``.
+
+    ``canonical_reports`` (share of samples given their label set's canonical report) enters the cache key
+    when it is non-zero; at 0 the key, and the data, are those of earlier versions.
+    """
+    parts: list[Any] = [GENERATOR_VERSION, modality, split, n, list(size), seed, prevalence]
+    if canonical_reports:
+        parts.append(["canonical_reports", float(canonical_reports)])
+    key = json.dumps(parts)
     folder = Path(cache_dir) / "phantom" / f"{modality}_{split}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (folder / "records.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(modality, seed, SPLIT_OFFSET[split] + i, list(size), prevalence) for i in range(n)]
+    jobs = [(modality, seed, SPLIT_OFFSET[split] + i, list(size), prevalence, float(canonical_reports))
+            for i in range(n)]
     if workers > 1 and n > 32:
         with ProcessPoolExecutor(workers) as pool:
             cases = list(track(pool.map(_render_one, jobs, chunksize=16), n, f"phantom {modality} {split}"))
@@ -124,6 +150,12 @@ class PhantomDataModule(VLPDataModule):
             :class:`~medvlp.datamodules.xray.MIMICCXRDataModule`: impression then findings, so the summary
             survives truncation); ``None`` keeps the full report with its ``EXAMINATION``/``FINDINGS``/
             ``IMPRESSION`` headers.
+        canonical_reports: share in ``[0, 1]`` of studies (drawn per sample from the seed and the sample
+            index, see :func:`uses_canonical_report`) whose report is replaced by the canonical report of its
+            label set (:func:`~medvlp.datamodules.phantom_reports.canonical_report`): at 1.0 every two
+            studies with the same labels have the identical report, the false negatives of in-batch
+            contrast; images and labels never change. It enters the cache key and ``dataset_version``
+            when non-zero; 0 gives the free-text reports, bit-identical to earlier versions.
         **loader_kwargs: ``batch_size``, ``num_workers`` … of :class:`VLPDataModule`.
     """
 
@@ -135,7 +167,8 @@ class PhantomDataModule(VLPDataModule):
                  image_size: int = 64, volume_size: Sequence[int] = (32, 64, 64), prevalence: float | None = None,
                  seed: int = 0, cache_dir: str | None = None, augment: bool = True, generate_workers: int = 0,
                  captions: Mapping[str, Any] | None = None,
-                 text_sections: Sequence[str] | None = ("impression", "findings"), **loader_kwargs: Any) -> None:
+                 text_sections: Sequence[str] | None = ("impression", "findings"), canonical_reports: float = 0.0,
+                 **loader_kwargs: Any) -> None:
         super().__init__(**loader_kwargs)
         if modality not in MODALITIES:
             raise ValueError(f"phantom modality must be one of {sorted(MODALITIES)}, got {modality!r}")
@@ -154,6 +187,9 @@ class PhantomDataModule(VLPDataModule):
         if unknown:
             raise ValueError(f"phantom text_sections may name 'findings' and 'impression', got {sorted(unknown)}")
         self.text_sections = list(text_sections) if text_sections is not None else None
+        if not 0.0 <= float(canonical_reports) <= 1.0:
+            raise ValueError(f"phantom canonical_reports is a share in [0, 1], got {canonical_reports!r}")
+        self.canonical_reports = float(canonical_reports)
 
     @property
     def label_names(self) -> list[str]:
@@ -174,7 +210,7 @@ class PhantomDataModule(VLPDataModule):
 
     def _folder(self, split: str) -> Path:
         return generate_split(self.modality, split, self.sizes[split], self.size, self.seed, self.prevalence,
-                              self.cache_dir, self.generate_workers)
+                              self.cache_dir, self.generate_workers, self.canonical_reports)
 
     @property
     def spatial_dims(self) -> int:
@@ -183,7 +219,9 @@ class PhantomDataModule(VLPDataModule):
     @property
     def dataset_version(self) -> str:
         sizes = "-".join(str(self.sizes[k]) for k in ("train", "val", "test"))
-        return f"phantom-v{GENERATOR_VERSION}-{self.modality}-seed{self.seed}-{'x'.join(map(str, self.size))}-n{sizes}-p{self.prevalence:g}"
+        canon = f"-canon{self.canonical_reports:g}" if self.canonical_reports else ""
+        return (f"phantom-v{GENERATOR_VERSION}-{self.modality}-seed{self.seed}-{'x'.join(map(str, self.size))}"
+                f"-n{sizes}-p{self.prevalence:g}{canon}")
 
     def build_dataset(self, split: str, augment: bool) -> RecordDataset:
         folder = self._folder(split)

@@ -124,3 +124,38 @@ def write_report(findings: list[Finding], label_names: list[str], modality: str,
     prefix = PREFIX[modality][int(rng.integers(len(PREFIX[modality])))]
     text = f"EXAMINATION: {prefix}\n FINDINGS: {findings_text}\n IMPRESSION: {impression}"
     return text, {"findings": findings_text, "impression": impression}, [t for _, t in sentences]
+
+
+def canonical_report(positive_labels: list[str], label_names: list[str],
+                     modality: str) -> tuple[str, dict[str, str], list[tuple[str, str, str]]]:
+    """The one fixed report of a set of positive labels (the phantom's false-negative knob).
+
+    Every study whose positive labels are ``positive_labels`` gets this identical text: impression = the
+    positive label names in ``label_names`` order (``"Consolidation. Pleural effusion."``), or the modality's
+    fixed normal impression when none is positive; findings = one sentence per label in ``label_names``
+    order, ``"<Label> is seen."`` when positive and the label's first :data:`NEGATIVE` wording when absent.
+    No side, zone, size or randomly chosen wording enters, so two studies with the same labels are exact
+    duplicates on the text side (in-batch contrastive losses treat them as negatives of each other).
+
+    Returns:
+        ``(text, sections, triplets)`` as :func:`write_report`; triplets carry region ``""`` because the
+        canonical text names no location.
+    """
+    unknown = set(positive_labels) - set(label_names)
+    if unknown:
+        raise ValueError(f"canonical_report: labels {sorted(unknown)} are not among {label_names}")
+    present = [n for n in label_names if n in set(positive_labels)]
+    sentences: list[tuple[str, tuple[str, str, str]]] = []
+    for name in label_names:
+        if name in present:
+            sentences.append((f"{_sentence_case(name)} is seen.", ("", name.lower(), "positive")))
+        else:
+            sentences.append((NEGATIVE[name][0], ("", name.lower(), "negative")))
+    findings_text = " ".join(s for s, _ in sentences)
+    impression = " ".join(f"{_sentence_case(n)}." for n in present) if present else NORMAL_IMPRESSION[modality]
+    text = f"EXAMINATION: {PREFIX[modality][0]}\n FINDINGS: {findings_text}\n IMPRESSION: {impression}"
+    return text, {"findings": findings_text, "impression": impression}, [t for _, t in sentences]
+
+
+def _sentence_case(name: str) -> str:
+    return name[:1].upper() + name[1:].lower()
