@@ -4,7 +4,7 @@ re-implementation whose design choices are listed in the class docstring."""
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -62,10 +62,16 @@ def select_slices(attention: torch.Tensor, grid: tuple[int, ...], k: int) -> tor
     return scores.topk(k, dim=1).indices
 
 
+def slab_middle_slice(slab_index: torch.Tensor, patch_depth: int, depth: int) -> torch.Tensor:
+    """Slice index (depth axis of the volume) that represents each slab: its middle slice,
+    ``slab · patch_depth + patch_depth // 2``, clamped to the last slice."""
+    return (slab_index * patch_depth + patch_depth // 2).clamp(max=depth - 1)
+
+
 def slices_from_slabs(volume: torch.Tensor, slab_index: torch.Tensor, patch_depth: int) -> torch.Tensor:
     """Middle 2D slice of each selected slab: ``(B, C, D, H, W)``, ``(B, k)`` → ``(B·k, C, H, W)``."""
     b, k = slab_index.shape
-    z = (slab_index * patch_depth + patch_depth // 2).clamp(max=volume.shape[2] - 1)
+    z = slab_middle_slice(slab_index, patch_depth, volume.shape[2])
     batch_idx = torch.arange(b, device=volume.device).repeat_interleave(k)
     return volume[batch_idx, :, z.reshape(-1)]
 
@@ -180,6 +186,42 @@ class UniMedI(VLPMethod):
         return [(self.image_encoder, self.teacher_encoder), (self.distill_head, self.teacher_head)]
 
     # ------------------------------------------------------------------ pieces
+    def _select_slabs(self, attention: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """The 3D selection of training (``(B, k)`` slab indices from the teacher's attention)."""
+        return select_slices(attention, grid, self.select_k)
+
+    @torch.no_grad()
+    def selected_slices(self, volume: torch.Tensor, texts: Sequence[str] | None = None) -> dict[str, Any]:
+        """The slices the report-guided 3D selection of training picks for ``volume`` ``(B, 1, D, H, W)``.
+
+        Runs the training code path: the EMA teacher's [CLS]→patch attention (:func:`cls_attention`),
+        the ``k`` slabs with the highest mean attention (:meth:`_select_slabs`) and the middle slice of each
+        (:func:`slab_middle_slice`, the slice fed to the 2D path as a pseudo 2D image).
+
+        Args:
+            volume: a normalised 3D batch as the datamodule yields it.
+            texts: the volumes' reports. Accepted for the protocol's interface; this selection does not
+                read them: the relevance score is the teacher's attention (A-CLIP), which the reports shape
+                only through training (L_itc aligns the teacher's [CLS] with the report).
+
+        Returns:
+            ``slices``: LongTensor ``(B, k)``, slice indices on the volume's depth axis (the slices fed to
+            the 2D path); ``slabs``: ``(B, k)`` slab indices (slab ``s`` covers slices
+            ``[s·patch_depth, (s+1)·patch_depth − 1]``); ``patch_depth``: slices per slab;
+            ``candidates``: LongTensor ``(num_slabs,)``, every slice the selection can return.
+        """
+        if volume.ndim != 5:
+            raise ValueError(f"selected_slices needs a 3D batch (B, C, D, H, W), got shape {tuple(volume.shape)}")
+        if texts is not None and len(texts) != volume.shape[0]:
+            raise ValueError(f"selected_slices got {len(texts)} texts for {volume.shape[0]} volumes")
+        _, grid = self.teacher_encoder.embed(volume)
+        _, attention = cls_attention(self.teacher_encoder, volume)
+        slabs = self._select_slabs(attention, grid)
+        depth = int(self.teacher_encoder.patch_size(3)[0])
+        candidates = slab_middle_slice(torch.arange(grid[0], device=slabs.device), depth, volume.shape[2])
+        return {"slices": slab_middle_slice(slabs, depth, volume.shape[2]), "slabs": slabs,
+                "patch_depth": depth, "candidates": candidates}
+
     def _student_pooled(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         return self.image_encoder.forward_tokens(tokens, grid)["pooled"]
 
@@ -209,7 +251,7 @@ class UniMedI(VLPMethod):
             parts["image"] = self._student_pooled(kept, grid)
             parts["affected_area_attention"] = (attention * keep).sum(1).mean()
         else:
-            slabs = select_slices(attention, grid, self.select_k)
+            slabs = self._select_slabs(attention, grid)
             slices = slices_from_slabs(image, slabs, enc.patch_size(3)[0])
             s_tokens, s_grid = enc.embed(slices)  # (B·k, N2, D) through the 2D path
             joint = torch.cat([tokens, s_tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])], dim=1)
