@@ -8,15 +8,20 @@ BLIP on a random slice. medvlp offers the same three routes:
   :func:`text_filter` (``pretrain/utils/utils_trainer.py::generate_caption``). Only runs with a model the
   user configures; nothing is downloaded otherwise.
 * :class:`CaptionFile` – a CSV/TSV ``id,caption`` joined on ``meta["id"]`` (pre-generated captions).
+* :class:`ImageStatsCaptioner` – an offline, label-free stand-in for the captioner: like the ``hf`` path it
+  sees only one random slice of the image (never the labels, mask or report) and writes ``"<name>, <text>"``
+  where the text says what a captioner could see there (overall brightness; location and size of the most
+  distinct bright and dark spots). No finding word can occur in it.
 * :class:`TemplateCaptioner` – **offline demo only**: a caption written from the ground-truth labels that
   zero-shot and linear-probe evaluation later use, so it leaks labels into pretraining (and is identical for
   every volume of a dataset without labels). It logs a warning when built; the benchmark report marks results
   pretrained on it (:func:`uses_label_derived_captions`).
 
-A spec is ``{"type": "file"|"template"|"hf", ...kwargs}``.
+A spec is ``{"type": "file"|"template"|"hf"|"image_stats", ...kwargs}``.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
@@ -166,15 +171,115 @@ class HFImageCaptioner:
         arr = arr.float()
         arr = ((arr - arr.min()) / (arr.max() - arr.min() + 1e-6) * 255).to(torch.uint8).numpy()
         text = text_filter(self.pipe(Image.fromarray(np.asarray(arr)).convert("RGB"))[0]["generated_text"])
-        name = Path(str(sample.get("meta", {}).get("id", ""))).name.split(".")[0]
-        return f"{name}, {text}" if self.prefix_id else text
+        return f"{_volume_name(sample)}, {text}" if self.prefix_id else text
+
+
+def _volume_name(sample: Mapping[str, Any]) -> str:
+    """GTGM's caption prefix: the volume name (the id up to its first ``.``)."""
+    return Path(str(sample.get("meta", {}).get("id", ""))).name.split(".")[0]
+
+
+class ImageStatsCaptioner:
+    """Label-free offline captions from one slice of the image (a stand-in for GTGM's BLIP path).
+
+    The caption is a function of the image (and ``seed``) only: the slice index of a volume is drawn from a
+    generator seeded by ``seed`` and a hash of the image's bytes (a "random slice", reproducible for the
+    same image), the slice is min–max scaled to [0, 1] as :class:`HFImageCaptioner` does before the
+    captioner, and the text describes:
+
+    * overall brightness — mean of the scaled slice: ``< 1/3`` "mostly dark", ``< 2/3`` "mid-grey",
+      else "mostly bright";
+    * up to ``max_spots`` bright and dark spots — connected regions (≥ ``min_area`` pixels) where the
+      slice (Gaussian-smoothed, σ 0.7 px) differs from its local median (window ``max(5, max(H, W) // 7)``
+      px, which keeps edges and removes small structures) by more than ``threshold`` of the slice's range;
+      the strongest first (area × mean difference), each with its place in a 3 × 3 grid of the slice
+      (upper/middle/lower × left/centre/right, image coordinates) and its size as a share of the slice
+      (< 0.5 % "small", < 2 % "medium", else "large").
+
+    The words come from a fixed vocabulary of brightness, size and position words, so no finding, label or
+    report word can appear. Text: ``"<name>, <description>"`` (GTGM's format; ``prefix_id=False`` drops the
+    name).
+
+    Args:
+        seed: seed of the slice choice.
+        prefix_id: prefix the caption with the volume name.
+        max_spots: spots described at most (bright and dark together).
+        threshold: smallest difference from the local median (share of the slice's range) of a spot.
+        min_area: smallest spot in pixels.
+    """
+
+    label_derived: ClassVar[bool] = False
+
+    def __init__(self, seed: int = 0, prefix_id: bool = True, max_spots: int = 2, threshold: float = 0.15,
+                 min_area: int = 4) -> None:
+        if max_spots < 0 or not 0 < threshold < 1 or min_area < 1:
+            raise ValueError(f"image_stats captions need max_spots >= 0, 0 < threshold < 1, min_area >= 1; got "
+                             f"{max_spots}, {threshold}, {min_area}")
+        self.seed, self.prefix_id = int(seed), prefix_id
+        self.max_spots, self.threshold, self.min_area = int(max_spots), float(threshold), int(min_area)
+
+    def slice_of(self, image: Any) -> tuple[np.ndarray, int | None]:
+        """The 2D slice the caption describes and its depth index (``None`` for a 2D image)."""
+        arr = np.asarray(image.detach().cpu().float() if torch.is_tensor(image) else image, np.float32)
+        arr = arr[0] if arr.ndim in (3, 4) and arr.shape[0] == 1 else arr  # channel
+        if arr.ndim == 2:
+            return arr, None
+        if arr.ndim != 3:
+            raise ValueError(f"image_stats captions need a (1,) H, W or (1,) D, H, W image, got shape {arr.shape}")
+        digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).digest()
+        z = int(np.random.default_rng([self.seed, int.from_bytes(digest[:8], "little")]).integers(arr.shape[0]))
+        return arr[z], z
+
+    def describe(self, sl: np.ndarray) -> str:
+        """Description of one 2D slice (see the class docstring)."""
+        from scipy import ndimage
+
+        lo, hi = float(sl.min()), float(sl.max())
+        if not np.isfinite([lo, hi]).all():
+            raise ValueError("image_stats captions: the image has non-finite values")
+        if hi - lo < 1e-6:
+            return "a uniform image without distinct spots"
+        x = (sl - lo) / (hi - lo)
+        mean = float(x.mean())
+        tone = "mostly dark" if mean < 1 / 3 else ("mid-grey" if mean < 2 / 3 else "mostly bright")
+        smooth = ndimage.gaussian_filter(x, 0.7)
+        diff = smooth - ndimage.median_filter(smooth, size=max(5, max(x.shape) // 7))
+        spots = []
+        for word, region in (("bright", diff > self.threshold), ("dark", diff < -self.threshold)):
+            comps, n = ndimage.label(region)
+            for c in range(1, n + 1):
+                where = comps == c
+                area = int(where.sum())
+                if area >= self.min_area:
+                    cy, cx = ndimage.center_of_mass(where)
+                    spots.append((area * float(np.abs(diff[where]).mean()), word, area, cy, cx))
+        spots.sort(key=lambda t: -t[0])
+        parts = [f"a {self._size(area / x.size)} {word} spot in the {self._where(cy, cx, x.shape)}"
+                 for _, word, area, cy, cx in spots[: self.max_spots]]
+        return f"a {tone} image with {' and '.join(parts) if parts else 'no distinct spots'}"
+
+    @staticmethod
+    def _size(share: float) -> str:
+        return "small" if share < 0.005 else ("medium" if share < 0.02 else "large")
+
+    @staticmethod
+    def _where(cy: float, cx: float, shape: tuple[int, ...]) -> str:
+        row = ("upper", "middle", "lower")[min(2, int(3 * cy / shape[0]))]
+        col = ("left", "centre", "right")[min(2, int(3 * cx / shape[1]))]
+        return "centre" if (row, col) == ("middle", "centre") else f"{row} {col}"
+
+    def __call__(self, sample: Mapping[str, Any]) -> str:
+        sl, _ = self.slice_of(sample["image"])
+        text = self.describe(sl)
+        return f"{_volume_name(sample)}, {text}" if self.prefix_id else text
 
 
 def build_caption_source(spec: Mapping[str, Any]) -> Any:
-    """``{"type": "template"|"file"|"hf", ...}`` → caption source."""
+    """``{"type": "template"|"file"|"hf"|"image_stats", ...}`` → caption source."""
     spec = dict(spec)
     kind = spec.pop("type", "template")
-    sources = {"template": TemplateCaptioner, "file": CaptionFile, "hf": HFImageCaptioner}
+    sources = {"template": TemplateCaptioner, "file": CaptionFile, "hf": HFImageCaptioner,
+               "image_stats": ImageStatsCaptioner}
     if kind not in sources:
         raise ValueError(f"caption source type must be one of {sorted(sources)}, got {kind!r}")
     return sources[kind](**spec)
