@@ -88,6 +88,12 @@ def _fill(template: str, f: Finding) -> str:
     return text[0].upper() + text[1:]
 
 
+def positive_sentence(finding: Finding, variant: int = 0) -> str:
+    """Wording ``variant`` of :data:`POSITIVE` for ``finding``, filled with its side, zone and size (variant 0
+    is also the impression's wording, e.g. ``"There is a small right pleural effusion."``)."""
+    return _fill(POSITIVE[finding.label][variant], finding)
+
+
 def write_report(findings: list[Finding], label_names: list[str], modality: str,
                  rng: np.random.Generator, p_negation: float = 0.6) -> tuple[str, dict[str, str], list[tuple[str, str, str]]]:
     """Write a report for ``findings``.

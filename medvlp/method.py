@@ -5,7 +5,8 @@ A method subclasses it, adds heads, implements :meth:`VLPMethod.compute_losses` 
 owns ``training_step``/``validation_step``, logging, the non-finite guard, optimizer parameter groups
 and the warm-up cosine schedule, EMA (momentum) pairs, checkpoint metadata, and the encoder API that
 the benchmark harness uses: :meth:`encode_image`, :meth:`encode_text`, :meth:`image_feature_maps`,
-:meth:`image_representation`, :meth:`image_backbone` and :meth:`zero_shot_classifier`.
+:meth:`image_representation`, :meth:`image_backbone`, :meth:`zero_shot_classifier` and
+:meth:`dense_text_similarity`.
 """
 from __future__ import annotations
 
@@ -186,6 +187,25 @@ class VLPMethod(L.LightningModule):
         if "maps" in feats:  # hierarchical encoders (Swin) return their stage maps directly
             return list(feats["maps"])  # type: ignore[typeddict-item]
         return [tokens_to_map(h, feats["grid"]) for h in feats["hidden"]]
+
+    def dense_text_similarity(self, image: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """``(B, h, w)`` cosine similarity of text ``i`` with every patch cell of image ``i`` (2D).
+
+        Default (dense CLIP in the spirit of MaskCLIP, Zhou et al. 2022): the global image projection
+        :attr:`image_proj` applied to each final patch token (BN heads use their running statistics: call
+        in eval mode), L2-normalised, dot the normalised :meth:`encode_text` embedding. Deviation from
+        MaskCLIP: the projected tokens are the backbone's output patch tokens, not the value embeddings of
+        its last attention layer. Methods with a local image–text head override it (ASG).
+        """
+        feats = self.image_features(image)
+        grid = feats["grid"]
+        if len(grid) != 2:
+            raise ValueError(f"dense_text_similarity needs 2D images, got a token grid {tuple(grid)}")
+        if len(texts) != image.shape[0]:
+            raise ValueError(f"dense_text_similarity pairs text i with image i: {len(texts)} texts, {image.shape[0]} images")
+        patches = F.normalize(self.image_proj(feats["tokens"]), dim=-1)
+        text = self.encode_text(list(texts)).to(patches.dtype)
+        return torch.einsum("bne,be->bn", patches, text).reshape(image.shape[0], *grid)
 
     def image_backbone(self) -> nn.Module:
         """The image encoder, for fine-tuning."""

@@ -288,6 +288,32 @@ class ASG(VLPMethod):
                     w[i, k] += ((starts[i] >= s) & (ends[i] <= e) & valid[i]).float()
         return w.clamp(max=1.0)
 
+    def dense_text_similarity(self, image: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """``(B, h, w)`` similarity of text ``i`` with every patch cell of image ``i``: the map ARSA trains.
+
+        With ``use_regions``: cosine of the L2-normalised :attr:`region_proj` patch embeddings with the
+        sentence embedding, pooled as ARSA pools a sentence (mean of the L2-normalised :attr:`sentence_proj`
+        word-piece embeddings, CLS and padding excluded, the whole text being one sentence), L2-normalised
+        (its norm does not change the arg-max). Without ``use_regions`` the local heads are untrained, so
+        the base class's dense global-projection map is used.
+        """
+        if not self.use_regions:
+            return super().dense_text_similarity(image, texts)
+        feats = self.image_features(image)
+        grid = feats["grid"]
+        if len(grid) != 2:
+            raise ValueError(f"dense_text_similarity needs 2D images, got a token grid {tuple(grid)}")
+        if len(texts) != image.shape[0]:
+            raise ValueError(f"dense_text_similarity pairs text i with image i: {len(texts)} texts, {image.shape[0]} images")
+        patches = F.normalize(self.region_proj(feats["tokens"]), dim=-1)
+        text = self.text_encoder(list(texts))
+        offsets = text["offsets"].to(image.device)
+        words = (offsets[..., 1] > offsets[..., 0]) & text["attention_mask"].to(image.device).bool()
+        w = words[:, 1:].to(patches.dtype)
+        word_emb = F.normalize(self.sentence_proj(text["tokens"][:, 1:]), dim=-1).to(patches.dtype)
+        sentence = F.normalize((word_emb * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1), dim=-1)
+        return torch.einsum("bne,be->bn", patches, sentence).reshape(image.shape[0], *grid)
+
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         image = batch["image"]
         feats = self.image_features(image)
