@@ -131,3 +131,36 @@ def test_suite_with_random_init_clip_and_asg_reports_intervals(tmp_path) -> None
     # pair-level rows: the stratified bootstrap (strata = region x label) gives a real interval
     assert (auc["chance"] == 0.5).all() and (auc["lo"] < auc["hi"]).all()
     assert "pointing_game" in md and "asg_no_arsa" in md
+
+
+def test_dense_text_similarity_definitions() -> None:
+    from medvlp.method import VLPMethod
+    from medvlp.testing import build_tiny
+
+    texts = ["There is a small left pleural effusion.", "The heart size is enlarged."]
+    clip, dm = build_tiny("clip")
+    image = next(iter(dm.eval_dataloader("test", 2)))["image"]
+    clip.eval()
+    with torch.no_grad():
+        sim = clip.dense_text_similarity(image, texts)
+        feats = clip.image_features(image)
+        patch = nn.functional.normalize(clip.image_proj(feats["tokens"]), dim=-1)  # global head on every token
+        want = (patch * clip.encode_text(texts)[:, None]).sum(-1).reshape(2, *feats["grid"])
+    assert sim.shape == (2, *feats["grid"]) and torch.allclose(sim, want, atol=1e-5)
+    with pytest.raises(ValueError, match="pairs text i with image i"):
+        clip.dense_text_similarity(image, texts[:1])
+
+    asg, _ = build_tiny("asg")
+    asg.eval()
+    with torch.no_grad():
+        sim = asg.dense_text_similarity(image, texts)
+        feats = asg.image_features(image)
+        patch = nn.functional.normalize(asg.region_proj(feats["tokens"]), dim=-1)
+        for i, t in enumerate(texts):  # one sentence: mean of its normalised word-piece embeddings (no CLS/SEP)
+            out = asg.text_encoder([t])
+            words = (out["offsets"][0, :, 1] > out["offsets"][0, :, 0]) & out["attention_mask"][0].bool()
+            emb = nn.functional.normalize(asg.sentence_proj(out["tokens"][0][words]), dim=-1).mean(0)
+            want = patch[i] @ nn.functional.normalize(emb, dim=-1)
+            assert torch.allclose(sim[i].reshape(-1), want, atol=1e-4)
+        asg.use_regions = False  # the ablation: the local heads are untrained, the base definition applies
+        assert torch.allclose(asg.dense_text_similarity(image, texts), VLPMethod.dense_text_similarity(asg, image, texts))
