@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvlp-installed
 
-.PHONY: install demo test test-slow test-all lint perf clean
+.PHONY: install demo experiments test test-slow test-all lint perf clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: install
 	$(BIN)/medvlp demo
+
+# controlled experiments on the phantom (benchmarks/suites/exp_*.yaml): claims with CIs -> results/experiments/claims.md
+experiments: install
+	$(BIN)/medvlp experiments
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from medvlp.benchmarks.experiments import write_experiment
 from medvlp.benchmarks.features import FeatureCache, model_fingerprint
 from medvlp.benchmarks.paper_view import model_fields, pretrain_data_of, row_fields
 from medvlp.benchmarks.protocol import EvalContext
@@ -162,6 +163,7 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
     from medvlp.validate import check_suite
 
     check_suite(suite, _method_config)  # every key and protocol parameter, before any work
+    write_experiment(suite)  # an experiment's claims, checked against the suite, beside its results
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(suite["output"])
     store = ResultStore(out / "results.csv")

@@ -21,6 +21,9 @@ bootstrap resample), so every metric of every resample is one matrix product.
   all units resampled with the same test indices.
 * :func:`paired_difference` – Δ = A − B on the same resamples, percentile CI and two-sided bootstrap
   p-value :func:`bootstrap_p`.
+* :func:`seed_level_difference` – Δ of two models trained with several pretraining seeds each: a two-level
+  bootstrap that resamples the seeds of each side (with replacement, independently) *and* the test samples
+  (shared by both sides), so the interval carries training-run variability as well as test-set noise.
 * :func:`delong_difference` – DeLong et al. (1988) test of a difference of (macro) AUCs through the
   per-sample structural components (influence values); the macro AUC and the mean over units are
   linear in them.
@@ -190,6 +193,46 @@ def paired_difference(units_a: Sequence[Unit], units_b: Sequence[Unit], n_boot: 
     d = _units_mean(units_a, W) - _units_mean(units_b, W)
     lo, hi = percentile_ci(d, level)
     return {"delta": delta, "lo": lo, "hi": hi, "p": bootstrap_p(d)}
+
+
+def _group_metric(groups: Sequence[Sequence[Unit]], W: np.ndarray) -> np.ndarray:
+    """``G × B``: per pretraining seed (group), the mean over its units of the metric under each row of ``W``."""
+    return np.stack([_units_mean(g, W) for g in groups])
+
+
+def seed_level_difference(groups_a: Sequence[Sequence[Unit]], groups_b: Sequence[Sequence[Unit]], n_boot: int = 1000,
+                          seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Two-level (hierarchical) bootstrap of Δ = mean over seeds of A − mean over seeds of B.
+
+    ``groups_*`` hold one list of units per pretraining seed (a group's units, e.g. probe seeds, are
+    averaged first). Each resample draws test-sample weights shared by both sides (paired on the test
+    set, stratified as :func:`strata_for`) and, independently for A and B, as many pretraining seeds as
+    each side has, with replacement. With few seeds the seed level's spread is underestimated by
+    about ``(G − 1) / G`` (the plug-in bootstrap variance); with one seed per side it reduces to
+    :func:`paired_difference` on the test samples.
+
+    Returns:
+        ``delta``, ``lo``, ``hi`` (percentile CI), ``p`` (:func:`bootstrap_p`), the per-seed values
+        ``seeds_a`` / ``seeds_b`` and their counts ``g_a`` / ``g_b``, and ``n`` test samples.
+
+    Raises:
+        ValueError: when a side has no seed.
+    """
+    if not groups_a or not groups_b:
+        raise ValueError("seed_level_difference needs at least one pretraining seed on each side")
+    n = n_samples(*groups_a[0][0])
+    ones = np.ones((1, n))
+    va, vb = _group_metric(groups_a, ones)[:, 0], _group_metric(groups_b, ones)[:, 0]
+    W = bootstrap_weights(n, n_boot, seed, strata_for(groups_a[0]))
+    ma, mb = _group_metric(groups_a, W), _group_metric(groups_b, W)  # G × B
+    rng = np.random.default_rng([seed, 1])
+    cols = np.arange(n_boot)[:, None]
+    pick_a = rng.integers(0, len(groups_a), (n_boot, len(groups_a)))
+    pick_b = rng.integers(0, len(groups_b), (n_boot, len(groups_b)))
+    d = ma[pick_a, cols].mean(1) - mb[pick_b, cols].mean(1)
+    lo, hi = percentile_ci(d, level)
+    return {"delta": float(va.mean() - vb.mean()), "lo": lo, "hi": hi, "p": bootstrap_p(d),
+            "seeds_a": va.tolist(), "seeds_b": vb.tolist(), "g_a": len(groups_a), "g_b": len(groups_b), "n": n}
 
 
 def auc_influence(scores: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:

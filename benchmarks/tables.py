@@ -514,6 +514,18 @@ def _notes(summary: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _claims_section(folder: Path, n_boot: int, seed: int) -> str | None:
+    """The experiment's claim outcomes (:mod:`medvlp.benchmarks.experiments`) when ``folder`` holds one."""
+    from medvlp.benchmarks.experiments import claim_outcomes, load_experiments, outcomes_markdown
+
+    exps = load_experiments(folder)
+    if exps is None:
+        return None
+    outcomes = claim_outcomes(folder, n_boot, seed)
+    atomic_write_text(folder / "claims.csv", outcomes.to_csv(index=False))
+    return outcomes_markdown(outcomes, exps)
+
+
 def report(results: str | Path, out: str | Path | None = None, plots: bool = True, paper: bool = False,
            reference: str | None = None, n_boot: int = 1000, ci_seed: int = 0, ci: bool = True) -> str:
     """Write ``table.md``, ``table.tex``, ``summary.csv``, ``comparisons.csv``, ``report.html`` (+ PNG
@@ -557,6 +569,9 @@ def report(results: str | Path, out: str | Path | None = None, plots: bool = Tru
                    "paired DeLong test; other metrics: paired bootstrap, two-sided). ⚠: degenerate cell, not a result."
                    if has_samples else "Cells: mean ± std over seeds (no per-sample outputs stored: no CIs).")
     md = ["## Headline\n", method_note + "\n", to_markdown(htable)]
+    claims = _claims_section(Path(results).parent, n_boot, ci_seed) if ci else None
+    if claims:
+        md = ["## Claims (controlled experiment)\n", claims, *md]
     if hnotes:
         md.append("\n" + "\n".join(f"- ⚠ {n}" for n in hnotes) + "\n")
     ctable = comparison_table(comparisons) if len(comparisons) else pd.DataFrame()
@@ -612,7 +627,8 @@ def report(results: str | Path, out: str | Path | None = None, plots: bool = Tru
 
 def headline_only(md: str) -> str:
     """The headline section of a report's Markdown (up to the differences or detailed tables)."""
-    cuts = [i for i in (md.find("\n## Differences"), md.find("\n### ")) if i >= 0]
+    start = md.find("## Headline")
+    cuts = [i for i in (md.find("\n## Differences"), md.find("\n### ", max(start, 0))) if i >= 0]
     return md[:min(cuts)] if cuts else md
 
 

@@ -23,6 +23,7 @@ commands:
   benchmark suite=NAME|PATH    methods x datasets x protocols x fractions x seeds -> results.csv
   report    results=PATH       headline table with 95 % CIs and significance vs a reference, tables, plots, report.html
   demo                         benchmark suite=quickstart, then report (the main job)
+  experiments [names=[..]]     controlled experiments on the phantom (exp_* suites) -> claims with CIs
   prepare   data=D out=DIR     convert a dataset into resumable, checksummed training shards
   config    method=M data=D    print the composed config without running
 
@@ -68,7 +69,14 @@ Convert a record dataset once into WebDataset shards with sidecar checksums and 
 a rerun keeps verified shards and rewrites only the rest; corrupt inputs are counted and named.""",
     "demo": """medvlp demo [key=value ...]
 
-`medvlp benchmark suite=quickstart`, then `medvlp report` into results/quickstart.""",
+`medvlp benchmark suite=quickstart`, then `medvlp report` into results/quickstart, then one summary line
+per controlled experiment from its last stored run (`medvlp experiments` runs them).""",
+    "experiments": """medvlp experiments [names=[exp_a,exp_b]] [run=false] [out=results/experiments] [n_boot=2000]
+                   [key=value ...]
+
+Run the controlled-experiment suites (default: every packaged exp_* suite; stored units are skipped),
+then compute each claim's outcome from the stored results (Δ with a two-level bootstrap CI over
+pretraining seeds and test samples) into <out>/claims.md and claims.csv. run=false only summarises.""",
 }
 
 
@@ -145,6 +153,10 @@ def run_command(command: str, rest: list[str]) -> int | None:
         from medvlp.benchmarks.tables import report_command
 
         return report_command(rest)
+    if command == "experiments":
+        from medvlp.benchmarks.experiments import experiments_command
+
+        return experiments_command(rest)
     if command == "prepare":
         from medvlp.datamodules.prepare import prepare_command
 
@@ -153,8 +165,15 @@ def run_command(command: str, rest: list[str]) -> int | None:
         from medvlp.benchmarks.runner import benchmark_command
         from medvlp.benchmarks.tables import report_command
 
+        from medvlp.benchmarks.experiments import stored_summaries
+
         code = benchmark_command(["suite=quickstart", *rest])
-        return code or report_command(["results=results/quickstart/results.csv", "out=results/quickstart"])
+        code = code or report_command(["results=results/quickstart/results.csv", "out=results/quickstart"])
+        if not code:
+            print("\ncontrolled experiments (last stored run; `make experiments` runs them):")
+            for line in stored_summaries():
+                print(f"- {line}")
+        return code
     return None
 
 

@@ -329,7 +329,8 @@ def raise_if(errors: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- suites
-SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed", "pretrain_seeds")
+SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed", "pretrain_seeds",
+              "experiment")
 SUITE_METHOD_KEYS = ("method", "pretrain", "ckpt", "allow_class_path", "preset", "data", "overrides", "init_args",
                      "trainer", "pretrain_data", "pretrain_seeds", "auto_label")
 #: parameters every protocol understands (the runner reads them)
