@@ -176,6 +176,11 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
         dm.prepare_data()
     per_model = {(ds, key): _n_units(proto, params) for ds in datasets for key, proto, params in protocols
                  if not (ds in only and key not in only[ds])}
+    for label, e in suite["methods"].items():
+        unknown = set((e or {}).get("protocols") or ()) - set(suite["protocols"])
+        if unknown:
+            raise ValueError(f"suite {suite['name']!r}, method {label!r}: protocols {sorted(unknown)} are not protocol "
+                             f"keys of the suite ({sorted(suite['protocols'])})")
     pseeds = {label: ([None] if (e or {}).get("pretrain_seeds", suite.get("pretrain_seeds")) is None or (e or {}).get("ckpt")
                       else [int(s) for s in (e or {}).get("pretrain_seeds", suite.get("pretrain_seeds"))])
               for label, e in suite["methods"].items()}
@@ -217,6 +222,9 @@ def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: Feature
                          label=label, dataset=ds_name, pretrain_seed=pseed)
         for key, proto, params in protocols:
             if ds_name in only and key not in only[ds_name]:
+                continue
+            if entry.get("protocols") is not None and key not in entry["protocols"]:
+                progress.step(f"{label} {ds_name} {key}: not run for this method", n=per_model.get((ds_name, key), 0))
                 continue
             ctx = EvalContext(model, dm, cache, params, device, Path(suite["output"]))
             reason = proto.applicable(ctx)

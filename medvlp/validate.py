@@ -332,7 +332,7 @@ def raise_if(errors: list[str]) -> None:
 SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed", "pretrain_seeds",
               "experiment")
 SUITE_METHOD_KEYS = ("method", "pretrain", "ckpt", "allow_class_path", "preset", "data", "overrides", "init_args",
-                     "trainer", "pretrain_data", "pretrain_seeds", "auto_label")
+                     "trainer", "pretrain_data", "pretrain_seeds", "auto_label", "protocols")
 #: parameters every protocol understands (the runner reads them)
 COMMON_PROTOCOL_PARAMS = ("protocol", "fractions", "seeds", "subset_seeds")
 
