@@ -127,3 +127,35 @@ def test_demo_summary_lines_without_stored_runs(tmp_path, monkeypatch) -> None:
     lines = stored_summaries()
     assert len(lines) >= len(packaged_experiments()) >= 3
     assert all(line.endswith("not run yet (make experiments)") for line in lines)
+
+
+def test_method_protocols_subset_runs_only_those(tmp_path) -> None:
+    from medvlp.benchmarks.runner import load_suite, run_suite
+
+    suite = load_suite("smoke", [f"output={tmp_path}"])
+    suite["methods"] = {"random_init": {"method": "clip", "pretrain": False, "protocols": ["zero_shot"]},
+                        "other_init": {"method": "clip", "pretrain": False}}
+    suite["protocols"] = {"zero_shot": {}, "retrieval": {}}
+    df = pd.read_csv(run_suite(suite, "cpu"))
+    assert set(df.loc[df.label == "random_init", "protocol"]) == {"zero_shot"}
+    assert set(df.loc[df.label == "other_init", "protocol"]) == {"zero_shot", "retrieval"}
+    suite["methods"]["random_init"]["protocols"] = ["linear_probe"]
+    with pytest.raises(ValueError, match="not protocol keys of the suite"):
+        run_suite(suite, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["exp_xray", "exp_unimedi", "exp_gtgm"])
+def test_experiment_suite_runs_one_step_and_reports_claims(tmp_path, name: str) -> None:
+    from medvlp.benchmarks.runner import load_suite, run_suite
+
+    suite = load_suite(name, [f"output={tmp_path}", "preset=tiny", "pretrain.trainer.max_steps=1", "pretrain_seeds=[0,1,2]"])
+    for ds in suite["datasets"].values():
+        ds["init_args"].update(num_train=24, num_val=8, num_test=16)
+    for params in suite["protocols"].values():
+        if "epochs" in params:
+            params["epochs"] = 1
+    run_suite(suite, "cpu")
+    out = claim_outcomes(tmp_path, n_boot=100)
+    assert len(out) == sum(len(e["comparisons"]) for e in parse_experiments(suite["experiment"], name))
+    assert set(out["outcome"]) <= {"shown", "not shown", "opposite", "not measured"}
