@@ -233,7 +233,8 @@ class Grounding(Protocol):
     }
 
     name = "grounding"
-    deterministic = True
+    deterministic = True  # lbfgs probe on fixed features, argmax maps: no training seed enters
+    needs_labels = True  # the finding vocabulary (label_names) names the queried findings
     primary_metric = "pointing_game"
 
     def applicable(self, ctx: EvalContext) -> str | None:
