@@ -80,6 +80,9 @@ class EMCremi(Segmentation):
     :func:`cremi_voi`) and ``arand`` (:func:`adapted_rand_error`), ground-truth id 0 (unlabelled)
     ignored; reported per protocol run as the mean over source volumes (one CREMI sample each).
 
+    Selection as the segmentation protocol: the epoch with the best validation Dice of the boundary class
+    (no validation VOI, which would need an agglomeration per epoch).
+
     Deviations: CREMI's official test labels are withheld; the test region here is held out from the
     training volumes. GTGM's NeuronSeg pipeline (affinities + waterz agglomeration) is not reproduced;
     the agglomeration here is a seeded watershed on boundaries. Params: those of ``segmentation``
@@ -94,6 +97,7 @@ class EMCremi(Segmentation):
         "mode": "frozen | full (frozen)", "backbone_lr_mult": "encoder lr multiplier in full mode (0.1)",
         "seed_threshold": "boundary probability below which voxels seed cells (0.3)",
         "min_seed_size": "smallest seed component kept, voxels (1)",
+        "patience": "stop after this many epochs without validation improvement (none)",
     }
 
     def applicable(self, ctx: EvalContext) -> str | None:
@@ -102,7 +106,7 @@ class EMCremi(Segmentation):
         if not records or not all("box" in r and r.get("lab") for r in records):
             return "dataset has no instance-labelled test sub-volumes with positions (CREMI/SNEMI layout)"
         sample = ds[0]
-        return None if sample is not None and "instances" in sample else "dataset has no instance labels"
+        return super().applicable(ctx) if sample is not None and "instances" in sample else "dataset has no instance labels"
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         out = self.fit_predict(ctx, fraction, seed)
@@ -142,7 +146,7 @@ class EMCremi(Segmentation):
                   MetricValue("voi_split", float(np.mean(splits)), f"CREMI VOI split H(seg|gt) (bits); {how}"),
                   MetricValue("voi_merge", float(np.mean(merges)), f"CREMI VOI merge H(gt|seg) (bits); {how}"),
                   MetricValue("arand", float(np.mean(arands)), f"adapted Rand error (SNEMI3D/CREMI); {how}")]
-        return ProtocolResult(values, out["split_hash"], {"protocol_variant": self.variant})
+        return ProtocolResult(values, out["split_hash"], {"protocol_variant": self.variant, **out.get("selection", {})})
 
 
 __all__ = ["EMCremi", "adapted_rand_error", "cremi_voi", "watershed_agglomeration"]

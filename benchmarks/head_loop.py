@@ -145,3 +145,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def selection_fields(result: FitResult, trainer: HeadTrainer) -> dict[str, Any]:
+    """What a result row records about checkpoint selection: ``selection: best_val``, the monitored
+    validation quantity, the selected epoch (0-based) and the epochs run."""
+    return {"selection": "best_val", "selection_monitor": trainer.monitor, "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run}
+
+
+def selection_text(result: FitResult, trainer: HeadTrainer) -> str:
+    """The selection as a phrase for a metric definition."""
+    return (f"weights of the best validation epoch {result.best_epoch + 1} of {result.epochs_run} "
+            f"({trainer.monitor} {result.best_value:.4g}, {trainer.mode})")

@@ -20,9 +20,9 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from medvlp.benchmarks.dice import DEFINITIONS, dice_score
+from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields, selection_text
 from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, random_batches
 from medvlp.benchmarks.splits import fraction_rows
-from medvlp.progress import track
 from medvlp.registry import register_benchmark
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -101,10 +101,17 @@ def _collect(ctx: EvalContext, split: str, frozen: bool) -> tuple[Any, torch.Ten
 class Segmentation(Protocol):
     """Segmentation Dice on the test split (see :mod:`medvlp.benchmarks.dice` for definitions).
 
+    Selection: after every epoch the decoder (and the encoder copy in ``full`` mode) predicts the
+    validation split (the cached val maps in ``frozen`` mode) and the weights of the epoch with the best
+    validation Dice under the headline definition ``dice`` are kept (the mean validation DiceCE loss when
+    that Dice is undefined on the validation split); the test split is predicted with them. The result
+    records ``selection: best_val``, the monitored quantity and the chosen epoch.
+
     Params:
         mode: ``frozen`` (default; encoder maps computed once and cached, MGCA's protocol) or ``full``
             (encoder fine-tuned with lr × ``backbone_lr_mult``).
-        epochs: decoder training epochs (default 30).
+        epochs: decoder training epochs (default 30); ``patience``: stop after this many epochs
+            without validation improvement (default: none, every epoch runs).
         lr: decoder learning rate (default 1e-3); ``backbone_lr_mult`` (default 0.1).
         width: decoder width (default 64). max_stages: ×2 conv upsampling stages before the logits
             are interpolated to the input size (default 2).
@@ -124,15 +131,18 @@ class Segmentation(Protocol):
         "roi_size": "sliding-window ROI for 3D inference (the training size)",
         "dice": "headline Dice definition (foreground)",
         "extra_dice": "further Dice definitions reported ([mgca_per_image])",
+        "patience": "stop after this many epochs without validation improvement (none: run every epoch)",
     }
 
     name = "segmentation"
     primary_metric = "dice"
     uses_fractions = True
     needs_mask = True
+    selection = "selects the epoch with the best validation Dice"
 
-    def fit_predict(self, ctx: EvalContext, fraction: float, seed: int) -> dict[str, Any]:
-        """Train the decoder (and, in ``full`` mode, a copy of the encoder) and predict the test split."""
+    def build(self, ctx: EvalContext, fraction: float, seed: int) -> tuple[HeadTrainer, dict[str, Any]]:
+        """The trainer of one (fraction, seed) run (validation on the cached val maps in ``frozen`` mode)
+        and the pieces the test step needs (``predict(xs)`` → ``(pred, prob)`` with the current weights)."""
         p = ctx.params
         frozen = p.get("mode", "frozen") == "frozen"
         if not frozen and p.get("mode") != "full":
@@ -140,8 +150,12 @@ class Segmentation(Protocol):
         torch.manual_seed(seed)
         train_x, train_y, train_ids, _ = _collect(ctx, "train", frozen)
         test_x, test_y, test_ids, test_inst = _collect(ctx, "test", frozen)
+        with torch.random.fork_rng(devices=[]):  # the validation split leaves the training stream as before
+            val_x, val_y, _, _ = _collect(ctx, "val", frozen)
+        if not len(val_y):
+            raise ValueError(f"{self.name}: the validation split yielded no samples ({self.selection})")
         rows, subset_hash = fraction_rows(train_ids, fraction, ctx.subset_seed_for(seed))
-        num_classes = int(max(int(train_y.max()), int(test_y.max()), 1)) + 1
+        num_classes = int(max(int(train_y.max()), int(test_y.max()), int(val_y.max()), 1)) + 1
         sd = train_y.ndim - 2
         size = tuple(train_y.shape[2:])
         # full fine-tuning trains a copy: the evaluated checkpoint stays untouched for later protocols
@@ -154,8 +168,10 @@ class Segmentation(Protocol):
         decoder = ProgressiveDecoder(sd, in_ch, num_classes, int(p.get("width", 64)),
                                      int(p.get("max_stages", 2))).to(ctx.device)
         params = [{"params": decoder.parameters(), "lr": float(p.get("lr", 1e-3))}]
+        modules: list[nn.Module] = [decoder]
         if not frozen:
             model.train()
+            modules.insert(0, model.image_backbone())
             params.append({"params": model.image_backbone().parameters(),
                            "lr": float(p.get("lr", 1e-3)) * float(p.get("backbone_lr_mult", 0.1))})
         opt = torch.optim.AdamW(params, weight_decay=1e-4)
@@ -163,33 +179,69 @@ class Segmentation(Protocol):
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
         bs = int(p.get("batch_size", 16))
         epochs = int(p.get("epochs", 30))
-        n_steps = epochs * max(1, math.ceil(len(rows) / bs))
-        for idx in track(random_batches(rows, bs, epochs, seed), n_steps, f"{self.name} f={fraction:g} s={seed}"):
-            y = train_y[idx].to(ctx.device)
-            logits = decoder(self._maps(model, train_x, idx, frozen, ctx.device), size)
-            loss = loss_fn(logits, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        decoder.eval()
-        model.eval()
-        preds, probs = [], []
-        with torch.no_grad():
-            for start in range(0, len(test_x), bs):
-                idx = list(range(start, min(start + bs, len(test_x))))
-                if frozen or sd == 2:
-                    logits = decoder(self._maps(model, test_x, idx, frozen, ctx.device), size)
-                else:
-                    roi = tuple(p.get("roi_size", size))
-                    imgs = torch.stack([test_x[i] for i in idx]).to(ctx.device)
-                    logits = sliding_window_inference(
-                        imgs, roi, 2, lambda x: decoder(model.image_feature_maps(x), tuple(x.shape[2:])))
-                preds.append(logits.argmax(1, keepdim=True).cpu())
-                probs.append(torch.softmax(logits, 1).cpu())
-        mode = "frozen encoder" if frozen else "full fine-tune"
-        return {"pred": torch.cat(preds), "prob": torch.cat(probs), "target": test_y, "instances": test_inst,
-                "num_classes": num_classes, "split_hash": subset_hash, "ids": test_ids,
-                "how": f"{mode}, {epochs} epochs on {len(rows)} train images, N_test={len(test_x)}"}
+        per_epoch = max(1, math.ceil(len(rows) / bs))
+        batches = list(random_batches(rows, bs, epochs, seed))
+
+        def step(idx: list[int]) -> torch.Tensor:
+            return loss_fn(decoder(self._maps(model, train_x, idx, frozen, ctx.device), size), train_y[idx].to(ctx.device))
+
+        def predict(xs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            model.eval()
+            preds, probs = [], []
+            with torch.no_grad():
+                for start in range(0, len(xs), bs):
+                    idx = list(range(start, min(start + bs, len(xs))))
+                    if frozen or sd == 2:
+                        logits = decoder(self._maps(model, xs, idx, frozen, ctx.device), size)
+                    else:
+                        roi = tuple(p.get("roi_size", size))
+                        imgs = torch.stack([xs[i] for i in idx]).to(ctx.device)
+                        logits = sliding_window_inference(
+                            imgs, roi, 2, lambda x: decoder(model.image_feature_maps(x), tuple(x.shape[2:])))
+                    preds.append(logits.argmax(1, keepdim=True).cpu())
+                    probs.append(torch.softmax(logits, 1).cpu())
+            return torch.cat(preds), torch.cat(probs)
+
+        # selection on the headline Dice of the validation split; on the mean validation loss when that Dice is
+        # undefined there (e.g. no validation image with foreground under ``foreground``)
+        definition = p.get("dice", "foreground")
+        try:
+            dice_score(val_y, val_y, num_classes, definition)
+            monitor = "val_dice"
+        except ValueError:
+            monitor = "val_loss"
+
+        def validate() -> dict[str, float]:
+            pred, prob = predict(val_x)
+            if monitor == "val_dice":
+                return {"val_dice": dice_score(pred, val_y, num_classes, definition)}
+            loss = sum(float(loss_fn(torch.log(prob[i:i + bs].clamp_min(1e-8)), val_y[i:i + bs])) * len(prob[i:i + bs])
+                       for i in range(0, len(prob), bs))
+            return {"val_loss": loss / len(prob)}
+
+        trainer = HeadTrainer(
+            modules=modules, optimizer=opt, train_batches=lambda e: batches[e * per_epoch:(e + 1) * per_epoch],
+            train_step=step, validate=validate, monitor=monitor, mode="max" if monitor == "val_dice" else "min",
+            max_epochs=epochs, patience=None if p.get("patience") is None else int(p["patience"]),
+            set_train_mode=None if frozen else model.train,
+            info={"rows": rows, "split_hash": subset_hash, "num_classes": num_classes, "n_val": len(val_y),
+                  "mode": "frozen encoder" if frozen else "full fine-tune"})
+        return trainer, {"predict": predict, "decoder": decoder, "model": model, "test_x": test_x, "test_y": test_y,
+                         "test_ids": test_ids, "test_instances": test_inst}
+
+    def fit_predict(self, ctx: EvalContext, fraction: float, seed: int) -> dict[str, Any]:
+        """Train the decoder (and, in ``full`` mode, a copy of the encoder), keep the best validation epoch's
+        weights and predict the test split with them."""
+        trainer, parts = self.build(ctx, fraction, seed)
+        result = fit(trainer)
+        pred, prob = parts["predict"](parts["test_x"])
+        info = trainer.info
+        return {"pred": pred, "prob": prob, "target": parts["test_y"], "instances": parts["test_instances"],
+                "num_classes": info["num_classes"], "split_hash": info["split_hash"], "ids": parts["test_ids"],
+                "selection": selection_fields(result, trainer),
+                "how": (f"{info['mode']}, {result.epochs_run} epochs on {len(info['rows'])} train images, "
+                        f"{selection_text(result, trainer)} on {info['n_val']} validation images, "
+                        f"N_test={len(pred)}")}
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         out = self.fit_predict(ctx, fraction, seed)
@@ -211,7 +263,8 @@ class Segmentation(Protocol):
                 recipes[v.metric] = mean_recipe(v.metric)
         flags = ([] if bool((out["pred"] > 0).any()) else
                  ["degenerate: the decoder predicted background everywhere on every test image"])
-        return ProtocolResult(values, out["split_hash"], samples=samples, recipes=recipes, flags=flags)
+        return ProtocolResult(values, out["split_hash"], out.get("selection", {}), samples=samples, recipes=recipes,
+                              flags=flags)
 
     @staticmethod
     def _maps(model: Any, xs: list[Any], idx: list[int], frozen: bool, device: Any) -> list[torch.Tensor]:
@@ -296,7 +349,7 @@ class InstanceVOI(Segmentation):
 
     def applicable(self, ctx: EvalContext) -> str | None:
         sample = ctx.datamodule.dataset("test", augment=False)[0]
-        return None if sample is not None and "instances" in sample else "dataset has no instance labels"
+        return super().applicable(ctx) if sample is not None and "instances" in sample else "dataset has no instance labels"
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         out = self.fit_predict(ctx, fraction, seed)
@@ -316,4 +369,4 @@ class InstanceVOI(Segmentation):
         return ProtocolResult([MetricValue("voi", float(np.mean(splits) + np.mean(merges)), d),
                                MetricValue("voi_split", float(np.mean(splits)), d),
                                MetricValue("voi_merge", float(np.mean(merges)), d)], out["split_hash"],
-                              samples=samples, recipes=recipes, flags=flags)
+                              out.get("selection", {}), samples=samples, recipes=recipes, flags=flags)

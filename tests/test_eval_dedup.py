@@ -56,7 +56,7 @@ def test_segmentation_maps_once_per_split_reused_across_fractions_and_seeds(tmp_
     ctx = EvalContext(model, dm, cache, {"epochs": 1, "batch_size": 4})
     seg = Segmentation()
     first = [seg.run(ctx, f, s).values[0].value for f in (0.5, 1.0) for s in (0, 1)]
-    n = len(dm.dataset("train", augment=False)) + len(dm.dataset("test", augment=False))
+    n = sum(len(dm.dataset(split, augment=False)) for split in ("train", "val", "test"))  # val: selection
     assert cache.counts["map_forwards"] == n  # was 4 × n: once per fraction × seed
     assert sorted(p.name for p in next(tmp_path.glob("*.maps")).iterdir())[:2] == ["instances.npy", "level0.npy"] or \
         (next(tmp_path.glob("*.maps")) / "level0.npy").is_file()
