@@ -6,7 +6,7 @@ from collections import defaultdict
 import numpy as np
 from scipy import ndimage
 
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, ProtocolResult
+from medvlp.benchmarks.protocol import EvalContext, MetricValue, ProtocolResult, mean_recipe
 from medvlp.benchmarks.segmentation import Segmentation
 from medvlp.registry import register_benchmark
 
@@ -146,7 +146,12 @@ class EMCremi(Segmentation):
                   MetricValue("voi_split", float(np.mean(splits)), f"CREMI VOI split H(seg|gt) (bits); {how}"),
                   MetricValue("voi_merge", float(np.mean(merges)), f"CREMI VOI merge H(gt|seg) (bits); {how}"),
                   MetricValue("arand", float(np.mean(arands)), f"adapted Rand error (SNEMI3D/CREMI); {how}")]
-        return ProtocolResult(values, out["split_hash"], {"protocol_variant": self.variant, **out.get("selection", {})})
+        split, merge = np.asarray(splits, np.float64), np.asarray(merges, np.float64)
+        samples = {"ids": np.asarray([str(v) for v in by_volume]), "voi": split + merge, "voi_split": split,
+                   "voi_merge": merge, "arand": np.asarray(arands, np.float64)}  # one CREMI sample per volume
+        recipes = {k: mean_recipe(k, higher_is_better=False) for k in ("voi", "voi_split", "voi_merge", "arand")}
+        return ProtocolResult(values, out["split_hash"], {"protocol_variant": self.variant, **out.get("selection", {})},
+                              samples=samples, recipes=recipes)
 
 
 __all__ = ["EMCremi", "adapted_rand_error", "cremi_voi", "watershed_agglomeration"]

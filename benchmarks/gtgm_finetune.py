@@ -4,15 +4,16 @@ from __future__ import annotations
 import copy
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader, Dataset
 
 from medvlp.benchmarks.dice import DEFINITIONS, dice_score
-from medvlp.benchmarks.head_loop import HeadTrainer, fit
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult
-from medvlp.benchmarks.segmentation import ProgressiveDecoder
+from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields
+from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe
+from medvlp.benchmarks.segmentation import ProgressiveDecoder, per_image_dice
 from medvlp.benchmarks.splits import split_hash
 from medvlp.registry import register_benchmark
 
@@ -167,8 +168,8 @@ class GTGMFinetune(Protocol):
             x, y = random_crop_flip(batch["image"], batch["mask"], roi, gen)
             return loss_fn(forward(x.to(ctx.device)), y.to(ctx.device))
 
-        def predict(refs_: Sequence[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-            preds, targets = [], []
+        def predict(refs_: Sequence[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+            preds, targets, ids = [], [], []
             loader = DataLoader(_Rows(dm, refs_), batch_size=1, shuffle=False, collate_fn=dm.collate_fn)
             for batch in loader:
                 if batch is None:
@@ -176,10 +177,11 @@ class GTGMFinetune(Protocol):
                 logits = sliding_window_inference(batch["image"].to(ctx.device), roi, 4, forward)
                 preds.append(logits.argmax(1, keepdim=True).cpu())
                 targets.append(batch["mask"].long())
-            return torch.cat(preds), torch.cat(targets)
+                ids.append(str((batch.get("meta") or [{}])[0].get("id", len(ids))))
+            return torch.cat(preds), torch.cat(targets), ids
 
         def validate() -> dict[str, float]:
-            pred, target = predict(val_refs)
+            pred, target, _ = predict(val_refs)
             return {"val_dice_bg": dice_score(pred, target, num_classes, "with_background")}
 
         trainer = HeadTrainer(
@@ -195,7 +197,7 @@ class GTGMFinetune(Protocol):
         p = self.params(ctx)
         test_refs = [("test", i) for i in range(len(ctx.datamodule.dataset("test", augment=False)))]
         with torch.no_grad():
-            pred, target = parts["predict"](test_refs)
+            pred, target, test_ids = parts["predict"](test_refs)
         k = trainer.info["num_classes"]
         how = (f"GTGM fine-tune: encoder + decoder, AdamW lr {p['lr']:g} wd {p['weight_decay']:g}, DiceCE, batch "
                f"{p['batch_size']}, {result.steps} iterations, validation every {p['eval_interval']} "
@@ -205,12 +207,18 @@ class GTGMFinetune(Protocol):
                               f"best validation {DEFINITIONS['with_background']} (GTGM README number); {how}"),
                   MetricValue("dice_with_background", dice_score(pred, target, k, "with_background"),
                               f"test split (N={len(pred)}), {DEFINITIONS['with_background']}; {how}")]
+        # per test volume, so the report can bootstrap the test metrics (the best-validation number is a
+        # validation statistic: no per-sample test outputs)
+        samples = {"ids": np.asarray(test_ids), "dice_with_background": per_image_dice(pred, target, k, "with_background")}
+        recipes = {"dice_with_background": mean_recipe("dice_with_background")}
         try:
             values.append(MetricValue("dice", dice_score(pred, target, k, "foreground"),
                                       f"test split (N={len(pred)}), {DEFINITIONS['foreground']}; {how}"))
+            samples["dice"], recipes["dice"] = per_image_dice(pred, target, k, "foreground"), mean_recipe("dice")
         except ValueError:
             pass  # no test volume with foreground: the foreground Dice is undefined and not reported
         del parts["model"]
         return ProtocolResult(values, trainer.info["split_hash"],
                               {"protocol_variant": self.variant, "split_convention": "gtgm_official",
-                               "fraction_source": "gtgm_head"})
+                               "fraction_source": "gtgm_head", **selection_fields(result, trainer)},
+                              samples=samples, recipes=recipes)

@@ -4,13 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.benchmarks.head_loop import HeadTrainer, fit
+from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields
 from medvlp.benchmarks.linear_probe import is_one_hot
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc
+from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, label_samples,
+                                       macro_auc, mean_recipe)
 from medvlp.benchmarks.splits import select_fraction
 from medvlp.benchmarks.views import (center_crop, encoder_channels, random_crop, renormalise, split_ids,
                                      subset_loader, to_channels)
@@ -144,7 +146,7 @@ class MGCALinear(Protocol):
         trainer, parts = self.build(ctx, fraction, seed)
         result = fit(trainer)
         p = self.params(ctx)
-        scores, targets = [], []
+        scores, targets, ids = [], [], []
         with torch.no_grad():
             for batch in subset_loader(ctx.datamodule, "test", None, int(p["batch_size"]), False, seed):
                 if batch is None:
@@ -152,18 +154,22 @@ class MGCALinear(Protocol):
                 logits = parts["logits_of"](batch, False).float().cpu()
                 scores.append(torch.softmax(logits, 1) if trainer.info["multiclass"] else torch.sigmoid(logits))
                 targets.append(labels_of(batch))
+                ids.extend(str(m.get("id", len(ids) + i)) for i, m in enumerate(batch.get("meta") or [{}] * len(logits)))
         s, y = torch.cat(scores).numpy(), torch.cat(targets).numpy()
         how = (f"MGCA linear protocol: frozen encoder CLS feature, nn.Linear, AdamW lr {p['lr']:g} wd "
                f"{p['weight_decay']:g}, batch {p['batch_size']}, {result.epochs_run}/{p['max_epochs']} epochs "
                f"(early stop on val loss, patience {p['patience']}), best-val epoch {result.best_epoch}; "
                f"{p['resize']} pad, {p['crop']} random/center crop; {trainer.info['how']}")
-        values = []
+        values, samples = [], label_samples(ids, s, y, ctx.datamodule.label_names)
+        recipes = {"auc": auc_recipe()}
         if trainer.info["multiclass"]:
-            acc = float((s.argmax(1) == y.argmax(1)).mean())
-            values.append(MetricValue("acc", acc, f"top-1 accuracy on test (N={len(y)}); cross-entropy head; {how}"))
+            samples["acc_correct"] = (s.argmax(1) == y.argmax(1)).astype(np.float32)
+            recipes["acc"] = mean_recipe("acc_correct", chance=1.0 / y.shape[1])
+            values.append(MetricValue("acc", float(samples["acc_correct"].mean()),
+                                      f"top-1 accuracy on test (N={len(y)}); cross-entropy head; {how}"))
         auc, _ = macro_auc(y, s)
         values.append(MetricValue("auc", auc, f"macro ROC-AUC on test (N={len(y)}); {how}"))
         comp = {"protocol_variant": self.variant, "fraction_source": p["fraction_source"],
-                "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
-        return ProtocolResult(values, parts["split_hash"], comp)
+                **selection_fields(result, trainer)}
+        return ProtocolResult(values, parts["split_hash"], comp, samples=samples, recipes=recipes)
 

@@ -83,14 +83,16 @@ def paired(ctx: EvalContext) -> tuple[Features, str]:
 
 def hit_at_k(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> dict[int, float]:
     """Share of queries with at least one item of the same label set among the top K (Hit@K)."""
+    return {k: float(v.mean()) for k, v in hit_per_query(sim, labels, ks).items()}
+
+
+def hit_per_query(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Per query (row), 1 when an item of its label set is among the top K, else 0 (rows with NaN labels: 0)."""
     known = ~np.isnan(labels).any(1)
     keys = [r.tobytes() if ok else None for r, ok in zip(labels, known)]
     order = np.argsort(-sim, axis=1, kind="stable")
-    out = {}
-    for k in ks:
-        hits = [keys[i] is not None and any(keys[j] == keys[i] for j in row[:k]) for i, row in enumerate(order)]
-        out[k] = float(np.mean(hits))
-    return out
+    return {k: np.array([keys[i] is not None and any(keys[j] == keys[i] for j in row[:k]) for i, row in enumerate(order)],
+                        np.float32) for k in ks}
 
 
 @register_benchmark("retrieval")
@@ -170,12 +172,18 @@ class CategoryRetrieval(Protocol):
         n = sim.shape[0]
         ks = tuple(sorted({min(int(k), n) for k in ctx.params.get("ks", (1, 5, 10, 50, 100))}))
         out = []
+        # per query (query i of either direction is test sample i), so the report bootstraps over queries
+        samples, recipes = {"ids": np.asarray([str(i) for i in feats.ids])}, {}
         for direction, s in (("i2t", sim), ("t2i", sim.T)):
-            prec, chance = label_precision_at_k(s, feats.labels, ks)
+            prec, chance = label_precision_per_query(s, feats.labels, ks)
             for k, v in prec.items():
-                out.append(MetricValue(f"{direction}_P@{k}", v, f"{direction} category precision@{k} among N={n} "
+                name = f"{direction}_P@{k}"
+                samples[name], recipes[name] = v.astype(np.float32), mean_recipe(name, chance)
+                out.append(MetricValue(name, float(v.mean()), f"{direction} category precision@{k} among N={n} "
                                        f"(same class as the query; chance {chance:.3f}){note}"))
-            for k, v in hit_at_k(s, feats.labels, ks).items():
-                out.append(MetricValue(f"{direction}_Hit@{k}", v, f"{direction} share of queries with a same-class "
+            for k, v in hit_per_query(s, feats.labels, ks).items():
+                name = f"{direction}_Hit@{k}"
+                samples[name], recipes[name] = v, mean_recipe(name)
+                out.append(MetricValue(name, float(v.mean()), f"{direction} share of queries with a same-class "
                                        f"item in the top {k} of N={n}{note}"))
-        return ProtocolResult(out, comparability={"protocol_variant": self.variant})
+        return ProtocolResult(out, comparability={"protocol_variant": self.variant}, samples=samples, recipes=recipes)

@@ -22,6 +22,20 @@ def _ctx(model, dm, tmp_path, **params):
     return EvalContext(model, dm, FeatureCache(None), params, "cpu", tmp_path)
 
 
+def _recomputes(res) -> set[str]:
+    """Every metric with a recipe equals its value recomputed from the stored per-sample arrays (what the
+    report's CIs resample); returns the metrics that have one."""
+    from medvlp.benchmarks import stats
+
+    ids = res.samples["ids"]
+    for v in res.values:
+        if v.metric in res.recipes:
+            recipe = res.recipes[v.metric]
+            assert stats.n_samples(recipe, res.samples) == len(ids), v.metric
+            assert stats.metric_value(recipe, res.samples) == pytest.approx(v.value, abs=1e-6), v.metric
+    return set(res.recipes)
+
+
 # ----------------------------------------------------------------------------- splits
 def test_mgca_fraction_is_pandas_sample_random_state_42() -> None:
     from medvlp.benchmarks.splits import mgca_fraction_ids
@@ -106,7 +120,9 @@ def test_mgca_linear_runs_and_reports_variant(tiny_xray, tmp_path) -> None:
     vals = {v.metric: v.value for v in res.values}
     assert 0 <= vals["auc"] <= 1 and "best-val epoch" in res.values[0].definition
     assert res.comparability["protocol_variant"] == "mgca_linear" and res.comparability["fraction_source"] == "mgca"
+    assert res.comparability["selection"] == "best_val"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # encoder untouched
+    assert _recomputes(res) == {"auc"} and len(res.samples["ids"]) == len(dm.dataset("test", augment=False))
 
 
 def test_mgca_linear_uses_cross_entropy_for_one_hot_labels(tmp_path) -> None:
@@ -127,6 +143,8 @@ def test_mgca_linear_uses_cross_entropy_for_one_hot_labels(tmp_path) -> None:
     logits = parts["logits_of"](batch, False)
     y = batch["labels"].float()
     assert float(parts["loss_of"](logits, y).detach()) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y.argmax(1)).detach()))
+    res = proto.run(_ctx(model, dm, tmp_path, resize=32, crop=24, max_epochs=1), 1.0, 0)
+    assert _recomputes(res) == {"auc", "acc"}  # accuracy = mean of per-sample correctness
 
 
 # ----------------------------------------------------------------------------- zero-shot / retrieval
@@ -492,6 +510,8 @@ def test_mimic_5x200_from_benchx_ids_feeds_category_retrieval(tmp_path) -> None:
     res = CategoryRetrieval().run(_ctx(model, dm, tmp_path, ks=[1, 5]))
     vals = {v.metric: v.value for v in res.values}
     assert vals["i2t_Hit@5"] == 1.0 and vals["i2t_P@5"] == pytest.approx(0.2)  # 5 classes, one image each
+    assert _recomputes(res) == set(vals)  # P@K and Hit@K: means over queries
+    assert res.samples["t2i_P@5"].shape == (5,)
 
 
 # ----------------------------------------------------------------------------- paper suites
@@ -602,13 +622,15 @@ def test_em_cremi_scores_whole_stitched_test_volumes(tmp_path) -> None:
     from medvlp.datamodules.em import CREMIDataModule
     from tests.fixtures import make_cremi
 
-    dm = CREMIDataModule(str(make_cremi(tmp_path / "cremi")), samples=["A", "B"], volume_size=(4, 16, 16), test_fraction=0.34, batch_size=4)
+    dm = CREMIDataModule(str(make_cremi(tmp_path / "cremi")), samples=["A", "B"], volume_size=(4, 16, 16), test_fraction=0.34,
+                         val_fraction=0.34, batch_size=4)
     torch.manual_seed(0)
     model, _ = build_tiny("gtgm")
     res = EMCremi().run(_ctx(model, dm, tmp_path, epochs=1, width=8, max_stages=1), 1.0, 0)
     vals = {v.metric: v.value for v in res.values}
     assert vals["voi"] == pytest.approx(vals["voi_split"] + vals["voi_merge"]) and 0 <= vals["arand"] <= 1
     assert "2 volume(s) stitched from 8 sub-volumes" in res.values[0].definition
+    assert _recomputes(res) == set(vals) and len(res.samples["ids"]) == 2  # one sample per stitched volume
 
 
 # ----------------------------------------------------------------------------- GTGM 3D fine-tuning
@@ -641,6 +663,7 @@ def test_gtgm_finetune_trains_everything_and_selects_best_validation_dice(tmp_pa
     vals = {v.metric: v.value for v in res.values}
     assert 0 <= vals["dice_with_background_bestval"] <= 1 and 0 <= vals["dice_with_background"] <= 1
     assert res.comparability["split_convention"] == "gtgm_official"
+    assert _recomputes(res) == set(vals) - {"dice_with_background_bestval"}  # a validation statistic: no test samples
 
 
 def test_benchx_segmentation_builds_upernet_with_layer_decay_and_reports_mmseg_dice(siim_dm, tmp_path) -> None:
