@@ -82,14 +82,17 @@ def weighted_macro_auc(scores: np.ndarray, labels: np.ndarray, W: np.ndarray) ->
     ks = _valid_classes(labels)
     if not ks:
         raise ValueError("no class has both positive and negative labels: AUC undefined")
-    out = np.zeros(W.shape[0])
-    for k in ks:
+    per_class = np.full((W.shape[0], len(ks)), np.nan)
+    for j, k in enumerate(ks):
         ok = ~np.isnan(labels[:, k])
         y, s, w = labels[ok, k] > 0.5, scores[ok, k].astype(np.float64), W[:, ok]
         H = _pair_matrix(s[y], s[~y])
         wp, wn = w[:, y], w[:, ~y]
-        out += ((wp @ H) * wn).sum(1) / (wp.sum(1) * wn.sum(1))
-    return out / len(ks)
+        den = wp.sum(1) * wn.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class[:, j] = np.where(den > 0, ((wp @ H) * wn).sum(1) / den, np.nan)
+    # a resample without a positive (or negative) of a class leaves that class out (pooled strata)
+    return np.nanmean(per_class, axis=1)
 
 
 def metric_under_weights(recipe: Mapping[str, Any], arrays: Arrays, W: np.ndarray) -> np.ndarray:
@@ -130,10 +133,28 @@ def metric_value(recipe: Mapping[str, Any], arrays: Arrays) -> float:
     return float(metric_under_weights(recipe, arrays, np.ones((1, n)))[0])
 
 
-def label_strata(labels: np.ndarray) -> np.ndarray:
-    """Stratum id per sample = its label pattern (NaN counts as its own value)."""
+#: label patterns with fewer test samples than this are pooled into one stratum (see :func:`label_strata`)
+MIN_STRATUM = 5
+
+
+def label_strata(labels: np.ndarray, min_size: int = MIN_STRATUM) -> np.ndarray:
+    """Stratum id per sample = its label pattern (NaN counts as its own value); patterns with fewer than
+    ``min_size`` samples share one pooled stratum.
+
+    A stratum of one sample is resampled as itself in every resample, so with many rare patterns
+    (many label columns, few samples) pure pattern strata would freeze most of the test set and give
+    too narrow (down to zero-width) intervals. Pooling keeps the frequent patterns' positives fixed
+    and lets the rare ones vary; a class that loses all its positives or negatives in a resample is
+    left out of that resample's macro AUC (:func:`weighted_macro_auc`).
+    """
     pattern = np.where(np.isnan(labels), -1.0, labels)
-    return np.unique(pattern, axis=0, return_inverse=True)[1].reshape(-1)
+    ids = np.unique(pattern, axis=0, return_inverse=True)[1].reshape(-1)
+    counts = np.bincount(ids)
+    rare = counts[ids] < min_size
+    if rare.any():
+        ids = np.where(rare, -1, ids)
+        ids = np.unique(ids, return_inverse=True)[1].reshape(-1)
+    return ids
 
 
 def bootstrap_weights(n: int, n_boot: int = 1000, seed: int = 0, strata: np.ndarray | None = None) -> np.ndarray:

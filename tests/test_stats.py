@@ -72,6 +72,21 @@ def test_stratified_bootstrap_keeps_positives_and_matches_normal_theory() -> Non
     assert ci["hi"] == pytest.approx(hits.mean() + half, abs=0.15 * half)
 
 
+def test_auc_interval_is_not_frozen_by_rare_label_patterns() -> None:
+    # 12 label columns, 240 samples: almost every sample has its own pattern. Pattern-only strata of one
+    # sample resample themselves every time and froze the interval to (almost) zero width.
+    rng = np.random.default_rng(0)
+    y = (rng.random((240, 12)) < 0.3).astype(float)
+    scores = y * 0.8 + rng.normal(size=y.shape)
+    ci = stats.cell_interval([(auc_recipe(), {"scores": scores, "labels": y})], n_boot=400, seed=0)
+    W = stats.bootstrap_weights(240, 400, 0)  # unstratified reference
+    plain = stats.metric_under_weights(auc_recipe(), {"scores": scores, "labels": y}, W)
+    width, plain_width = ci["hi"] - ci["lo"], np.subtract(*np.percentile(plain, [97.5, 2.5]))
+    assert width > 0.5 * plain_width > 0
+    strata = stats.label_strata(np.array([[1.0]] * 10 + [[0.0]] * 3 + [[2.0]] * 1))
+    assert len(set(strata[:10])) == 1 and len(set(strata[10:])) == 1 and strata[0] != strata[-1]  # rare pooled
+
+
 def test_delong_agrees_with_paired_bootstrap_on_a_large_synthetic_case() -> None:
     rng = np.random.default_rng(0)
     n = 1500
