@@ -166,13 +166,32 @@ def make_msd(root: Path, n: int = 6, modality: str = "CT") -> Path:
     return root
 
 
-def make_btcv(root: Path, n: int = 5) -> Path:
+def make_btcv(root: Path, n: int = 5, layout: str = "rawdata") -> Path:
+    """BTCV fixture with labels 1 (spleen) and 6 (liver).
+
+    ``rawdata``: the Synapse download, ``RawData/Training/{img,label}``, no split file. ``monai``: the
+    published MONAI/UNETR release, ``imagesTr``/``labelsTr``, unlabelled ``imagesTs`` and ``dataset_0.json``
+    with MSD-style ``training``/``validation``/``test`` lists (the last 2 labelled volumes are ``validation``).
+    """
+    tr = ("RawData/Training/img", "RawData/Training/label") if layout == "rawdata" else ("imagesTr", "labelsTr")
+    entries = []
     for i in range(1, n + 1):
-        write_nii(root / "RawData" / "Training" / "img" / f"img{i:04d}.nii.gz", RNG.normal(0, 100, (20, 20, 10)).astype(np.float32))
+        write_nii(root / tr[0] / f"img{i:04d}.nii.gz", RNG.normal(0, 100, (20, 20, 10)).astype(np.float32))
         lab = np.zeros((20, 20, 10), np.uint8)
         lab[2:8, 2:8, 2:5] = 1
         lab[10:16, 10:16, 4:8] = 6
-        write_nii(root / "RawData" / "Training" / "label" / f"label{i:04d}.nii.gz", lab)
+        write_nii(root / tr[1] / f"label{i:04d}.nii.gz", lab)
+        entries.append({"image": f"{tr[0]}/img{i:04d}.nii.gz", "label": f"{tr[1]}/label{i:04d}.nii.gz"})
+    if layout == "monai":
+        write_nii(root / "imagesTs" / "img0061.nii.gz", RNG.normal(0, 100, (20, 20, 10)).astype(np.float32))
+        organs = ["spleen", "rkid", "lkid", "gall", "eso", "liver", "sto", "aorta", "IVC", "veins", "pancreas", "rad", "lad"]
+        meta = {"description": "btcv yucheng", "labels": {str(k): v for k, v in enumerate(["background"] + organs)},
+                "modality": {"0": "CT"}, "name": "btcv", "numTest": 1, "numTraining": n - 2, "numValidation": 2,
+                "tensorImageSize": "3D", "test": ["imagesTs/img0061.nii.gz"], "training": entries[:-2],
+                "validation": entries[-2:]}
+        (root / "dataset_0.json").write_text(json.dumps(meta))
+    elif layout != "rawdata":
+        raise ValueError(f"layout must be rawdata|monai, got {layout!r}")
     return root
 
 

@@ -515,7 +515,7 @@ def test_mimic_5x200_from_benchx_ids_feeds_category_retrieval(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- paper suites
-PAPER_SUITES = ["paper_mgca_linear", "paper_mgca_segmentation", "paper_benchx", "paper_gtgm_seg3d"]
+PAPER_SUITES = ["paper_mgca_linear", "paper_mgca_segmentation", "paper_benchx", "paper_gtgm_seg3d", "paper_unimedi"]
 
 
 def _fixture_roots(tmp_path):
@@ -529,10 +529,10 @@ def _fixture_roots(tmp_path):
         (nih / name).write_text("".join(f"{i // 2:08d}_{i % 2:03d}.png 0\n" for i in lines))
     (nih / "train_1.txt").write_text("00000000_000.png 0\n00000000_001.png 0\n")
     (nih / "train_10.txt").write_text("00000001_000.png 0\n00000001_001.png 0\n00000002_000.png 0\n")
-    from tests.fixtures import make_msd
+    from tests.fixtures import make_btcv, make_msd
 
     msd = make_msd(tmp_path / "msd", n=10)
-    return {"msd": msd, "chexpert": make_chexpert(tmp_path / "chex", n=12), "rsna": make_rsna(tmp_path / "rsna", n=40),
+    return {"msd": msd, "btcv": make_btcv(tmp_path / "btcv", n=6, layout="monai"), "chexpert": make_chexpert(tmp_path / "chex", n=12), "rsna": make_rsna(tmp_path / "rsna", n=40),
             "covidx": make_covidx(tmp_path / "covidx"), "nih": nih, "siim": make_siim(tmp_path / "siim", n=16),
             "mimic": mimic, "mimic_ids": ids}
 
@@ -545,13 +545,13 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
     roots = _fixture_roots(tmp_path)
     key_root = {"chexpert": "chexpert", "chexpert_5x200": "chexpert", "rsna": "rsna", "covidx": "covidx",
                 "nih": "nih", "siim": "siim", "mimic_5x200": "mimic", "msd_liver": "msd", "msd_lung": "msd",
-                "msd_pancreas": "msd", "msd_heart": "msd"}
+                "msd_pancreas": "msd", "msd_heart": "msd", "btcv": "btcv", "bcv": "btcv", "rsna_seg": "rsna"}
     for name in PAPER_SUITES:
         raw = load_suite(name)
         overrides = [f"output={tmp_path / name}", "preset=tiny"]
         for key in raw["datasets"]:
             overrides.append(f"datasets.{key}.init_args.root={roots[key_root[key]]}")
-            overrides.append(f"datasets.{key}.init_args.volume_size=[8,16,16]" if key.startswith("msd")
+            overrides.append(f"datasets.{key}.init_args.volume_size=[8,16,16]" if key.startswith(("msd", "btcv", "bcv"))
                              else f"datasets.{key}.init_args.image_size=32")
             if key.startswith("chexpert"):  # MGCA's CheXpert split removes a 5x200 set the fixture cannot hold
                 overrides += [f"datasets.{key}.init_args.val_size=3", f"datasets.{key}.init_args.split_convention=hash"]
@@ -578,11 +578,12 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
             if proto in ("mgca_linear", "mgca_segmentation", "benchx_finetune", "gtgm_finetune", "benchx_segmentation"):
                 overrides.append(f"protocols.{key}.fractions=[{1.0 if proto == 'gtgm_finetune' else 0.1}]")
         suite = load_suite(name, overrides)
-        method = "gtgm" if name == "paper_gtgm_seg3d" else "clip"  # a 3D encoder for the 3D table
+        # a 3D encoder for the 3D table; UniMedI's one ViT for its 2D and 3D tables
+        method = {"paper_gtgm_seg3d": "gtgm", "paper_unimedi": "unimedi"}.get(name, "clip")
         suite["methods"] = {"random_init": {"method": method, "pretrain": False,  # pretraining is not under test
                                             "init_args": {"image_encoder": {"depth": 4}}}}  # 4 levels for UperNet
-        if name == "paper_gtgm_seg3d":  # one MSD task stands for the four (same datamodule and protocol)
-            suite["datasets"] = {"msd_liver": suite["datasets"]["msd_liver"]}
+        if name == "paper_gtgm_seg3d":  # one MSD task stands for the four (same datamodule and protocol), and BTCV
+            suite["datasets"] = {k: suite["datasets"][k] for k in ("msd_liver", "btcv")}
         # CheXpert 5x200 needs 200 single-finding images per class, more than a fixture holds; the same
         # protocols run on MIMIC 5x200 (built from BenchX's id file) in this suite
         suite["datasets"].pop("chexpert_5x200", None)
@@ -590,6 +591,24 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
         expected = {p.get("protocol", k) for k, p in raw["protocols"].items()}
         assert set(df["protocol"].map(lambda k: raw["protocols"][k].get("protocol", k))) == expected, name
         assert df["comparability"].str.contains('"protocol_variant"').all()
+        if name in ("paper_gtgm_seg3d", "paper_unimedi"):  # BTCV ran, on its published test split
+            btcv = df[df["dataset"].isin(["btcv", "bcv"])]
+            assert len(btcv) and set(btcv["metric"]) >= {"dice_with_background", "dice"}, name
+
+
+def test_btcv_published_layout_holds_out_its_validation_list_as_the_test_split(tmp_path) -> None:
+    """BTCV as released for MONAI/UNETR: ``imagesTr``/``labelsTr`` + ``dataset_0.json`` whose
+    ``validation`` list is the test split; the unlabelled ``imagesTs`` volumes are in no split."""
+    from medvlp.datamodules.ct import BTCVDataModule
+    from tests.fixtures import make_btcv
+
+    dm = BTCVDataModule(str(make_btcv(tmp_path / "btcv", n=6, layout="monai")), volume_size=(8, 16, 16))
+    recs = {s: [r["id"] for r in dm.records(s)] for s in ("train", "val", "test")}
+    assert sorted(recs["test"]) == ["img0005", "img0006"]
+    assert sorted(recs["train"] + recs["val"]) == [f"img000{i}" for i in range(1, 5)]
+    assert "img0061" not in recs["train"] + recs["val"] + recs["test"]
+    batch = next(iter(dm.eval_dataloader("test", 2)))
+    assert batch["mask"].shape == (2, 1, 8, 16, 16) and set(batch["mask"].unique().tolist()) <= {0, 1, 6}
 
 
 # ----------------------------------------------------------------------------- EM as CREMI
