@@ -5,16 +5,19 @@ from __future__ import annotations
 import copy
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.benchmarks.head_loop import HeadTrainer, fit, warmup_cosine
+from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields, warmup_cosine
 from medvlp.benchmarks.linear_probe import is_one_hot
 from medvlp.benchmarks.mgca_linear import labels_of
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc
+from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, label_samples,
+                                       macro_auc, mean_recipe)
+from medvlp.benchmarks.segmentation import dice_samples
 from medvlp.benchmarks.splits import select_fraction
-from medvlp.benchmarks.views import (center_crop, encoder_channels, random_resized_crop_flip, renormalise, resize,
+from medvlp.benchmarks.views import (batch_ids, center_crop, encoder_channels, random_resized_crop_flip, renormalise, resize,
                                      split_ids, subset_loader, to_channels)
 from medvlp.registry import register_benchmark
 
@@ -131,7 +134,7 @@ class BenchXFinetune(Protocol):
             known = ~torch.isnan(y)
             return F.binary_cross_entropy_with_logits(logits.float()[known], y[known])
 
-        def scores(split: str) -> tuple[Any, Any]:
+        def scores(split: str, ids: list[str] | None = None) -> tuple[Any, Any]:
             out, ys = [], []
             for batch in subset_loader(dm, split, None, int(p["batch_size"]), False, seed):
                 if batch is None:
@@ -139,6 +142,8 @@ class BenchXFinetune(Protocol):
                 logits = logits_of(batch, False).float().cpu()
                 out.append(torch.softmax(logits, 1) if multiclass else torch.sigmoid(logits))
                 ys.append(labels_of(batch))
+                if ids is not None:
+                    ids.extend(batch_ids(batch, len(ids)))
             return torch.cat(out).numpy(), torch.cat(ys).numpy()
 
         def validate() -> dict[str, float]:
@@ -159,20 +164,25 @@ class BenchXFinetune(Protocol):
         trainer, parts = self.build(ctx, fraction, seed)
         result = fit(trainer)
         p = self.params(ctx)
+        ids: list[str] = []
         with torch.no_grad():
-            s, y = parts["scores"]("test")
+            s, y = parts["scores"]("test", ids)
         how = (f"BenchX fine-tune: SGD lr {p['lr']:g} momentum {p['momentum']:g}, encoder lr x{p['backbone_lr_mult']:g}, "
                f"warm-up {p['warmup_steps']} + cosine to step {p['total_steps']}, grad clip {p['grad_clip']:g}, batch "
                f"{p['batch_size']}, {result.epochs_run}/{p['max_epochs']} epochs (val AUROC every {p['eval_interval']} "
                f"from {p['eval_start']}, early stop {p['early_stop']}), best-val epoch {result.best_epoch + 1}; "
                f"RandomResizedCrop+flip; {trainer.info['how']}")
         values = [MetricValue("auc", macro_auc(y, s)[0], f"macro ROC-AUC on test (N={len(y)}); {how}")]
+        samples, recipes = label_samples(ids, s, y, ctx.datamodule.label_names), {"auc": auc_recipe()}
         if trainer.info["multiclass"]:
-            values.append(MetricValue("acc", float((s.argmax(1) == y.argmax(1)).mean()),
+            samples["acc_correct"] = (s.argmax(1) == y.argmax(1)).astype(np.float32)
+            recipes["acc"] = mean_recipe("acc_correct", chance=1.0 / y.shape[1])
+            values.append(MetricValue("acc", float(samples["acc_correct"].mean()),
                                       f"top-1 accuracy on test (N={len(y)}); {how}"))
         del parts["model"]
-        comp = {"protocol_variant": self.variant, "fraction_source": p["fraction_source"], "best_epoch": result.best_epoch}
-        return ProtocolResult(values, parts["split_hash"], comp)
+        comp = {"protocol_variant": self.variant, "fraction_source": p["fraction_source"],
+                **selection_fields(result, trainer)}
+        return ProtocolResult(values, parts["split_hash"], comp, samples=samples, recipes=recipes)
 
 
 SEG_DEFAULTS: dict[str, Any] = {
@@ -398,13 +408,15 @@ class BenchXSegmentation(Protocol):
                     if done >= interval:
                         return
 
-        def predict(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        def predict(split: str, ids: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             preds, targets = [], []
             for batch in subset_loader(dm, split, None, int(p["batch_size"]), False, seed):
                 if batch is None:
                     continue
                 preds.append(logits(view(batch["image"]).to(ctx.device))[0].argmax(1, keepdim=True).cpu())
                 targets.append(batch["mask"].long())
+                if ids is not None:
+                    ids.extend(batch_ids(batch, len(ids)))
             return torch.cat(preds), torch.cat(targets)
 
         def validate() -> dict[str, float]:
@@ -423,13 +435,17 @@ class BenchXSegmentation(Protocol):
         trainer, parts = self.build(ctx, fraction, seed)
         result = fit(trainer)
         p = self.params(ctx)
+        ids: list[str] = []
         with torch.no_grad():
-            pred, target = parts["predict"]("test")
+            pred, target = parts["predict"]("test", ids)
         how = (f"BenchX UperNet fine-tune: AdamW lr {p['lr']:g} wd {p['weight_decay']:g} layer decay {p['layer_decay']:g}, "
                f"warm-up {p['warmup_iterations']} + poly, {result.steps} iterations, best val Dice.front at validation "
                f"{result.best_epoch + 1}; {trainer.info['how']}; N_test={len(pred)}")
         values = [MetricValue(f"dice_{d}", dice_score(pred, target, trainer.info["k"], d), f"{DEFINITIONS[d]}; {how}")
                   for d in ("mmseg_dataset", "mmseg_dataset_foreground")]
         del parts["model"]
+        samples, recipes = dice_samples(pred, target, trainer.info["k"], {v.metric: v.metric[len("dice_"):] for v in values}, ids)
         return ProtocolResult(values, parts["split_hash"], {"protocol_variant": self.variant,
-                                                            "fraction_source": p["fraction_source"]})
+                                                            "fraction_source": p["fraction_source"],
+                                                            **selection_fields(result, trainer)},
+                              samples=samples, recipes=recipes)

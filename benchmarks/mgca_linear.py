@@ -14,7 +14,7 @@ from medvlp.benchmarks.linear_probe import is_one_hot
 from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, label_samples,
                                        macro_auc, mean_recipe)
 from medvlp.benchmarks.splits import select_fraction
-from medvlp.benchmarks.views import (center_crop, encoder_channels, random_crop, renormalise, split_ids,
+from medvlp.benchmarks.views import (batch_ids, center_crop, encoder_channels, random_crop, renormalise, split_ids,
                                      subset_loader, to_channels)
 from medvlp.registry import register_benchmark
 
@@ -154,7 +154,7 @@ class MGCALinear(Protocol):
                 logits = parts["logits_of"](batch, False).float().cpu()
                 scores.append(torch.softmax(logits, 1) if trainer.info["multiclass"] else torch.sigmoid(logits))
                 targets.append(labels_of(batch))
-                ids.extend(str(m.get("id", len(ids) + i)) for i, m in enumerate(batch.get("meta") or [{}] * len(logits)))
+                ids.extend(batch_ids(batch, len(ids)))
         s, y = torch.cat(scores).numpy(), torch.cat(targets).numpy()
         how = (f"MGCA linear protocol: frozen encoder CLS feature, nn.Linear, AdamW lr {p['lr']:g} wd "
                f"{p['weight_decay']:g}, batch {p['batch_size']}, {result.epochs_run}/{p['max_epochs']} epochs "

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvlp.benchmarks.dice import DEFINITIONS, dice_score
-from medvlp.benchmarks.head_loop import HeadTrainer, fit
+from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields
 from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult
+from medvlp.benchmarks.segmentation import dice_samples
 from medvlp.benchmarks.splits import select_fraction, split_hash, write_split_file
-from medvlp.benchmarks.views import (encoder_channels, renormalise, shift_scale_rotate, split_ids, subset_loader,
+from medvlp.benchmarks.views import (batch_ids, encoder_channels, renormalise, shift_scale_rotate, split_ids, subset_loader,
                                      to_channels)
 from medvlp.registry import register_benchmark
 
@@ -242,7 +243,7 @@ class MGCASegmentation(Protocol):
         trainer, parts = self.build(ctx, fraction, seed)
         result = fit(trainer)
         p = self.params(ctx)
-        preds, targets = [], []
+        preds, targets, ids = [], [], []
         with torch.no_grad():
             for batch in subset_loader(ctx.datamodule, "test", None, int(p["batch_size"]), False, seed):
                 if batch is None:
@@ -250,6 +251,7 @@ class MGCASegmentation(Protocol):
                 x, y = parts["view"](batch, False)
                 preds.append((torch.sigmoid(parts["logits_of"](x)) > 0.5).long().cpu()[:, None])
                 targets.append(y.long())
+                ids.extend(batch_ids(batch, len(ids)))
         pred, target = torch.cat(preds), torch.cat(targets)
         how = (f"MGCA segmentation protocol: frozen encoder, SETR decoder {list(p['features'])}, focal(α=10)+Dice loss, "
                f"AdamW lr {p['lr']:g} wd {p['weight_decay']:g}, batch {p['batch_size']}, {result.epochs_run}/"
@@ -264,5 +266,7 @@ class MGCASegmentation(Protocol):
             except ValueError as exc:  # e.g. no positive test image: that definition is undefined
                 log.warning("%s: extra Dice %s not reported: %s", self.name, d, exc)
         comp = {"protocol_variant": self.variant, "fraction_source": p["fraction_source"],
-                "best_epoch": result.best_epoch}
-        return ProtocolResult(values, parts["split_hash"], comp)
+                **selection_fields(result, trainer)}
+        definition = {f"dice_{d}" if d != "foreground" else "dice": d for d in [p["dice"], *p["extra_dice"]]}
+        samples, recipes = dice_samples(pred, target, 2, {v.metric: definition[v.metric] for v in values}, ids)
+        return ProtocolResult(values, parts["split_hash"], comp, samples=samples, recipes=recipes)

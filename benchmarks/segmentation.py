@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -251,16 +251,8 @@ class Segmentation(Protocol):
         values = [MetricValue(f"dice_{d}" if d != "foreground" else "dice",
                               dice_score(out["pred"], out["target"], out["num_classes"], d),
                               f"{DEFINITIONS[d]}; {out['how']}") for d in names]
-        samples, recipes = {"ids": np.asarray([str(i) for i in out["ids"]])}, {}
-        for v, d in zip(values, names):
-            if d.startswith("mmseg_dataset"):  # dataset-level: per-image areas, summed when recomputed
-                samples[f"{v.metric}_num"], samples[f"{v.metric}_den"] = dice_areas(
-                    out["pred"], out["target"], out["num_classes"], background=d == "mmseg_dataset")
-                recipes[v.metric] = {"kind": "ratio", "num": f"{v.metric}_num", "den": f"{v.metric}_den",
-                                     "chance": None, "higher_is_better": True}
-            else:
-                samples[v.metric] = per_image_dice(out["pred"], out["target"], out["num_classes"], d)
-                recipes[v.metric] = mean_recipe(v.metric)
+        samples, recipes = dice_samples(out["pred"], out["target"], out["num_classes"],
+                                        {v.metric: d for v, d in zip(values, names)}, out["ids"])
         flags = ([] if bool((out["pred"] > 0).any()) else
                  ["degenerate: the decoder predicted background everywhere on every test image"])
         return ProtocolResult(values, out["split_hash"], out.get("selection", {}), samples=samples, recipes=recipes,
@@ -271,6 +263,23 @@ class Segmentation(Protocol):
         if frozen:
             return xs.rows(idx, device)
         return model.image_feature_maps(torch.stack([xs[i] for i in idx]).to(device))
+
+
+def dice_samples(pred: torch.Tensor, target: torch.Tensor, num_classes: int, metrics: dict[str, str],
+                 ids: Sequence[Any]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Per-image arrays and recipes from which each Dice ``metric → definition`` is recomputed exactly:
+    dataset-level definitions (``mmseg_dataset*``) store per-image areas (``ratio``: summed, then divided),
+    the others per-image Dice (``mean``)."""
+    samples, recipes = {"ids": np.asarray([str(i) for i in ids])}, {}
+    for metric, d in metrics.items():
+        if d.startswith("mmseg_dataset"):  # dataset-level: per-image areas, summed when recomputed
+            samples[f"{metric}_num"], samples[f"{metric}_den"] = dice_areas(pred, target, num_classes,
+                                                                            background=d == "mmseg_dataset")
+            recipes[metric] = {"kind": "ratio", "num": f"{metric}_num", "den": f"{metric}_den", "chance": None,
+                               "higher_is_better": True}
+        else:
+            samples[metric], recipes[metric] = per_image_dice(pred, target, num_classes, d), mean_recipe(metric)
+    return samples, recipes
 
 
 def per_image_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, definition: str) -> np.ndarray:

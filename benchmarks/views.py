@@ -114,6 +114,12 @@ def subset_loader(datamodule: Any, split: str, rows: Sequence[int] | None, batch
                       generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
 
+def batch_ids(batch: dict[str, Any], start: int) -> list[str]:
+    """Sample ids of a batch (``meta.id``, else positions from ``start``)."""
+    metas = batch.get("meta") or [{}] * len(batch["image"])
+    return [str(m.get("id", start + i)) for i, m in enumerate(metas)]
+
+
 def split_ids(datamodule: Any, split: str) -> list[str]:
     """Sample ids of a split in record order (``meta.id``, else the position)."""
     ds = datamodule.dataset(split, augment=False)

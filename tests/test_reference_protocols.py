@@ -387,7 +387,8 @@ def test_mgca_segmentation_runs_with_the_mgca_dice(siim_dm, tmp_path) -> None:
     res = MGCASegmentation().run(_ctx(model, siim_dm, tmp_path, image_size=32, max_epochs=2, features=[16, 16, 8, 8]), 0.5, 0)
     vals = {v.metric: v.value for v in res.values}
     assert 0 <= vals["dice_mgca_per_image"] <= 1 and res.values[0].definition.startswith("MGCA per-image")
-    assert res.comparability["protocol_variant"] == "mgca_segmentation"
+    assert res.comparability["protocol_variant"] == "mgca_segmentation" and res.comparability["selection"] == "best_val"
+    assert _recomputes(res) == set(vals)
     assert list((tmp_path / "splits").rglob("mgca_seg_0.5_s0.txt"))
 
 
@@ -432,6 +433,7 @@ def test_benchx_finetune_selects_on_validation_auroc(tiny_xray, tmp_path) -> Non
     assert 0 <= res.values[0].value <= 1 and "best-val epoch" in res.values[0].definition
     assert res.comparability["protocol_variant"] == "benchx_finetune"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was fine-tuned
+    assert res.comparability["selection"] == "best_val" and _recomputes(res) == {"auc"}
 
 
 # ----------------------------------------------------------------------------- NIH ChestX-ray14
@@ -713,3 +715,4 @@ def test_benchx_segmentation_builds_upernet_with_layer_decay_and_reports_mmseg_d
     assert float(mmseg_dice_loss(logits, y)) < 1e-3
     res = proto.run(ctx, 0.1, 0)
     assert {v.metric for v in res.values} == {"dice_mmseg_dataset", "dice_mmseg_dataset_foreground"}
+    assert _recomputes(res) == {v.metric for v in res.values}  # dataset-level Dice: per-image areas, summed
