@@ -197,15 +197,23 @@ class VLPMethod(L.LightningModule):
         MaskCLIP: the projected tokens are the backbone's output patch tokens, not the value embeddings of
         its last attention layer. Methods with a local image–text head override it (ASG).
         """
-        feats = self.image_features(image)
-        grid = feats["grid"]
-        if len(grid) != 2:
-            raise ValueError(f"dense_text_similarity needs 2D images, got a token grid {tuple(grid)}")
-        if len(texts) != image.shape[0]:
-            raise ValueError(f"dense_text_similarity pairs text i with image i: {len(texts)} texts, {image.shape[0]} images")
+        feats = self.dense_image_features(image, texts)
         patches = F.normalize(self.image_proj(feats["tokens"]), dim=-1)
         text = self.encode_text(list(texts)).to(patches.dtype)
-        return torch.einsum("bne,be->bn", patches, text).reshape(image.shape[0], *grid)
+        return torch.einsum("bne,be->bn", patches, text).reshape(image.shape[0], *feats["grid"])
+
+    def dense_image_features(self, image: torch.Tensor, texts: Sequence[str]) -> ImageFeatures:
+        """:meth:`image_features` of 2D ``image`` for a dense map against ``texts`` (text ``i`` ↔ image ``i``).
+
+        Raises:
+            ValueError: for a non-2D token grid or a text count that differs from the batch size.
+        """
+        feats = self.image_features(image)
+        if len(feats["grid"]) != 2:
+            raise ValueError(f"dense_text_similarity needs 2D images, got a token grid {tuple(feats['grid'])}")
+        if len(texts) != image.shape[0]:
+            raise ValueError(f"dense_text_similarity pairs text i with image i: {len(texts)} texts, {image.shape[0]} images")
+        return feats
 
     def image_backbone(self) -> nn.Module:
         """The image encoder, for fine-tuning."""

@@ -299,12 +299,8 @@ class ASG(VLPMethod):
         """
         if not self.use_regions:
             return super().dense_text_similarity(image, texts)
-        feats = self.image_features(image)
+        feats = self.dense_image_features(image, texts)
         grid = feats["grid"]
-        if len(grid) != 2:
-            raise ValueError(f"dense_text_similarity needs 2D images, got a token grid {tuple(grid)}")
-        if len(texts) != image.shape[0]:
-            raise ValueError(f"dense_text_similarity pairs text i with image i: {len(texts)} texts, {image.shape[0]} images")
         patches = F.normalize(self.region_proj(feats["tokens"]), dim=-1)
         text = self.text_encoder(list(texts))
         offsets = text["offsets"].to(image.device)
