@@ -1,6 +1,7 @@
 """Datamodules producing the common batch schema (importing this registers the built-ins)."""
 from medvlp.datamodules.base import RecordDataset, VLPDataModule
 from medvlp.datamodules.bimcv_r import BIMCVRDataModule
+from medvlp.datamodules.cc_ccii import CCCCIIDataModule
 from medvlp.datamodules.csv_manifest import CSVDataModule
 from medvlp.datamodules.ct import BTCVDataModule, CTRATEDataModule, MSDDataModule
 from medvlp.datamodules.em import CREMIDataModule, LucchiDataModule, SNEMIDataModule
@@ -16,7 +17,8 @@ from medvlp.datamodules.xray import (
 )
 
 __all__ = [
-    "BIMCVRDataModule", "BTCVDataModule", "BraTSDataModule", "CSVDataModule", "CREMIDataModule", "CTRATEDataModule",
+    "BIMCVRDataModule", "BTCVDataModule", "BraTSDataModule", "CCCCIIDataModule", "CSVDataModule", "CREMIDataModule",
+    "CTRATEDataModule",
     "CheXpertDataModule",
     "COVIDxDataModule", "ImageTextLabelDataModule", "LucchiDataModule", "MIMICCXRDataModule", "MIMIC5x200DataModule",
     "MSDDataModule", "MixedDataModule", "NIHChestXray14DataModule", "PhantomDataModule", "RSNAPneumoniaDataModule",

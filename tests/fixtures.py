@@ -243,3 +243,24 @@ def make_lucchi(root: Path) -> Path:
         m[:, 8:16, 8:16] = 255
         tifffile.imwrite(root / f"{name}_groundtruth.tif", m)
     return root
+
+
+def make_cc_ccii(root: Path, n_patients: int = 4, size: int = 16) -> Path:
+    """CC-CCII fixture in the CNCB release layout: ``<class>/<patient_id>/<scan_id>/<n>.png`` for NCP/CP/Normal
+    plus ``unzip_filenames.csv`` (``zip_file,label,patient_id,scan_id,n_slice``). Slices are named ``1, 2, 10``
+    (numeric order differs from name order) with grey value 40·rank + 10·class; the first NCP patient has two
+    scans."""
+    from PIL import Image
+
+    rows = ["zip_file,label,patient_id,scan_id,n_slice"]
+    for c, label in enumerate(("NCP", "CP", "Normal")):
+        for i in range(n_patients):
+            patient = 100 * c + i + 1
+            for scan in ([1000 * (c + 1) + i, 1000 * (c + 1) + 500] if c == 0 and i == 0 else [1000 * (c + 1) + i]):
+                folder = root / label / str(patient) / str(scan)
+                folder.mkdir(parents=True, exist_ok=True)
+                for rank, name in enumerate((1, 2, 10)):
+                    Image.fromarray(np.full((size, size), 40 * rank + 10 * c, np.uint8)).save(folder / f"{name}.png")
+                rows.append(f"{label}-{i // 2 + 1}.zip,{label},{patient},{scan},3")
+    (root / "unzip_filenames.csv").write_text("\n".join(rows) + "\n")
+    return root
