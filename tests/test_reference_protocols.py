@@ -531,10 +531,11 @@ def _fixture_roots(tmp_path):
         (nih / name).write_text("".join(f"{i // 2:08d}_{i % 2:03d}.png 0\n" for i in lines))
     (nih / "train_1.txt").write_text("00000000_000.png 0\n00000000_001.png 0\n")
     (nih / "train_10.txt").write_text("00000001_000.png 0\n00000001_001.png 0\n00000002_000.png 0\n")
-    from tests.fixtures import make_btcv, make_msd
+    from tests.fixtures import make_btcv, make_cc_ccii, make_msd
 
     msd = make_msd(tmp_path / "msd", n=10)
-    return {"msd": msd, "btcv": make_btcv(tmp_path / "btcv", n=6, layout="monai"), "chexpert": make_chexpert(tmp_path / "chex", n=12), "rsna": make_rsna(tmp_path / "rsna", n=40),
+    return {"msd": msd, "cc_ccii": make_cc_ccii(tmp_path / "cc_ccii", n_patients=5),
+            "btcv": make_btcv(tmp_path / "btcv", n=6, layout="monai"), "chexpert": make_chexpert(tmp_path / "chex", n=12), "rsna": make_rsna(tmp_path / "rsna", n=40),
             "covidx": make_covidx(tmp_path / "covidx"), "nih": nih, "siim": make_siim(tmp_path / "siim", n=16),
             "mimic": mimic, "mimic_ids": ids}
 
@@ -547,13 +548,14 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
     roots = _fixture_roots(tmp_path)
     key_root = {"chexpert": "chexpert", "chexpert_5x200": "chexpert", "rsna": "rsna", "covidx": "covidx",
                 "nih": "nih", "siim": "siim", "mimic_5x200": "mimic", "msd_liver": "msd", "msd_lung": "msd",
-                "msd_pancreas": "msd", "msd_heart": "msd", "btcv": "btcv", "bcv": "btcv", "rsna_seg": "rsna"}
+                "msd_pancreas": "msd", "msd_heart": "msd", "btcv": "btcv", "bcv": "btcv", "rsna_seg": "rsna",
+                "cc_ccii": "cc_ccii"}
     for name in PAPER_SUITES:
         raw = load_suite(name)
         overrides = [f"output={tmp_path / name}", "preset=tiny"]
         for key in raw["datasets"]:
             overrides.append(f"datasets.{key}.init_args.root={roots[key_root[key]]}")
-            overrides.append(f"datasets.{key}.init_args.volume_size=[8,16,16]" if key.startswith(("msd", "btcv", "bcv"))
+            overrides.append(f"datasets.{key}.init_args.volume_size=[8,16,16]" if key.startswith(("msd", "btcv", "bcv", "cc_ccii"))
                              else f"datasets.{key}.init_args.image_size=32")
             if key.startswith("chexpert"):  # MGCA's CheXpert split removes a 5x200 set the fixture cannot hold
                 overrides += [f"datasets.{key}.init_args.val_size=3", f"datasets.{key}.init_args.split_convention=hash"]
@@ -574,6 +576,8 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
             if proto == "gtgm_finetune":
                 overrides += [f"protocols.{key}.max_iterations=1", f"protocols.{key}.eval_interval=1",
                               f"protocols.{key}.batch_size=2", f"protocols.{key}.width=8", f"protocols.{key}.max_stages=1"]
+            if proto == "linear_probe":
+                overrides.append(f"protocols.{key}.fractions=[1.0]")
             if "fraction_files" in params:
                 overrides += [f"protocols.{key}.fraction_files.1={roots['nih'] / 'train_1.txt'}",
                               f"protocols.{key}.fraction_files.10={roots['nih'] / 'train_10.txt'}"]
@@ -596,6 +600,9 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
         if name in ("paper_gtgm_seg3d", "paper_unimedi"):  # BTCV ran, on its published test split
             btcv = df[df["dataset"].isin(["btcv", "bcv"])]
             assert len(btcv) and set(btcv["metric"]) >= {"dice_with_background", "dice"}, name
+        if name == "paper_unimedi":  # CC-CCII scans (slice folders) went through the 3D ViT into the probe
+            ccii = df[df["dataset"] == "cc_ccii"]
+            assert len(ccii) and set(ccii["metric"]) >= {"auc", "acc"}, name
 
 
 def test_btcv_published_layout_holds_out_its_validation_list_as_the_test_split(tmp_path) -> None:
