@@ -17,6 +17,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from medvlp.checks import check_choice
 from medvlp.datamodules.readers import DataError
 from medvlp.datamodules.tabular import hash_split
 from medvlp.datamodules.volume import ReadVolumed, VolumeDataModule
@@ -118,7 +119,10 @@ class CCCCIIDataModule(VolumeDataModule):
     be decoded (or differs in size from the scan's first slice) is a :class:`DataError` naming the file when the
     sample is read (``on_error: skip`` counts and logs it instead). Counted, logged index skips (``index_skips``):
     ``missing_scan`` (a table row whose folder is absent, e.g. a broken zip), ``empty_scan`` (a scan folder with
-    no slice image), ``duplicate_row`` (a row naming an already indexed scan).
+    no slice image), ``duplicate_row`` (a row naming an already indexed scan) and ``incomplete_scan`` (the folder
+    holds another number of slice images than the row's ``n_slice``: a partly extracted zip would otherwise be
+    a silently shorter volume; ``incomplete_scan: skip`` (default), ``fail`` raises naming the row, ``keep``
+    reads what is there). An ``n_slice`` cell that is not a count is a :class:`DataError` naming the row.
 
     Args:
         root: dataset folder.
@@ -126,6 +130,7 @@ class CCCCIIDataModule(VolumeDataModule):
         val_fraction: share of patients in the validation split.
         test_fraction: share of patients in the test split.
         seed: split seed.
+        incomplete_scan: ``skip`` | ``fail`` | ``keep`` for scans whose slice count differs from ``n_slice``.
         window: grey-value window mapped to [0, 1] (default ``[0, 255]``, the 8-bit slice range).
     """
 
@@ -133,9 +138,11 @@ class CCCCIIDataModule(VolumeDataModule):
 
     def __init__(self, root: str, table: str | None = "unzip_filenames.csv", val_fraction: float = 0.1,
                  test_fraction: float = 0.2, seed: int = 0, window: Sequence[float] | None = (0.0, 255.0),
-                 orientation: bool = False, **kwargs: Any) -> None:
+                 orientation: bool = False, incomplete_scan: str = "skip", **kwargs: Any) -> None:
         super().__init__(root, window=window, orientation=orientation, **kwargs)
         self.table = table
+        self.incomplete_scan = check_choice("incomplete_scan", incomplete_scan, ("skip", "fail", "keep"),
+                                            type(self).__name__)
         self.val_fraction, self.test_fraction, self.seed = float(val_fraction), float(test_fraction), int(seed)
 
     @property
@@ -154,8 +161,9 @@ class CCCCIIDataModule(VolumeDataModule):
             return self.root / "images"
         return self.root
 
-    def scans(self) -> list[tuple[str, str, str, str]]:
-        """``(class, patient_id, scan_id, where)`` of every scan, from the table or the folders.
+    def scans(self) -> list[tuple[str, str, str, str, int | None]]:
+        """``(class, patient_id, scan_id, where, n_slice)`` of every scan, from the table or the folders
+        (``n_slice``: the table's slice count, ``None`` without that column or table).
 
         Raises:
             DataError: a table without ``label``/``patient_id``/``scan_id``, a row with an unknown class, or
@@ -170,24 +178,34 @@ class CCCCIIDataModule(VolumeDataModule):
                 label = str(row["label"]).strip()
                 if label not in CLASSES:
                     raise DataError(f"{where}: label {row['label']!r} is not one of {', '.join(CLASSES)}")
-                out.append((label, str(row["patient_id"]).strip(), str(row["scan_id"]).strip(), where))
+                n_slice = str(row.get("n_slice", "")).strip()
+                if n_slice and not n_slice.isdigit():
+                    raise DataError(f"{where}: n_slice {n_slice!r} is not a slice count")
+                out.append((label, str(row["patient_id"]).strip(), str(row["scan_id"]).strip(), where,
+                            int(n_slice) if n_slice else None))
             return out
         base = self.image_root()
         if not any((base / c).is_dir() for c in CLASSES):
             raise DataError(f"{self.root}: no class folder ({', '.join(CLASSES)}) and no {self.table or 'scan table'}")
-        return [(c, p.name, s.name, str(s)) for c in CLASSES if (base / c).is_dir()
+        return [(c, p.name, s.name, str(s), None) for c in CLASSES if (base / c).is_dir()
                 for p in sorted(x for x in (base / c).iterdir() if x.is_dir())
                 for s in sorted(x for x in p.iterdir() if x.is_dir())]
 
     def index(self) -> list[dict[str, Any]]:
         base, out, seen = self.image_root(), [], set()
-        for label, patient, scan, where in self.scans():
+        for label, patient, scan, where, n_slice in self.scans():
             folder = base / label / patient / scan
             if not folder.is_dir():
                 self.index_skips["missing_scan"] += 1
                 continue
-            if not slice_files(folder):
+            n_found = len(slice_files(folder))
+            if not n_found:
                 self.index_skips["empty_scan"] += 1
+                continue
+            if n_slice is not None and n_found != n_slice and self.incomplete_scan != "keep":
+                if self.incomplete_scan == "fail":
+                    raise DataError(f"{where}: n_slice is {n_slice} but {folder} holds {n_found} slice images")
+                self.index_skips["incomplete_scan"] += 1
                 continue
             key = f"{label}/{patient}/{scan}"
             if key in seen:

@@ -83,3 +83,15 @@ def test_cc_ccii_unreadable_slice_is_an_error_naming_the_file(tmp_path) -> None:
     with pytest.raises(DataError, match=r"2\.png: cannot read slice"):
         ds[i]
     assert np.isfinite(dm.load(dm.records("train")[0], augment=False)["image"].numpy()).all()
+
+
+def test_cc_ccii_scan_with_fewer_slices_than_n_slice_is_a_counted_skip_or_an_error(tmp_path) -> None:
+    """A partly extracted zip leaves a scan folder short of the table's ``n_slice``: never a silently shorter volume."""
+    root = make_cc_ccii(tmp_path / "ccii")
+    (root / "NCP" / "2" / "1001" / "10.png").unlink()
+    dm = _dm(root, val_fraction=0.0, test_fraction=0.0)
+    assert "NCP/2/1001" not in {r["id"] for r in dm.records("train")} and dm.index_skips["incomplete_scan"] == 1
+    with pytest.raises(DataError, match=r"row 4: n_slice is 3 but .*NCP/2/1001 holds 2 slice images"):
+        _dm(root, incomplete_scan="fail").records("train")
+    kept = {r["id"] for r in _dm(root, incomplete_scan="keep", val_fraction=0.0, test_fraction=0.0).records("train")}
+    assert "NCP/2/1001" in kept
