@@ -107,9 +107,9 @@ class CCCCIIDataModule(VolumeDataModule):
       or patient list is published with the release; the split here is by patient (sha1 of ``patient_id`` with ``seed``,
       ``val_fraction``, ``test_fraction``), so no patient crosses splits. Whether patient ids are unique across
       the class folders was not seen: the split keys on the id alone, so a shared id keeps its scans together
-      (at worst two patients are grouped; never one patient split). The commonly used
-      cleaned subset ("Clean-CC-CCII", He et al. 2020: duplicates and non-chest/broken scans removed) is assumed
-      to keep the same ``<class>/<patient>/<scan>/`` folders; it is read with ``table: null`` (folder walk) when it
+      (at worst two patients are grouped; never one patient split). The cleaned subset
+      some papers use ("Clean-CC-CCII"; its cleaning rules and files were not read here) is assumed to keep the
+      same ``<class>/<patient>/<scan>/`` folders; it is read with ``table: null`` (folder walk) when it
       ships without ``unzip_filenames.csv``. UniMedI's own CC-CCII split and preprocessing are not recoverable
       offline.
 
