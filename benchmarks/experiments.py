@@ -222,10 +222,12 @@ def claim_outcomes(results_dir: str | Path, n_boot: int = 2000, seed: int = 0) -
     store = ResultStore(Path(results_dir) / "results.csv")
     if store.df.empty:
         raise FileNotFoundError(f"{results_dir}: no result rows yet")
-    return pd.concat([_outcomes(exp, store, n_boot, seed) for exp in exps], ignore_index=True)
+    meta = yaml.safe_load((Path(results_dir) / EXPERIMENT_FILE).read_text()) or {}
+    planned = len(meta.get("pretrain_seeds") or [])
+    return pd.concat([_outcomes(exp, store, n_boot, seed, planned) for exp in exps], ignore_index=True)
 
 
-def _outcomes(exp: Mapping[str, Any], store: ResultStore, n_boot: int, seed: int) -> pd.DataFrame:
+def _outcomes(exp: Mapping[str, Any], store: ResultStore, n_boot: int, seed: int, planned: int = 0) -> pd.DataFrame:
     df = store.df
     rows = []
     for c in exp["comparisons"]:
@@ -248,7 +250,9 @@ def _outcomes(exp: Mapping[str, Any], store: ResultStore, n_boot: int, seed: int
                      "seeds_a": json.dumps([round(v, 4) for v in res["seeds_a"]]),
                      "seeds_b": json.dumps([round(v, 4) for v in res["seeds_b"]]),
                      "delta": res["delta"], "lo": res["lo"], "hi": res["hi"], "p": res["p"], "n_test": res["n"],
-                     "chance": recipe.get("chance"), "outcome": outcome_of(res["lo"], res["hi"], c.expect), "reason": ""})
+                     "chance": recipe.get("chance"), "outcome": outcome_of(res["lo"], res["hi"], c.expect),
+                     "reason": (f"only {min(res['g_a'], res['g_b'])} of {planned} pretraining seeds stored"
+                                if planned and min(res["g_a"], res["g_b"]) < planned else "")})
     out = pd.DataFrame(rows)
     measured = out["outcome"] != "not measured"
     out["p_holm"] = np.nan
@@ -273,7 +277,8 @@ def outcomes_markdown(outcomes: pd.DataFrame, exps: Sequence[Mapping[str, Any]])
             chance = "" if r.get("chance") is None or pd.isna(r.get("chance")) else f" (chance {float(r['chance']):.3f})"
             lines.append(f"| {r['comparison']}{chance} | {r['a']}: {_seeds(r['seeds_a'])} | {r['b']}: {_seeds(r['seeds_b'])} | "
                          f"{r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['p_holm']:.3g} | "
-                         f"**{r['outcome']}** (expected {'>' if r['expect'] == 'greater' else '<'} 0) |")
+                         f"**{r['outcome']}** (expected {'>' if r['expect'] == 'greater' else '<'} 0)"
+                         + (f"; {r['reason']}" if r.get("reason") else "") + " |")
         lines.append("")
     lines.append("Δ: mean over pretraining seeds; CI and p: two-level bootstrap (pretraining seeds and test samples "
                  "resampled; test samples paired); Holm over each experiment's comparisons. *shown*: CI excludes 0 in "

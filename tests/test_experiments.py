@@ -71,7 +71,7 @@ def _store_experiment(tmp_path, effect: float) -> None:
     block = {"title": "T", "claim": "m beats ref", "comparisons": [
         {"a": "m", "b": "ref", "dataset": "d", "protocol": "p", "metric": "hit"},
         {"a": "m", "b": "ref", "dataset": "d", "protocol": "p", "metric": "missing_metric"}]}
-    suite = {"name": "t", "output": str(tmp_path), "experiment": block,
+    suite = {"name": "t", "output": str(tmp_path), "experiment": block, "pretrain_seeds": [0, 1, 2],
              "methods": {"m": {}, "ref": {}}, "datasets": {"d": {}}, "protocols": {"p": {}}}
     write_experiment(suite)
 
@@ -84,6 +84,7 @@ def test_claim_outcomes_from_stored_results(tmp_path, effect: float, expected: s
     assert first["outcome"] == expected
     assert len(json.loads(first["seeds_a"])) == 3 and first["chance"] == pytest.approx(0.1)
     assert missing["outcome"] == "not measured" and "no rows" in missing["reason"]
+    assert first["reason"] == ""  # all three planned pretraining seeds are stored
     md = outcomes_markdown(out, yaml.safe_load((tmp_path / "experiment.yaml").read_text())["experiments"])
     assert "m beats ref" in md and expected in md
     assert summary_lines(out)[0].startswith("T: 1/2 comparisons measured")
@@ -159,3 +160,12 @@ def test_experiment_suite_runs_one_step_and_reports_claims(tmp_path, name: str) 
     out = claim_outcomes(tmp_path, n_boot=100)
     assert len(out) == sum(len(e["comparisons"]) for e in parse_experiments(suite["experiment"], name))
     assert set(out["outcome"]) <= {"shown", "not shown", "opposite", "not measured"}
+
+
+def test_missing_pretraining_seeds_are_named(tmp_path) -> None:
+    _store_experiment(tmp_path, 0.3)
+    meta = yaml.safe_load((tmp_path / "experiment.yaml").read_text())
+    meta["pretrain_seeds"] = [0, 1, 2, 3]
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(meta))
+    out = claim_outcomes(tmp_path, n_boot=100)
+    assert out.iloc[0]["reason"] == "only 3 of 4 pretraining seeds stored"
