@@ -358,6 +358,8 @@ def experiments_command(args: Sequence[str]) -> int:
             raise ValueError(f"suite {name!r} has no experiment block")
         if bool(cfg.get("run", True)):
             run_suite(suite)
+        else:
+            write_experiment(suite)  # the claims as the suite states them now, checked against it
         folder = Path(suite["output"])
         outcomes = claim_outcomes(folder, int(cfg.get("n_boot", 2000)))
         tables.append(outcomes.assign(suite=name))
