@@ -239,6 +239,8 @@ class ASG(VLPMethod):
     """
 
     name: ClassVar[str] = "asg"
+    #: every term ASG can produce; ``arsa_loss`` is absent with ``use_regions: false`` (its weight then unused)
+    loss_terms: ClassVar[tuple[str, ...]] = ("ira_loss", "arsa_loss", "irl_loss", "erl_loss")
 
     def __init__(self, local_dim: int = 128, local_hidden_dim: int | None = 2048, local_temperature: float = 0.07,
                  decoder_layers: int = 4, decoder_heads: int = 4, decoder_ffn: int = 1024,

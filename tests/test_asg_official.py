@@ -236,3 +236,17 @@ def test_asg_paper_preset_composes_the_official_training_setup(tmp_path) -> None
     values = [ln for ln in text.splitlines() if ":" in ln and not ln.lstrip().startswith(("#", "-"))
               and not ln.rstrip().endswith(":")]
     assert all("#" in ln for ln in values), [ln for ln in values if "#" not in ln]  # every value cites a source
+
+
+def test_asg_without_regions_trains_with_the_packaged_loss_weights() -> None:
+    # asg.yaml weights arsa_loss; with use_regions=false that term is not produced. The weight check ran
+    # against the first step's terms only and rejected the packaged config ("unknown loss_weights keys").
+    from tests.conftest import build_tiny, first_batch
+
+    method, dm = build_tiny("asg", "method.init_args.use_regions=false")
+    assert "arsa_loss" in method.loss_weights
+    dm.setup("fit")
+    loss = method.training_step(first_batch(dm), 0)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="unknown loss_weights keys"):
+        build_tiny("asg", "method.init_args.loss_weights.arsa_los=1.0")
