@@ -16,11 +16,12 @@ or ``less``: the direction the claim predicts for ``a − b``). The suite runs e
 ``pretrain_seeds``; :func:`claim_outcomes` recomputes, from the stored per-sample outputs, Δ = mean over
 A's pretraining seeds − mean over B's with a two-level bootstrap CI
 (:func:`medvlp.benchmarks.stats.seed_level_difference`: seeds and test samples resampled), a two-sided
-p-value, Holm's correction over the experiment's comparisons, and an outcome:
+p-value, Holm's correction over the experiment's comparisons, and an outcome decided by the Holm-adjusted
+p-value (the CI shown is per comparison, not adjusted):
 
-* ``shown``: the 95 % CI excludes 0 in the expected direction;
-* ``opposite``: the CI excludes 0 in the other direction;
-* ``not shown``: the CI contains 0 (no effect separable from noise at this scale).
+* ``shown``: adjusted p < 0.05 and Δ in the expected direction;
+* ``opposite``: adjusted p < 0.05 and Δ in the other direction;
+* ``not shown``: adjusted p ≥ 0.05 (no effect separable from noise at this scale).
 
 ``experiment`` may also be a list of such blocks when one suite's pretrained models serve several
 claims (e.g. the X-ray arms feed the grounding and the segmentation-sanity experiments). The runner
@@ -258,7 +259,16 @@ def _outcomes(exp: Mapping[str, Any], store: ResultStore, n_boot: int, seed: int
     out["p_holm"] = np.nan
     if measured.any():
         out.loc[measured, "p_holm"] = stats.holm(out.loc[measured, "p"].to_numpy())
+        out.loc[measured, "outcome"] = [outcome_of_test(d, p, e) for d, p, e in
+                                        out.loc[measured, ["delta", "p_holm", "expect"]].itertuples(index=False)]
     return out
+
+
+def outcome_of_test(delta: float, p_holm: float, expect: str, alpha: float = 0.05) -> str:
+    """``shown`` / ``opposite`` (Holm-adjusted ``p < alpha``, Δ in / against the expected direction) or ``not shown``."""
+    if not p_holm < alpha:
+        return "not shown"
+    return "shown" if (delta > 0) == (expect == "greater") else "opposite"
 
 
 def outcomes_markdown(outcomes: pd.DataFrame, exps: Sequence[Mapping[str, Any]]) -> str:
@@ -281,8 +291,9 @@ def outcomes_markdown(outcomes: pd.DataFrame, exps: Sequence[Mapping[str, Any]])
                          + (f"; {r['reason']}" if r.get("reason") else "") + " |")
         lines.append("")
     lines.append("Δ: mean over pretraining seeds; CI and p: two-level bootstrap (pretraining seeds and test samples "
-                 "resampled; test samples paired); Holm over each experiment's comparisons. *shown*: CI excludes 0 in "
-                 "the expected direction; *not shown*: CI contains 0; *opposite*: CI excludes 0 the other way.")
+                 "resampled; test samples paired; CI not adjusted for multiplicity); p: two-sided bootstrap p, Holm-adjusted "
+                 "over each experiment's comparisons. *shown*: adjusted p < 0.05 with Δ in the expected direction; "
+                 "*opposite*: adjusted p < 0.05 with Δ the other way; *not shown*: adjusted p ≥ 0.05.")
     return "\n".join(lines) + "\n"
 
 

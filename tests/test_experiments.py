@@ -52,6 +52,15 @@ def test_seed_level_difference_one_seed_equals_paired_bootstrap() -> None:
     assert (x["lo"], x["hi"], x["p"]) == pytest.approx((y["lo"], y["hi"], y["p"]))
 
 
+def test_outcome_uses_the_holm_adjusted_p() -> None:
+    from medvlp.benchmarks.experiments import outcome_of_test
+
+    assert outcome_of_test(0.1, 0.01, "greater") == "shown"
+    assert outcome_of_test(-0.1, 0.01, "greater") == "opposite"
+    assert outcome_of_test(-0.1, 0.01, "less") == "shown"
+    assert outcome_of_test(0.1, 0.051, "greater") == "not shown"  # an unadjusted CI may exclude 0 here
+
+
 def test_outcome_direction() -> None:
     assert outcome_of(0.01, 0.2, "greater") == "shown"
     assert outcome_of(-0.2, -0.01, "greater") == "opposite"
