@@ -336,7 +336,7 @@ def stored_summaries(names: Sequence[str] | None = None) -> list[str]:
             lines += [f"{t}: not run yet (make experiments)" for t in titles]
             continue
         try:
-            lines += summary_lines(claim_outcomes(folder, n_boot=500))
+            lines += summary_lines(claim_outcomes(folder))  # the n_boot of medvlp experiments: same outcomes
         except (LookupError, ValueError, FileNotFoundError) as exc:
             lines += [f"{t}: stored results unreadable ({exc})" for t in titles]
     return lines
