@@ -42,6 +42,7 @@ import yaml
 
 from medvlp.benchmarks import stats
 from medvlp.benchmarks.results import ResultStore
+from medvlp.benchmarks.tables import align_samples
 from medvlp.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -183,16 +184,11 @@ def _align(groups: list[list[stats.Unit]], order: np.ndarray | None) -> list[lis
     for units in groups:
         aligned = []
         for recipe, arrays in units:
-            if "ids" not in arrays:
-                aligned.append((recipe, arrays))
-                continue
-            pos = {str(i): k for k, i in enumerate(arrays["ids"])}
-            if set(pos) != set(map(str, order)):
-                raise LookupError("the two sides were evaluated on different test samples; cannot pair them")
-            idx = np.array([pos[str(i)] for i in order])
-            n = len(arrays["ids"])
-            aligned.append((recipe, {k: (v[idx] if v.ndim and len(v) == n and k != "class_names" else v)
-                                     for k, v in arrays.items()}))
+            if "ids" in arrays:
+                arrays = align_samples(dict(arrays), order)
+                if arrays is None:
+                    raise LookupError("the two sides were evaluated on different test samples; cannot pair them")
+            aligned.append((recipe, arrays))
         out.append(aligned)
     return out
 

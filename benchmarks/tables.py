@@ -170,6 +170,16 @@ def definitions(df: pd.DataFrame) -> str:
 
 
 # ----------------------------------------------------------------------------- statistics per cell
+def align_samples(arrays: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.ndarray] | None:
+    """A unit's per-sample arrays reordered to the sample ids ``order``; ``None`` when its ids are another set."""
+    pos = {str(i): k for k, i in enumerate(arrays["ids"])}
+    if set(pos) != set(map(str, order)):
+        return None
+    idx = np.array([pos[str(i)] for i in order])
+    n = len(arrays["ids"])
+    return {k: (v[idx] if v.ndim and len(v) == n and k != "class_names" else v) for k, v in arrays.items()}
+
+
 class SampleBank:
     """Per-sample arrays of the units of a result file, loaded lazily and aligned by sample id."""
 
@@ -195,13 +205,11 @@ class SampleBank:
             if recipe is None:
                 return None
             if order is not None and "ids" in arrays:
-                pos = {str(i): k for k, i in enumerate(arrays["ids"])}
-                if set(pos) != set(map(str, order)):
+                aligned = align_samples(arrays, order)
+                if aligned is None:
                     raise ValueError(f"{rel}: test sample ids differ from the other units of {cell['label']} "
                                      f"{cell['dataset']} {cell['protocol']}; cannot pair them")
-                idx = np.array([pos[str(i)] for i in order])
-                n = len(arrays["ids"])
-                arrays = {k: (v[idx] if v.ndim and len(v) == n and k != "class_names" else v) for k, v in arrays.items()}
+                arrays = aligned
             out.append((recipe, arrays))
         return out
 
