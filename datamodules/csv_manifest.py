@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from medvlp.checks import check_choice
 from medvlp.datamodules.readers import DataError, read_image_2d
 from medvlp.datamodules.tabular import UNCERTAINTY_POLICIES, RecordDataModule, apply_uncertainty, hash_split, resize_2d
-from medvlp.datamodules.volume import VolumeDataModule
+from medvlp.datamodules.volume import VolumeDataModule, add_record_targets
 from medvlp.registry import register_datamodule
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -211,9 +211,4 @@ class CSVDataModule(VolumeDataModule):
             img = img * (1 + 0.1 * (2 * torch.rand(1) - 1)) + 0.1 * (2 * torch.rand(1) - 1)
         sample: dict[str, Any] = {"image": (img - NORM_MEAN) / NORM_STD, "modality": self.modality,
                                   "meta": {"id": record["id"], "path": str(record["image"])}}
-        if "labels" in record:
-            sample["labels"] = torch.as_tensor(record["labels"], dtype=torch.float32)
-            sample["label_names"] = self.label_names
-        if record.get("text"):
-            sample["text"] = record["text"]
-        return sample
+        return add_record_targets(sample, record, self.label_names)

@@ -267,12 +267,17 @@ class VolumeDataModule(RecordDataModule):
                                   "meta": {"id": record["id"], "path": str(record["image"])}}
         if "label" in item:
             sample["mask"] = torch.as_tensor(item["label"]).round().long().permute(0, 3, 2, 1).contiguous()
-        if "labels" in record:
-            sample["labels"] = torch.as_tensor(record["labels"], dtype=torch.float32)
-            sample["label_names"] = self.label_names
-        if record.get("text"):
-            sample["text"] = record["text"]
-        return sample
+        return add_record_targets(sample, record, self.label_names)
+
+
+def add_record_targets(sample: dict[str, Any], record: Mapping[str, Any], label_names: list[str]) -> dict[str, Any]:
+    """Add a record's ``labels`` (float, with ``label_names``) and non-empty ``text`` to ``sample``; returns it."""
+    if "labels" in record:
+        sample["labels"] = torch.as_tensor(record["labels"], dtype=torch.float32)
+        sample["label_names"] = label_names
+    if record.get("text"):
+        sample["text"] = record["text"]
+    return sample
 
 
 def build_disk_cache(ds: PersistentDataset, name: str) -> int:
