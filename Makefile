@@ -46,7 +46,7 @@ lint: install
 	$(BIN)/python -m mypy medvlp
 
 perf: install
-	$(BIN)/python -m medvlp.benchmarks.perf
+	$(BIN)/python -m perf
 
 clean:
 	rm -rf $(VENV) results runs .pytest_cache *.egg-info

@@ -1,2 +1,8 @@
-"""Benchmark protocols (importing this registers the built-ins)."""
-from medvlp.benchmarks import benchx, em_cremi, finetune, grounding, gtgm_finetune, linear_probe, mgca_linear, mgca_segmenter, retrieval, segmentation, slice_selection, zero_shot  # noqa: F401  (registration)
+"""The benchmark harness: protocols on a shared kit, reference reproductions, metrics, suites and reports.
+
+Importing this package registers the built-in protocols (generic and reference).
+"""
+from medvlp.benchmarks.protocols import (  # noqa: F401  (registration)
+    finetune, grounding, linear_probe, retrieval, segmentation, slice_selection, zero_shot,
+)
+from medvlp.benchmarks.reference import benchx, em_cremi, gtgm_finetune, mgca_linear, mgca_segmentation  # noqa: F401

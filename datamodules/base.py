@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medvlp.batch import collate
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

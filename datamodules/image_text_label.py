@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from medvlp.datamodules.base import VLPDataModule
 from medvlp.datamodules.mixed import build_datamodule
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 from medvlp.datamodules.tabular import collate_skipping
 from medvlp.registry import register_datamodule
 

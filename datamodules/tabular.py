@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from medvlp.batch import collate
 from medvlp.datamodules.base import RecordDataset, VLPDataModule
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 
 log = logging.getLogger(__name__)
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore", "mgca")

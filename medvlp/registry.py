@@ -5,7 +5,7 @@ points in the groups ``medvlp.methods``, ``medvlp.datamodules`` and ``medvlp.ben
 loaded lazily on the first lookup, never at ``import medvlp``. A full ``class_path``
 (``my_pkg.module.MyClass``) also resolves without registration, but only to a class of the kind the
 registry holds (a :class:`~medvlp.method.VLPMethod`, a ``LightningDataModule``, a
-:class:`~medvlp.benchmarks.protocol.Protocol`): the check runs after the import and before anything is
+:class:`~medvlp.benchmarks.kit.protocol.Protocol`): the check runs after the import and before anything is
 called, so a config or checkpoint cannot make medvlp call a function such as ``os.system``.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
+
+from medvlp.legacy import current_module
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,7 +166,7 @@ def import_class_path(path: str, expected: type | tuple[type, ...], kind: str | 
         raise ClassPathError(f"class_path {path!r} must be a dotted 'module.Class' path (expected a {want})")
     module_name, _, attr = path.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
+        obj = getattr(importlib.import_module(current_module(module_name)), attr)
     except (ImportError, AttributeError) as exc:
         raise ClassPathError(f"cannot import class_path {path!r}: {exc}") from exc
     if not (inspect.isclass(obj) and issubclass(obj, bases)):
@@ -184,7 +186,7 @@ METHODS: Registry[Any] = Registry("method", "medvlp.methods", "medvlp.methods", 
 DATAMODULES: Registry[Any] = Registry("datamodule", "medvlp.datamodules", "medvlp.datamodules",
                                       "lightning.pytorch.core.datamodule.LightningDataModule")
 BENCHMARKS: Registry[Any] = Registry("benchmark", "medvlp.benchmarks", "medvlp.benchmarks",
-                                     "medvlp.benchmarks.protocol.Protocol")
+                                     "medvlp.benchmarks.kit.protocol.Protocol")
 
 register_method = METHODS.register
 register_datamodule = DATAMODULES.register

@@ -76,7 +76,7 @@ class GTGM(VLPMethod):
 
     Required batch keys: ``image``, ``caption`` (a caption source: offline file joined by volume name,
     the ``hf`` image captioner on a random slice — the paper path — or, for the offline demo only,
-    label-derived template captions; see :mod:`medvlp.datamodules.captions`).
+    label-derived template captions; see :mod:`medvlp.datamodules.volume.captions`).
 
     Deviations:
 

@@ -1,6 +1,6 @@
 """Performance benchmarks (not tests): every figure is a ratio measured within one run.
 
-``python -m medvlp.benchmarks.perf [--quick] [--out perf.json]`` (also ``make perf``) measures
+``python -m perf.bench [--quick] [--out perf.json]`` (also ``make perf``) measures
 
 1. **probe**: linear-probe protocol cost with cached features (one backbone forward per image, no report
    encoding, logistic regression per fraction × seed) vs MGCA's way (frozen backbone re-encoding every
@@ -79,9 +79,9 @@ def _model_and_data(method: str, steps_data: dict[str, Any] | None = None, prese
 
 def bench_probe(quick: bool) -> dict[str, Any]:
     """Cached-feature linear probe vs MGCA-style re-encoding each epoch (same fractions × seeds)."""
-    from medvlp.benchmarks.features import FeatureCache
-    from medvlp.benchmarks.linear_probe import fit_predict_multilabel
-    from medvlp.benchmarks.splits import fraction_ids, fraction_rows
+    from medvlp.benchmarks.kit.features import FeatureCache
+    from medvlp.benchmarks.protocols.linear_probe import fit_predict_multilabel
+    from medvlp.benchmarks.kit.splits import fraction_ids, fraction_rows
 
     n_train = 128 if quick else 512
     model, dm = _model_and_data("clip", {"num_train": n_train, "num_test": 128})
@@ -189,7 +189,7 @@ def bench_throughput(methods: list[str], steps: int) -> dict[str, Any]:
     """Per-method samples/s and peak memory, each method in a fresh process."""
     out = {}
     for m in methods:
-        proc = subprocess.run([sys.executable, "-m", "medvlp.benchmarks.perf", "--one", m, "--steps", str(steps)],
+        proc = subprocess.run([sys.executable, "-m", "perf.bench", "--one", m, "--steps", str(steps)],
                               capture_output=True, text=True, timeout=1800)
         if proc.returncode:
             raise RuntimeError(f"throughput run for {m} failed:\n{proc.stderr[-2000:]}")
@@ -324,7 +324,7 @@ def text_cache_hit_rate(epochs: int = 2) -> dict[str, Any]:
 
 def bench_loader3d(n: int, epochs: int = 2) -> dict[str, Any]:
     """Second-epoch volumes/s of an MSD-layout datamodule, uncached vs MONAI CacheDataset."""
-    from medvlp.datamodules.ct import MSDDataModule
+    from medvlp.datamodules.volume.ct import MSDDataModule
 
     with tempfile.TemporaryDirectory() as tmp:
         import nibabel as nib
@@ -417,7 +417,7 @@ def bench_loader2d(n: int, image_size: int = 224) -> dict[str, Any]:
     from PIL import Image
 
     from medvlp.datamodules import COVIDxDataModule, ShardDataModule
-    from medvlp.datamodules.prepare import prepare
+    from medvlp.datamodules.io.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "covidx"
@@ -461,8 +461,8 @@ def legacy_evaluation() -> Iterator[None]:
     forwards per image (``image_representation`` then ``encode_image``), report embeddings of every split at
     extraction, segmentation maps recomputed (in memory) for every fraction × seed, fine-tuning loading the
     whole training split."""
-    import medvlp.benchmarks.features as feats
-    import medvlp.benchmarks.finetune as ft
+    import medvlp.benchmarks.kit.features as feats
+    import medvlp.benchmarks.protocols.finetune as ft
 
     saved = (feats.image_outputs, feats.FeatureCache.get, feats.FeatureCache.maps, ft.load_fraction)
 
@@ -501,8 +501,8 @@ def bench_eval(quick: bool) -> dict[str, Any]:
     caches; forwards counted; every metric value of the two runs compared."""
     import pandas as pd
 
-    import medvlp.benchmarks.features as feats
-    from medvlp.benchmarks.runner import load_suite, run_suite
+    import medvlp.benchmarks.kit.features as feats
+    from medvlp.benchmarks.suite.runner import load_suite, run_suite
 
     caches: list[Any] = []
     init = feats.FeatureCache.__init__
@@ -602,7 +602,7 @@ def _write_mimic_tables(root: Path, images: int, studies: int) -> None:
 def bench_mimic_index(quick: bool) -> dict[str, Any]:
     """Index build time at MIMIC-CXR-JPG size; duplicate check linear vs quadratic on the same ids."""
     from medvlp.datamodules.tabular import duplicate_ids
-    from medvlp.datamodules.xray import MIMICCXRDataModule
+    from medvlp.datamodules.xray.chest import MIMICCXRDataModule
 
     images, studies = (37_711, 22_784) if quick else (377_110, 227_835)
     with tempfile.TemporaryDirectory() as tmp:

@@ -126,7 +126,7 @@ def make_covidx(root: Path) -> Path:
 
 
 def make_ct_rate(root: Path, n: int = 6) -> Path:
-    from medvlp.datamodules.ct import CT_RATE_LABELS
+    from medvlp.datamodules.volume.ct import CT_RATE_LABELS
 
     d = root / "dataset"
     for kind, rep, lab_name, count in (("train", "train", "train", n), ("valid", "validation", "valid", 2)):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medvlp.datamodules.chest_imagenome import letterbox_box
-from medvlp.datamodules.xray import IMAGENET_MEAN, IMAGENET_STD, CheXpertDataModule, MIMICCXRDataModule
+from medvlp.datamodules.xray.chest_imagenome import letterbox_box
+from medvlp.datamodules.xray.chest import IMAGENET_MEAN, IMAGENET_STD, CheXpertDataModule, MIMICCXRDataModule
 from tests import fixtures as fx
 from tests.test_chest_imagenome import _attribute, _object, write_scene_graph
 

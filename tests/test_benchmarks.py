@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from medvlp.benchmarks.dice import dice_score
-from medvlp.benchmarks.linear_probe import fit_predict_multilabel
-from medvlp.benchmarks.protocol import macro_auc
-from medvlp.benchmarks.results import ResultStore
-from medvlp.benchmarks.retrieval import recall_at_k
-from medvlp.benchmarks.segmentation import voi
-from medvlp.benchmarks.splits import fraction_ids, read_split_file, split_hash, write_split_file
+from medvlp.benchmarks.metrics.dice import dice_score
+from medvlp.benchmarks.protocols.linear_probe import fit_predict_multilabel
+from medvlp.benchmarks.kit.protocol import macro_auc
+from medvlp.benchmarks.suite.results import ResultStore
+from medvlp.benchmarks.protocols.retrieval import recall_at_k
+from medvlp.benchmarks.protocols.segmentation import voi
+from medvlp.benchmarks.kit.splits import fraction_ids, read_split_file, split_hash, write_split_file
 
 
 def test_linear_probe_separable_features_give_auc_one_and_noise_half() -> None:
@@ -40,7 +40,7 @@ def test_recall_at_k_identity_is_one_and_ties_are_pessimistic() -> None:
 
 
 def test_label_precision_at_k() -> None:
-    from medvlp.benchmarks.retrieval import label_precision_at_k
+    from medvlp.benchmarks.protocols.retrieval import label_precision_at_k
 
     labels = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], float)
     sim = np.array([[1, .9, 0, 0], [.9, 1, 0, 0], [0, 0, 1, .9], [0, 0, .9, 1]])
@@ -93,8 +93,8 @@ def test_result_store_resumes_without_duplicates(tmp_path) -> None:
 
 
 def test_smoke_suite_runs_every_protocol_resumes_and_reports(tmp_path) -> None:
-    from medvlp.benchmarks.runner import load_suite, run_suite
-    from medvlp.benchmarks.tables import report
+    from medvlp.benchmarks.suite.runner import load_suite, run_suite
+    from medvlp.benchmarks.report.tables import report
 
     suite = load_suite("smoke", [f"output={tmp_path}"])
     path = run_suite(suite, "cpu")

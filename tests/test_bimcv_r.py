@@ -10,8 +10,8 @@ import pytest
 
 from medvlp.cli import main
 from medvlp.datamodules import BIMCVRDataModule
-from medvlp.datamodules.bimcv_r import bids_ids
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.volume.bimcv_r import bids_ids
+from medvlp.datamodules.io.readers import DataError
 from tests.fixtures import write_nii
 
 META_COLUMNS = ["PatientID", "ReportID", "Report", "Labels", "Localizations", "LabelsLocalizationsBySentence",

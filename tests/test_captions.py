@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from medvlp.datamodules.captions import ImageStatsCaptioner, build_caption_source, uses_label_derived_captions
-from medvlp.datamodules.phantom import PhantomDataModule
-from medvlp.datamodules.phantom_render import CT_LABELS, XRAY_LABELS
+from medvlp.datamodules.volume.captions import ImageStatsCaptioner, build_caption_source, uses_label_derived_captions
+from medvlp.datamodules.phantom.datamodule import PhantomDataModule
+from medvlp.datamodules.phantom.render import CT_LABELS, XRAY_LABELS
 
 # label names, their words and the synonyms a report or template would use for them
 SYNONYMS = {"nodule", "mass", "lesion", "tumour", "tumor", "effusion", "fluid", "pleural", "consolidation",

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from medvlp.datamodules.cc_ccii import CCCCIIDataModule
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.volume.cc_ccii import CCCCIIDataModule
+from medvlp.datamodules.io.readers import DataError
 from tests.fixtures import make_cc_ccii
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from medvlp.datamodules.chest_imagenome import ChestImaGenomeRegions, letterbox_box, read_scene_graph
-from medvlp.datamodules.readers import DataError
-from medvlp.datamodules.xray import MIMICCXRDataModule
+from medvlp.datamodules.xray.chest_imagenome import ChestImaGenomeRegions, letterbox_box, read_scene_graph
+from medvlp.datamodules.io.readers import DataError
+from medvlp.datamodules.xray.chest import MIMICCXRDataModule
 from tests import fixtures as fx
 
 

@@ -155,7 +155,7 @@ def test_lightning_messages_have_one_handler_and_progress_has_no_negative_epochs
     import logging
     from types import SimpleNamespace
 
-    from medvlp.cli import setup_logging
+    from medvlp.cli.main import setup_logging
     from medvlp.train import StepProgressBar
 
     setup_logging()

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from medvlp.cli import main
-from medvlp.datamodules.csv_manifest import CSVDataModule
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.csv_manifest import CSVDataModule
+from medvlp.datamodules.io.readers import DataError
 
 FINDINGS = ("Effusion", "Nodule")
 

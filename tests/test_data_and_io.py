@@ -9,7 +9,7 @@ import torch
 
 from medvlp.batch import check_required_keys, collate
 from medvlp.datamodules import PhantomDataModule
-from medvlp.datamodules.phantom_render import render_xray
+from medvlp.datamodules.phantom.render import render_xray
 from medvlp.io import atomic_write_text, safe_load
 from medvlp.method import NonFiniteLossError
 from tests.conftest import build_tiny

@@ -15,9 +15,9 @@ from medvlp.datamodules import (
     BraTSDataModule, BTCVDataModule, CheXpertDataModule, COVIDxDataModule, CREMIDataModule, CTRATEDataModule,
     LucchiDataModule, MIMICCXRDataModule, MSDDataModule, RSNAPneumoniaDataModule, SIIMDataModule, SNEMIDataModule,
 )
-from medvlp.datamodules.readers import DataError, read_image_2d, read_volume, rle_decode_siim
+from medvlp.datamodules.io.readers import DataError, read_image_2d, read_volume, rle_decode_siim
 from medvlp.datamodules.tabular import apply_uncertainty
-from medvlp.datamodules.xray import chexpert_5x200, read_openi_reports
+from medvlp.datamodules.xray.chest import chexpert_5x200, read_openi_reports
 from tests import fixtures as fx
 
 
@@ -89,7 +89,7 @@ def test_chexpert_mgca_split_on_the_real_csv(tmp_path) -> None:
 
 
 def test_chexpert_5x200_test_set_and_packaged_prompts(tmp_path) -> None:
-    from medvlp.benchmarks.linear_probe import is_one_hot
+    from medvlp.benchmarks.protocols.linear_probe import is_one_hot
 
     root = tmp_path / "CheXpert-v1.0-small"
     root.mkdir()

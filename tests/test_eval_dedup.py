@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvlp.benchmarks.features import FeatureCache
-from medvlp.benchmarks.finetune import Finetune
-from medvlp.benchmarks.protocol import EvalContext
-from medvlp.benchmarks.segmentation import Segmentation
-from medvlp.benchmarks.splits import fraction_rows
+from medvlp.benchmarks.kit.features import FeatureCache
+from medvlp.benchmarks.protocols.finetune import Finetune
+from medvlp.benchmarks.kit.protocol import EvalContext
+from medvlp.benchmarks.protocols.segmentation import Segmentation
+from medvlp.benchmarks.kit.splits import fraction_rows
 from tests.conftest import build_tiny
 
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from medvlp.benchmarks import stats
-from medvlp.benchmarks.experiments import (
+from medvlp.benchmarks.metrics import stats
+from medvlp.benchmarks.suite.experiments import (
     Comparison,
     check_against_suite,
     claim_outcomes,
@@ -21,9 +21,9 @@ from medvlp.benchmarks.experiments import (
     summary_lines,
     write_experiment,
 )
-from medvlp.benchmarks.protocol import mean_recipe
-from medvlp.benchmarks.results import ResultStore
-from medvlp.benchmarks.runner import load_suite
+from medvlp.benchmarks.kit.protocol import mean_recipe
+from medvlp.benchmarks.suite.results import ResultStore
+from medvlp.benchmarks.suite.runner import load_suite
 
 
 def _unit(values: np.ndarray) -> stats.Unit:
@@ -53,7 +53,7 @@ def test_seed_level_difference_one_seed_equals_paired_bootstrap() -> None:
 
 
 def test_outcome_uses_the_holm_adjusted_p() -> None:
-    from medvlp.benchmarks.experiments import outcome_of_test
+    from medvlp.benchmarks.suite.experiments import outcome_of_test
 
     assert outcome_of_test(0.1, 0.01, "greater") == "shown"
     assert outcome_of_test(-0.1, 0.01, "greater") == "opposite"
@@ -122,7 +122,7 @@ def test_packaged_experiments_are_consistent() -> None:
 
 
 def test_report_adds_claims_section(tmp_path) -> None:
-    from medvlp.benchmarks.tables import headline_only, report
+    from medvlp.benchmarks.report.tables import headline_only, report
 
     _store_experiment(tmp_path, 0.3)
     md = report(tmp_path / "results.csv", plots=False, n_boot=200)
@@ -131,7 +131,7 @@ def test_report_adds_claims_section(tmp_path) -> None:
 
 
 def test_demo_summary_lines_without_stored_runs(tmp_path, monkeypatch) -> None:
-    from medvlp.benchmarks.experiments import stored_summaries
+    from medvlp.benchmarks.suite.experiments import stored_summaries
 
     monkeypatch.chdir(tmp_path)
     lines = stored_summaries()
@@ -140,7 +140,7 @@ def test_demo_summary_lines_without_stored_runs(tmp_path, monkeypatch) -> None:
 
 
 def test_method_protocols_subset_runs_only_those(tmp_path) -> None:
-    from medvlp.benchmarks.runner import load_suite, run_suite
+    from medvlp.benchmarks.suite.runner import load_suite, run_suite
 
     suite = load_suite("smoke", [f"output={tmp_path}"])
     suite["methods"] = {"random_init": {"method": "clip", "pretrain": False, "protocols": ["zero_shot"]},
@@ -157,7 +157,7 @@ def test_method_protocols_subset_runs_only_those(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["exp_xray", "exp_unimedi", "exp_gtgm"])
 def test_experiment_suite_runs_one_step_and_reports_claims(tmp_path, name: str) -> None:
-    from medvlp.benchmarks.runner import load_suite, run_suite
+    from medvlp.benchmarks.suite.runner import load_suite, run_suite
 
     suite = load_suite(name, [f"output={tmp_path}", "preset=tiny", "pretrain.trainer.max_steps=1", "pretrain_seeds=[0,1,2]"])
     for ds in suite["datasets"].values():

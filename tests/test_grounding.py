@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from medvlp.benchmarks.features import FeatureCache
-from medvlp.benchmarks.grounding import (Grounding, finding_region, inside_cells, pointing_hit, query_sentence,
+from medvlp.benchmarks.kit.features import FeatureCache
+from medvlp.benchmarks.protocols.grounding import (Grounding, finding_region, inside_cells, pointing_hit, query_sentence,
                                          region_labels)
-from medvlp.benchmarks.protocol import EvalContext
+from medvlp.benchmarks.kit.protocol import EvalContext
 from medvlp.datamodules import PhantomDataModule
-from medvlp.datamodules.phantom_render import XRAY_REGIONS
+from medvlp.datamodules.phantom.render import XRAY_REGIONS
 
 
 def test_pointing_hit_and_chance_on_a_hand_made_box() -> None:
@@ -107,8 +107,8 @@ def test_not_applicable_without_regions_or_2d(phantom) -> None:
 
 
 def test_suite_with_random_init_clip_and_asg_reports_intervals(tmp_path) -> None:
-    from medvlp.benchmarks.runner import run_suite
-    from medvlp.benchmarks.tables import report
+    from medvlp.benchmarks.suite.runner import run_suite
+    from medvlp.benchmarks.report.tables import report
 
     suite = {"name": "grounding_test", "output": str(tmp_path), "preset": "tiny",
              "pretrain": {"trainer": {"max_steps": 2, "enable_progress_bar": False}},

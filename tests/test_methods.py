@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvlp.datamodules.captions import CaptionError, CaptionFile
+from medvlp.datamodules.volume.captions import CaptionError, CaptionFile
 from medvlp.method import ema_update
 from medvlp.roi import roi_align
 from tests.conftest import build_tiny, first_batch
@@ -29,7 +29,7 @@ def test_unimedi_selects_the_lesion_slice_from_relevance() -> None:
 
 def test_unimedi_selection_on_phantom_ct_with_planted_relevance() -> None:
     """A phantom CT case with one nodule: relevance = lesion-mask overlap per token → its slab is picked."""
-    from medvlp.datamodules.phantom_render import render_ct
+    from medvlp.datamodules.phantom.render import render_ct
     from medvlp.methods.unimedi import select_slices
 
     rng = __import__("numpy").random.default_rng(3)

@@ -303,7 +303,7 @@ def test_unimedi_self_distillation_centers_the_teacher_and_does_not_collapse(tmp
 
 # ----------------------------------------------------------------------------------------- captions, crops
 def test_caption_text_filter_and_hf_captioner_on_a_random_slice() -> None:
-    from medvlp.datamodules.captions import HFImageCaptioner, text_filter
+    from medvlp.datamodules.volume.captions import HFImageCaptioner, text_filter
 
     assert text_filter("figure 1 : a ct scan of the liver") == "a ct scan of the liver"
     assert text_filter("fig. 2. axial slice") == "axial slice"
@@ -324,7 +324,7 @@ def test_caption_text_filter_and_hf_captioner_on_a_random_slice() -> None:
 
 
 def test_template_captions_are_flagged_as_label_derived(caplog) -> None:
-    from medvlp.datamodules.captions import TemplateCaptioner, uses_label_derived_captions
+    from medvlp.datamodules.volume.captions import TemplateCaptioner, uses_label_derived_captions
     from medvlp.methods.gtgm import GTGM
 
     with caplog.at_level(logging.WARNING):
@@ -337,9 +337,9 @@ def test_template_captions_are_flagged_as_label_derived(caplog) -> None:
 def test_benchmark_report_marks_results_pretrained_on_label_derived_captions(tmp_path) -> None:
     import json
 
-    from medvlp.benchmarks.paper_view import LABEL_DERIVED, pretrain_data_of
-    from medvlp.benchmarks.results import COLUMNS, ResultStore
-    from medvlp.benchmarks.tables import report
+    from medvlp.benchmarks.suite.paper_view import LABEL_DERIVED, pretrain_data_of
+    from medvlp.benchmarks.suite.results import COLUMNS, ResultStore
+    from medvlp.benchmarks.report.tables import report
     from medvlp.methods.gtgm import GTGM
 
     tagged = pretrain_data_of({}, GTGM.example_data, "x.ckpt")
@@ -358,7 +358,7 @@ def test_benchmark_report_marks_results_pretrained_on_label_derived_captions(tmp
 
 
 def test_random_crop_volumes_for_gtgm(tmp_path) -> None:
-    from medvlp.datamodules.ct import MSDDataModule
+    from medvlp.datamodules.volume.ct import MSDDataModule
     from tests import fixtures as fx
 
     root = fx.make_msd(tmp_path / "Task03_Liver")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from medvlp.datamodules import PhantomDataModule
-from medvlp.datamodules.phantom import generate_split
-from medvlp.datamodules.phantom_render import XRAY_LABELS
-from medvlp.datamodules.phantom_reports import canonical_report
+from medvlp.datamodules.phantom.datamodule import generate_split
+from medvlp.datamodules.phantom.render import XRAY_LABELS
+from medvlp.datamodules.phantom.reports import canonical_report
 from medvlp.reports import TripletParser
 
 

@@ -12,8 +12,8 @@ import torch
 
 from medvlp.cli import main
 from medvlp.datamodules import MIMICCXRDataModule, MSDDataModule, RSNAPneumoniaDataModule, ShardDataModule, write_shards
-from medvlp.datamodules import prepare as prep
-from medvlp.datamodules.readers import DataError, read_image_2d
+from medvlp.datamodules.io import prepare as prep
+from medvlp.datamodules.io.readers import DataError, read_image_2d
 from medvlp.datamodules.tabular import resize_2d
 from tests import fixtures as fx
 

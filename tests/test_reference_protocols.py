@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from medvlp.benchmarks.features import FeatureCache
-from medvlp.benchmarks.protocol import EvalContext
+from medvlp.benchmarks.kit.features import FeatureCache
+from medvlp.benchmarks.kit.protocol import EvalContext
 from tests.conftest import build_tiny
 
 
@@ -25,7 +25,7 @@ def _ctx(model, dm, tmp_path, **params):
 def _recomputes(res) -> set[str]:
     """Every metric with a recipe equals its value recomputed from the stored per-sample arrays (what the
     report's CIs resample); returns the metrics that have one."""
-    from medvlp.benchmarks import stats
+    from medvlp.benchmarks.metrics import stats
 
     ids = res.samples["ids"]
     for v in res.values:
@@ -38,7 +38,7 @@ def _recomputes(res) -> set[str]:
 
 # ----------------------------------------------------------------------------- splits
 def test_mgca_fraction_is_pandas_sample_random_state_42() -> None:
-    from medvlp.benchmarks.splits import mgca_fraction_ids
+    from medvlp.benchmarks.kit.splits import mgca_fraction_ids
 
     ids = [f"id{i}" for i in range(200)]
     expected = pd.DataFrame({"id": ids}).sample(frac=0.1, random_state=42)["id"].tolist()
@@ -47,7 +47,7 @@ def test_mgca_fraction_is_pandas_sample_random_state_42() -> None:
 
 
 def test_benchx_subset_file_is_honoured_by_basename(tmp_path) -> None:
-    from medvlp.benchmarks.splits import select_fraction
+    from medvlp.benchmarks.kit.splits import select_fraction
 
     ids = [f"images/{i:08d}_000.png" for i in range(10)]
     f = tmp_path / "train_1.txt"
@@ -62,7 +62,7 @@ def test_benchx_subset_file_is_honoured_by_basename(tmp_path) -> None:
 
 # ----------------------------------------------------------------------------- shared loop
 def test_head_loop_restores_best_validation_weights_and_stops_early() -> None:
-    from medvlp.benchmarks.head_loop import HeadTrainer, fit
+    from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit
 
     head = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(head.weight)
@@ -77,7 +77,7 @@ def test_head_loop_restores_best_validation_weights_and_stops_early() -> None:
 
 # ----------------------------------------------------------------------------- MGCA linear
 def test_mgca_linear_builds_the_reference_trainer(tiny_xray, tmp_path) -> None:
-    from medvlp.benchmarks.mgca_linear import MGCALinear
+    from medvlp.benchmarks.reference.mgca_linear import MGCALinear
 
     model, dm = tiny_xray
     proto = MGCALinear()
@@ -91,7 +91,7 @@ def test_mgca_linear_builds_the_reference_trainer(tiny_xray, tmp_path) -> None:
     assert isinstance(parts["head"], torch.nn.Linear)
     assert (trainer.monitor, trainer.mode, trainer.patience, trainer.max_epochs) == ("val_loss", "min", 10, 2)
     # fraction: MGCA's df.sample over the train ids, materialised as an id file
-    from medvlp.benchmarks.views import split_ids
+    from medvlp.benchmarks.kit.views import split_ids
 
     ids = split_ids(dm, "train")
     expected = pd.Series(ids).sample(frac=0.5, random_state=42).tolist()
@@ -112,7 +112,7 @@ def test_mgca_linear_builds_the_reference_trainer(tiny_xray, tmp_path) -> None:
 
 
 def test_mgca_linear_runs_and_reports_variant(tiny_xray, tmp_path) -> None:
-    from medvlp.benchmarks.mgca_linear import MGCALinear
+    from medvlp.benchmarks.reference.mgca_linear import MGCALinear
 
     model, dm = tiny_xray
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -126,8 +126,8 @@ def test_mgca_linear_runs_and_reports_variant(tiny_xray, tmp_path) -> None:
 
 
 def test_mgca_linear_uses_cross_entropy_for_one_hot_labels(tmp_path) -> None:
-    from medvlp.benchmarks.mgca_linear import MGCALinear
-    from medvlp.datamodules.xray import COVIDxDataModule
+    from medvlp.benchmarks.reference.mgca_linear import MGCALinear
+    from medvlp.datamodules.xray.chest import COVIDxDataModule
     from tests.fixtures import make_covidx
 
     root = make_covidx(tmp_path / "covidx")
@@ -178,7 +178,7 @@ class _StubModel:
 
 
 def _zs_features():
-    from medvlp.benchmarks.features import Features
+    from medvlp.benchmarks.kit.features import Features
 
     img = np.array([[1, 0.1, 0], [0.1, 1, 0], [0, 0.2, 1], [0.9, 0, 0.3], [0, 0.1, 1], [0.2, 1, 0.1]], np.float32)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
@@ -188,7 +188,7 @@ def _zs_features():
 
 
 def test_zero_shot_argmax_is_gloria_max_over_prompts_zscored(tmp_path) -> None:
-    from medvlp.benchmarks.zero_shot import ZeroShotArgmax
+    from medvlp.benchmarks.protocols.zero_shot import ZeroShotArgmax
 
     feats = _zs_features()
     ctx = EvalContext(_StubModel(), _StubDM(), _StubFeatures(feats), {}, "cpu", tmp_path)
@@ -203,7 +203,7 @@ def test_zero_shot_argmax_is_gloria_max_over_prompts_zscored(tmp_path) -> None:
 
 
 def test_zero_shot_softmax_branch_is_reachable_without_negated_prompts(tmp_path) -> None:
-    from medvlp.benchmarks.zero_shot import ZeroShot
+    from medvlp.benchmarks.protocols.zero_shot import ZeroShot
 
     ctx = EvalContext(_StubModel(), _StubDM(), _StubFeatures(_zs_features()), {"negatives": False}, "cpu", tmp_path)
     res = ZeroShot().run(ctx)
@@ -213,7 +213,7 @@ def test_zero_shot_softmax_branch_is_reachable_without_negated_prompts(tmp_path)
 
 
 def test_category_retrieval_precision_and_hit_at_k() -> None:
-    from medvlp.benchmarks.retrieval import hit_at_k, label_precision_at_k
+    from medvlp.benchmarks.protocols.retrieval import hit_at_k, label_precision_at_k
 
     labels = np.eye(2)[[0, 0, 1, 1]]
     sim = np.array([[0, 1, .9, .8], [1, 0, .9, .8], [.9, .8, 0, 1], [.9, .8, 1, 0]], float)
@@ -224,7 +224,7 @@ def test_category_retrieval_precision_and_hit_at_k() -> None:
 
 
 def test_retrieval_on_dataset_without_text_is_skipped_not_raised(tmp_path) -> None:
-    from medvlp.benchmarks.runner import run_suite
+    from medvlp.benchmarks.suite.runner import run_suite
 
     root = __import__("tests.fixtures", fromlist=["make_covidx"]).make_covidx(tmp_path / "covidx")
     suite = {"name": "t", "output": str(tmp_path / "out"), "preset": "tiny",
@@ -242,7 +242,7 @@ def test_retrieval_on_dataset_without_text_is_skipped_not_raised(tmp_path) -> No
 def test_rsna_mgca_split_is_the_classification_split_70_15_15(tmp_path) -> None:
     from sklearn.model_selection import train_test_split
 
-    from medvlp.datamodules.xray import RSNAPneumoniaDataModule
+    from medvlp.datamodules.xray.chest import RSNAPneumoniaDataModule
     from tests.fixtures import make_rsna
 
     root = make_rsna(tmp_path / "rsna", n=20)
@@ -257,7 +257,7 @@ def test_rsna_mgca_split_is_the_classification_split_70_15_15(tmp_path) -> None:
 
 
 def test_covidx_asg_split_holds_out_ten_percent_for_validation(tmp_path) -> None:
-    from medvlp.datamodules.xray import COVIDxDataModule
+    from medvlp.datamodules.xray.chest import COVIDxDataModule
     from tests.fixtures import make_covidx
 
     root = make_covidx(tmp_path / "covidx")
@@ -275,7 +275,7 @@ def _result_rows(fields: dict, label: str = "asg", dataset: str = "chexpert", va
 
 
 def test_paper_view_fills_only_comparable_rows() -> None:
-    from medvlp.benchmarks.paper_view import paper_numbers, paper_table
+    from medvlp.benchmarks.suite.paper_view import paper_numbers, paper_table
 
     row = next(r for r in paper_numbers() if r["method"] == "asg" and r["dataset"] == "chexpert")
     good = {k: row[k] for k in ("protocol_variant", "split_convention", "fraction_source", "dataset_class",
@@ -291,8 +291,8 @@ def test_paper_view_fills_only_comparable_rows() -> None:
 
 
 def test_report_paper_on_phantom_results_shows_no_paper_number_next_to_a_phantom_number(tmp_path) -> None:
-    from medvlp.benchmarks.runner import load_suite, run_suite
-    from medvlp.benchmarks.tables import report
+    from medvlp.benchmarks.suite.runner import load_suite, run_suite
+    from medvlp.benchmarks.report.tables import report
 
     suite = load_suite("smoke", [f"output={tmp_path}", "protocols={linear_probe: {fractions: [0.01, 1.0], seeds: [0]}}"])
     # label the phantom runs like the paper rows to tempt a wrong match
@@ -306,7 +306,7 @@ def test_report_paper_on_phantom_results_shows_no_paper_number_next_to_a_phantom
 
 
 def test_mmseg_dataset_dice_sums_areas_over_the_dataset() -> None:
-    from medvlp.benchmarks.dice import dice_score
+    from medvlp.benchmarks.metrics.dice import dice_score
 
     target = torch.zeros(2, 1, 4, 4, dtype=torch.long)
     pred = torch.zeros_like(target)
@@ -323,7 +323,7 @@ def test_mmseg_dataset_dice_sums_areas_over_the_dataset() -> None:
 
 # ----------------------------------------------------------------------------- MGCA segmentation
 def test_mgca_mixed_loss_matches_mgca_formula() -> None:
-    from medvlp.benchmarks.mgca_segmenter import mgca_mixed_loss
+    from medvlp.benchmarks.reference.mgca_segmentation import mgca_mixed_loss
 
     torch.manual_seed(0)
     x, t = torch.randn(2, 8, 8) * 3, (torch.rand(2, 8, 8) > 0.7).float()
@@ -338,7 +338,7 @@ def test_mgca_mixed_loss_matches_mgca_formula() -> None:
 
 @pytest.fixture(scope="module")
 def siim_dm(tmp_path_factory):
-    from medvlp.datamodules.xray import SIIMDataModule
+    from medvlp.datamodules.xray.chest import SIIMDataModule
     from tests.fixtures import make_siim
 
     root = make_siim(tmp_path_factory.mktemp("siim") / "siim", n=24)
@@ -346,7 +346,7 @@ def siim_dm(tmp_path_factory):
 
 
 def test_mgca_segmentation_builds_the_reference_trainer(siim_dm, tmp_path) -> None:
-    from medvlp.benchmarks.mgca_segmenter import MGCASegmentation, SETRDecoder
+    from medvlp.benchmarks.reference.mgca_segmentation import MGCASegmentation, SETRDecoder
 
     torch.manual_seed(0)
     model, _ = build_tiny("clip")
@@ -374,13 +374,13 @@ def test_mgca_segmentation_builds_the_reference_trainer(siim_dm, tmp_path) -> No
 
 
 def subset_loader_for(dm):
-    from medvlp.benchmarks.views import subset_loader
+    from medvlp.benchmarks.kit.views import subset_loader
 
     return subset_loader(dm, "train", None, 4, False, 0)
 
 
 def test_mgca_segmentation_runs_with_the_mgca_dice(siim_dm, tmp_path) -> None:
-    from medvlp.benchmarks.mgca_segmenter import MGCASegmentation
+    from medvlp.benchmarks.reference.mgca_segmentation import MGCASegmentation
 
     torch.manual_seed(0)
     model, _ = build_tiny("clip")
@@ -394,8 +394,8 @@ def test_mgca_segmentation_runs_with_the_mgca_dice(siim_dm, tmp_path) -> None:
 
 # ----------------------------------------------------------------------------- BenchX
 def test_benchx_finetune_builds_the_reference_trainer(tiny_xray, tmp_path) -> None:
-    from medvlp.benchmarks.benchx import BenchXFinetune
-    from medvlp.benchmarks.views import split_ids
+    from medvlp.benchmarks.reference.benchx import BenchXFinetune
+    from medvlp.benchmarks.kit.views import split_ids
 
     model, dm = tiny_xray
     ids = split_ids(dm, "train")
@@ -424,7 +424,7 @@ def test_benchx_finetune_builds_the_reference_trainer(tiny_xray, tmp_path) -> No
 
 
 def test_benchx_finetune_selects_on_validation_auroc(tiny_xray, tmp_path) -> None:
-    from medvlp.benchmarks.benchx import BenchXFinetune
+    from medvlp.benchmarks.reference.benchx import BenchXFinetune
 
     model, dm = tiny_xray
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -456,7 +456,7 @@ def make_nih(root, n: int = 20):
 
 
 def test_nih_datamodule_reads_the_published_layout(tmp_path) -> None:
-    from medvlp.datamodules.nih import NIH_14, NIHChestXray14DataModule
+    from medvlp.datamodules.xray.nih import NIH_14, NIHChestXray14DataModule
 
     root = make_nih(tmp_path / "nih")
     dm = NIHChestXray14DataModule(str(root), image_size=32, val_fraction=0.25)
@@ -469,7 +469,7 @@ def test_nih_datamodule_reads_the_published_layout(tmp_path) -> None:
     batch = next(iter(dm.eval_dataloader("test", 4)))
     assert batch["image"].shape == (4, 1, 32, 32) and batch["labels"].shape == (4, 14)
     (root / "Data_Entry_2017.csv").write_text((root / "Data_Entry_2017.csv").read_text().replace("Hernia", "Hernai"))
-    from medvlp.datamodules.readers import DataError
+    from medvlp.datamodules.io.readers import DataError
 
     with pytest.raises(DataError, match="unknown finding"):
         NIHChestXray14DataModule(str(root)).records("train")
@@ -477,9 +477,9 @@ def test_nih_datamodule_reads_the_published_layout(tmp_path) -> None:
 
 # ----------------------------------------------------------------------------- MIMIC 5x200
 def test_five_by_200_builder_keeps_single_class_rows() -> None:
-    from medvlp.datamodules.mimic_5x200 import five_by_200
-    from medvlp.datamodules.readers import DataError
-    from medvlp.datamodules.xray import CHEXPERT_5, CHEXPERT_14
+    from medvlp.datamodules.xray.mimic_5x200 import five_by_200
+    from medvlp.datamodules.io.readers import DataError
+    from medvlp.datamodules.xray.chest import CHEXPERT_5, CHEXPERT_14
 
     lab = np.zeros((30, 14), np.float32)
     for i in range(30):
@@ -494,8 +494,8 @@ def test_five_by_200_builder_keeps_single_class_rows() -> None:
 
 
 def test_mimic_5x200_from_benchx_ids_feeds_category_retrieval(tmp_path) -> None:
-    from medvlp.benchmarks.retrieval import CategoryRetrieval
-    from medvlp.datamodules.mimic_5x200 import MIMIC5x200DataModule
+    from medvlp.benchmarks.protocols.retrieval import CategoryRetrieval
+    from medvlp.datamodules.xray.mimic_5x200 import MIMIC5x200DataModule
     from tests.fixtures import make_mimic
 
     root = make_mimic(tmp_path / "mimic", n=12)
@@ -543,7 +543,7 @@ def _fixture_roots(tmp_path):
 def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) -> None:
     """Every paper suite loads, takes dataset roots as overrides and runs each protocol once (tiny
     encoder, one epoch, small images) on the fixtures."""
-    from medvlp.benchmarks.runner import load_suite, run_suite
+    from medvlp.benchmarks.suite.runner import load_suite, run_suite
 
     roots = _fixture_roots(tmp_path)
     key_root = {"chexpert": "chexpert", "chexpert_5x200": "chexpert", "rsna": "rsna", "covidx": "covidx",
@@ -608,7 +608,7 @@ def test_paper_suites_run_one_step_on_fixtures_in_published_layouts(tmp_path) ->
 def test_btcv_published_layout_holds_out_its_validation_list_as_the_test_split(tmp_path) -> None:
     """BTCV as released for MONAI/UNETR: ``imagesTr``/``labelsTr`` + ``dataset_0.json`` whose
     ``validation`` list is the test split; the unlabelled ``imagesTs`` volumes are in no split."""
-    from medvlp.datamodules.ct import BTCVDataModule
+    from medvlp.datamodules.volume.ct import BTCVDataModule
     from tests.fixtures import make_btcv
 
     dm = BTCVDataModule(str(make_btcv(tmp_path / "btcv", n=6, layout="monai")), volume_size=(8, 16, 16))
@@ -622,7 +622,7 @@ def test_btcv_published_layout_holds_out_its_validation_list_as_the_test_split(t
 
 # ----------------------------------------------------------------------------- EM as CREMI
 def test_cremi_voi_and_adapted_rand_on_hand_computed_labelings() -> None:
-    from medvlp.benchmarks.em_cremi import adapted_rand_error, cremi_voi
+    from medvlp.benchmarks.reference.em_cremi import adapted_rand_error, cremi_voi
 
     gt = np.array([[1, 1, 2, 2]])
     assert cremi_voi(gt, gt) == (0.0, 0.0) and adapted_rand_error(gt, gt) == 0.0
@@ -636,7 +636,7 @@ def test_cremi_voi_and_adapted_rand_on_hand_computed_labelings() -> None:
 
 
 def test_watershed_agglomeration_floods_boundaries_into_cells() -> None:
-    from medvlp.benchmarks.em_cremi import watershed_agglomeration
+    from medvlp.benchmarks.reference.em_cremi import watershed_agglomeration
 
     prob = np.zeros((1, 5, 9), np.float32)
     prob[:, :, 4] = 0.9  # a boundary plane between two cells
@@ -646,8 +646,8 @@ def test_watershed_agglomeration_floods_boundaries_into_cells() -> None:
 
 
 def test_em_cremi_scores_whole_stitched_test_volumes(tmp_path) -> None:
-    from medvlp.benchmarks.em_cremi import EMCremi
-    from medvlp.datamodules.em import CREMIDataModule
+    from medvlp.benchmarks.reference.em_cremi import EMCremi
+    from medvlp.datamodules.em.datasets import CREMIDataModule
     from tests.fixtures import make_cremi
 
     dm = CREMIDataModule(str(make_cremi(tmp_path / "cremi")), samples=["A", "B"], volume_size=(4, 16, 16), test_fraction=0.34,
@@ -663,7 +663,7 @@ def test_em_cremi_scores_whole_stitched_test_volumes(tmp_path) -> None:
 
 # ----------------------------------------------------------------------------- GTGM 3D fine-tuning
 def test_gtgm_split_is_first_90_percent_times_ratio_and_last_10_percent() -> None:
-    from medvlp.benchmarks.gtgm_finetune import gtgm_split
+    from medvlp.benchmarks.reference.gtgm_finetune import gtgm_split
 
     ids = [str(i) for i in range(20)]
     assert gtgm_split(ids, 1.0) == (list(range(18)), [18, 19])
@@ -671,8 +671,8 @@ def test_gtgm_split_is_first_90_percent_times_ratio_and_last_10_percent() -> Non
 
 
 def test_gtgm_finetune_trains_everything_and_selects_best_validation_dice(tmp_path) -> None:
-    from medvlp.benchmarks.gtgm_finetune import GTGMFinetune
-    from medvlp.datamodules.ct import MSDDataModule
+    from medvlp.benchmarks.reference.gtgm_finetune import GTGMFinetune
+    from medvlp.datamodules.volume.ct import MSDDataModule
     from tests.fixtures import make_msd
 
     root = make_msd(tmp_path / "msd", n=10)
@@ -695,11 +695,11 @@ def test_gtgm_finetune_trains_everything_and_selects_best_validation_dice(tmp_pa
 
 
 def test_benchx_segmentation_builds_upernet_with_layer_decay_and_reports_mmseg_dice(siim_dm, tmp_path) -> None:
-    from medvlp.benchmarks.benchx import BenchXSegmentation, UPerHead, mmseg_dice_loss
+    from medvlp.benchmarks.reference.benchx import BenchXSegmentation, UPerHead, mmseg_dice_loss
 
     torch.manual_seed(0)
     model, _ = build_tiny("clip", "method.init_args.image_encoder.depth=4")
-    ids = __import__("medvlp.benchmarks.views", fromlist=["split_ids"]).split_ids(siim_dm, "train")
+    ids = __import__("medvlp.benchmarks.kit.views", fromlist=["split_ids"]).split_ids(siim_dm, "train")
     f = tmp_path / "train_10.txt"
     f.write_text("".join(f"{i}\n" for i in ids[:6]))
     proto = BenchXSegmentation()

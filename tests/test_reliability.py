@@ -17,8 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medvlp.benchmarks.splits import fraction_ids
-from medvlp.datamodules.readers import DataError, rle_decode_siim
+from medvlp.benchmarks.kit.splits import fraction_ids
+from medvlp.datamodules.io.readers import DataError, rle_decode_siim
 from medvlp.io import safe_load
 from medvlp.reports import TripletParser, split_sentences
 

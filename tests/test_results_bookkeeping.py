@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from medvlp.benchmarks.results import ResultStore
+from medvlp.benchmarks.suite.results import ResultStore
 
 
 def _tiny_suite(tmp_path, seed: int = 42) -> dict:
-    from medvlp.benchmarks.runner import load_suite
+    from medvlp.benchmarks.suite.runner import load_suite
 
     suite = load_suite("smoke", [f"output={tmp_path}", f"seed={seed}"])
     suite["methods"] = {"random_init": {"method": "clip", "pretrain": False}}
@@ -21,7 +21,7 @@ def _tiny_suite(tmp_path, seed: int = 42) -> dict:
 
 def test_report_groups_by_protocol_params(tmp_path) -> None:
     """Two C values in one folder are two cells, never averaged into a fake seed spread."""
-    from medvlp.benchmarks.tables import report, summarize
+    from medvlp.benchmarks.report.tables import report, summarize
 
     store = ResultStore(tmp_path / "results.csv")
     for c, value in (("1.0", 0.7), ("0.001", 0.5)):
@@ -37,7 +37,7 @@ def test_report_groups_by_protocol_params(tmp_path) -> None:
 
 
 def test_fraction_definitions_are_each_their_own(tmp_path) -> None:
-    from medvlp.benchmarks.tables import report
+    from medvlp.benchmarks.report.tables import report
 
     store = ResultStore(tmp_path / "results.csv")
     for frac in (0.1, 1.0):
@@ -48,8 +48,8 @@ def test_fraction_definitions_are_each_their_own(tmp_path) -> None:
 
 
 def test_changed_weights_are_recomputed_and_custom_protocol_keys_keep_fractions(tmp_path) -> None:
-    from medvlp.benchmarks.runner import run_suite
-    from medvlp.benchmarks.tables import report
+    from medvlp.benchmarks.suite.runner import run_suite
+    from medvlp.benchmarks.report.tables import report
 
     path = run_suite(_tiny_suite(tmp_path, seed=42), "cpu")
     first = pd.read_csv(path, dtype={"weights": str})
@@ -68,7 +68,7 @@ def test_changed_weights_are_recomputed_and_custom_protocol_keys_keep_fractions(
 def test_duplicate_cells_are_never_dropped_silently(tmp_path) -> None:
     import pytest
 
-    from medvlp.benchmarks.tables import summarize, wide_table
+    from medvlp.benchmarks.report.tables import summarize, wide_table
 
     s = summarize(pd.DataFrame([dict(label="m", dataset="d", protocol="p", params="{}", fraction=1.0, seed=0,
                                      metric="auc", value=0.6)]))
@@ -79,7 +79,7 @@ def test_duplicate_cells_are_never_dropped_silently(tmp_path) -> None:
 def test_evaluate_labels_rows_from_checkpoint_metadata(tmp_path) -> None:
     from tests.conftest import tiny_config
 
-    from medvlp.benchmarks.runner import evaluate_command
+    from medvlp.benchmarks.suite.runner import evaluate_command
     from medvlp.train import pretrain
 
     cfg = tiny_config("clip", f"run.dir={tmp_path / 'some_run_folder'}", "trainer.max_steps=1",
@@ -99,9 +99,9 @@ def test_evaluate_labels_rows_from_checkpoint_metadata(tmp_path) -> None:
 
 
 def test_unit_seeds_separate_subset_and_training_seeds_and_skip_deterministic_repeats() -> None:
-    from medvlp.benchmarks.finetune import Finetune
-    from medvlp.benchmarks.linear_probe import LinearProbe
-    from medvlp.benchmarks.runner import unit_seeds
+    from medvlp.benchmarks.protocols.finetune import Finetune
+    from medvlp.benchmarks.protocols.linear_probe import LinearProbe
+    from medvlp.benchmarks.suite.runner import unit_seeds
 
     lp, ft = LinearProbe(), Finetune()
     assert unit_seeds(lp, {"seeds": [0, 1, 2]}, 0.1) == [(0, 0), (1, 1), (2, 2)]  # each seed its own subset
@@ -113,8 +113,8 @@ def test_unit_seeds_separate_subset_and_training_seeds_and_skip_deterministic_re
 
 
 def test_pretrain_seeds_are_run_and_aggregated_by_the_report(tmp_path) -> None:
-    from medvlp.benchmarks.runner import run_suite
-    from medvlp.benchmarks.tables import report
+    from medvlp.benchmarks.suite.runner import run_suite
+    from medvlp.benchmarks.report.tables import report
     from medvlp.validate import check_suite
 
     suite = _tiny_suite(tmp_path)

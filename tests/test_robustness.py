@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medvlp.datamodules import MIMICCXRDataModule, MSDDataModule
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 from medvlp.datamodules.tabular import duplicate_ids
 from medvlp.reports import parse_sections
 from tests import fixtures as fx

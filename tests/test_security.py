@@ -63,7 +63,7 @@ def test_nested_encoder_class_path_in_checkpoint_hparams_is_refused(tmp_path: Pa
 
 
 def test_checkpoint_opt_in_accepts_only_method_subclasses(tmp_path: Path) -> None:
-    ckpt = _write_ckpt(tmp_path / "dm.ckpt", {"method": "x", "class_path": "medvlp.datamodules.phantom.PhantomDataModule",
+    ckpt = _write_ckpt(tmp_path / "dm.ckpt", {"method": "x", "class_path": "medvlp.datamodules.phantom.datamodule.PhantomDataModule",
                                                "hparams": {}})
     with pytest.raises(ClassPathError, match="VLPMethod"):
         load_method(str(ckpt), allow_class_path=True)
@@ -133,7 +133,7 @@ def test_suite_file_cannot_turn_off_weights_only_resume(tmp_path: Path, capsys: 
 
 def test_command_line_turns_off_weights_only_resume_with_a_warning(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    from medvlp.benchmarks.runner import UNSAFE_RESUME_KEY, _method_config
+    from medvlp.benchmarks.suite.runner import UNSAFE_RESUME_KEY, _method_config
 
     suite = {"name": "s", "output": str(tmp_path), "methods": {"clip": {}}, UNSAFE_RESUME_KEY: False}
     cfg = _method_config(suite, "clip", {})

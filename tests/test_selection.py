@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from medvlp.benchmarks.dice import dice_score
-from medvlp.benchmarks.features import FeatureCache
-from medvlp.benchmarks.finetune import Finetune
-from medvlp.benchmarks.paper_view import row_fields
-from medvlp.benchmarks.protocol import EvalContext, macro_auc
-from medvlp.benchmarks.segmentation import Segmentation
+from medvlp.benchmarks.metrics.dice import dice_score
+from medvlp.benchmarks.kit.features import FeatureCache
+from medvlp.benchmarks.protocols.finetune import Finetune
+from medvlp.benchmarks.suite.paper_view import row_fields
+from medvlp.benchmarks.kit.protocol import EvalContext, macro_auc
+from medvlp.benchmarks.protocols.segmentation import Segmentation
 from tests.conftest import build_tiny
 
 
@@ -106,7 +106,7 @@ def test_validation_scores_the_validation_split(tiny) -> None:
     expected = dice_score(parts["predict"](val)[0], val.masks, trainer.info["num_classes"], "foreground")
     assert trainer.validate() == {"val_dice": pytest.approx(expected)}
     assert trainer.info["n_val"] == len(dm.dataset("val", augment=False)) == 8
-    from medvlp.benchmarks.head_loop import fit
+    from medvlp.benchmarks.kit.head_loop import fit
 
     result = fit(trainer)
     assert len(result.history) == 2 and result.best_value == max(h["val_dice"] for h in result.history)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from medvlp.batch import collate
 from medvlp.datamodules import COVIDxDataModule
 from medvlp.datamodules.base import RecordDataset, ReplaceSkipped
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 from tests import fixtures as fx
 
 

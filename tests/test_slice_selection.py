@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from medvlp.benchmarks.features import FeatureCache
-from medvlp.benchmarks.protocol import EvalContext
-from medvlp.benchmarks.slice_selection import SliceSelection, lesion_slices
-from medvlp.benchmarks.stats import metric_under_weights
+from medvlp.benchmarks.kit.features import FeatureCache
+from medvlp.benchmarks.kit.protocol import EvalContext
+from medvlp.benchmarks.protocols.slice_selection import SliceSelection, lesion_slices
+from medvlp.benchmarks.metrics.stats import metric_under_weights
 from tests.conftest import build_tiny, first_batch
 
 
@@ -126,8 +126,8 @@ def test_unimedi_hook_is_the_training_selection(monkeypatch) -> None:
 
 
 def test_suite_scores_unimedi_and_skips_a_method_without_the_hook(tmp_path) -> None:
-    from medvlp.benchmarks.results import ResultStore
-    from medvlp.benchmarks.runner import run_suite
+    from medvlp.benchmarks.suite.results import ResultStore
+    from medvlp.benchmarks.suite.runner import run_suite
 
     ct = {"name": "phantom", "init_args": {"modality": "ct", "num_train": 8, "num_val": 4, "num_test": 12,
                                             "volume_size": [16, 32, 32], "batch_size": 4}}

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from medvlp.benchmarks import stats
-from medvlp.benchmarks.protocol import auc_recipe, mean_recipe, recall_recipe
+from medvlp.benchmarks.metrics import stats
+from medvlp.benchmarks.kit.protocol import auc_recipe, mean_recipe, recall_recipe
 
 Y = np.array([[1.0], [1.0], [0.0], [0.0]])
 SA = np.array([[0.9], [0.4], [0.5], [0.1]])
@@ -107,7 +107,7 @@ def test_delong_agrees_with_paired_bootstrap_on_a_large_synthetic_case() -> None
 
 
 def _synthetic_results(path) -> None:
-    from medvlp.benchmarks.results import ResultStore
+    from medvlp.benchmarks.suite.results import ResultStore
 
     rng = np.random.default_rng(0)
     n = 300
@@ -133,7 +133,7 @@ def test_report_headline_marks_significance_withholds_degenerate_and_html_is_sel
 
     import pandas as pd
 
-    from medvlp.benchmarks.tables import report
+    from medvlp.benchmarks.report.tables import report
 
     _synthetic_results(tmp_path / "results.csv")
     md = report(tmp_path / "results.csv", n_boot=300)
@@ -171,8 +171,8 @@ def test_report_headline_marks_significance_withholds_degenerate_and_html_is_sel
 def test_per_image_segmentation_outputs_reproduce_every_dice_definition() -> None:
     import torch
 
-    from medvlp.benchmarks.dice import DEFINITIONS, dice_score
-    from medvlp.benchmarks.segmentation import dice_areas, per_image_dice
+    from medvlp.benchmarks.metrics.dice import DEFINITIONS, dice_score
+    from medvlp.benchmarks.protocols.segmentation import dice_areas, per_image_dice
 
     g = torch.Generator().manual_seed(0)
     target = (torch.rand(6, 1, 8, 8, generator=g) > 0.7).long() * torch.randint(1, 3, (6, 1, 8, 8), generator=g)
@@ -188,7 +188,7 @@ def test_per_image_segmentation_outputs_reproduce_every_dice_definition() -> Non
 
 
 def test_voi_at_the_single_instance_baseline_is_flagged_degenerate() -> None:
-    from medvlp.benchmarks.segmentation import degenerate_voi_flags, voi
+    from medvlp.benchmarks.protocols.segmentation import degenerate_voi_flags, voi
 
     target = np.repeat(np.arange(1, 5), 4).reshape(4, 4)  # 4 instances
     baseline = sum(voi(np.ones_like(target), target))  # split 0, merge = H(target) = ln 4
@@ -200,7 +200,7 @@ def test_voi_at_the_single_instance_baseline_is_flagged_degenerate() -> None:
 def test_instance_voi_run_flags_a_decoder_without_boundaries_and_stores_per_volume_values(monkeypatch) -> None:
     import torch
 
-    from medvlp.benchmarks.segmentation import InstanceVOI
+    from medvlp.benchmarks.protocols.segmentation import InstanceVOI
 
     inst = torch.from_numpy(np.repeat(np.arange(1, 5), 16).reshape(1, 1, 4, 4, 4)).repeat(2, 1, 1, 1, 1)
     prob = torch.zeros(2, 2, 4, 4, 4)

@@ -14,7 +14,7 @@ SIZES = {"image_encoder": {"img_size_2d": 32, "img_size_3d": [16, 32, 32]}}
 
 
 def test_modalities_arms_train_on_their_data_and_are_evaluated_on_ct_and_xray(tmp_path) -> None:
-    from medvlp.benchmarks.runner import run_suite
+    from medvlp.benchmarks.suite.runner import run_suite
     from medvlp.method import load_method
 
     suite = {

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from medvlp.benchmarks.features import FeatureCache
+from medvlp.benchmarks.kit.features import FeatureCache
 
 
 @dataclass
@@ -44,7 +44,7 @@ class EvalContext:
 
 
 def auc_recipe(scores: str = "scores", labels: str = "labels") -> dict[str, Any]:
-    """How a macro ROC-AUC is recomputed from stored per-sample arrays (see :mod:`medvlp.benchmarks.stats`)."""
+    """How a macro ROC-AUC is recomputed from stored per-sample arrays (see :mod:`medvlp.benchmarks.metrics.stats`)."""
     return {"kind": "macro_auc", "scores": scores, "labels": labels, "chance": 0.5, "higher_is_better": True}
 
 

@@ -1,6 +1,6 @@
 """Uncertainty of benchmark cells from stored per-sample outputs (pure numpy).
 
-A *recipe* (see :func:`medvlp.benchmarks.protocol.auc_recipe` and friends) says how a metric is
+A *recipe* (see :func:`medvlp.benchmarks.kit.protocol.auc_recipe` and friends) says how a metric is
 computed from a unit's per-sample arrays:
 
 * ``macro_auc``: mean over classes with both labels of the Mann–Whitney ROC-AUC (ties count ½; NaN

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields, selection_text
-from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
+from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit, selection_fields, selection_text
+from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
                                        label_samples, macro_auc, random_batches)
-from medvlp.benchmarks.splits import fraction_rows
+from medvlp.benchmarks.kit.splits import fraction_rows
 from medvlp.registry import register_benchmark
 
 
@@ -181,7 +181,7 @@ class Finetune(Protocol):
              f"{p.get('backbone_lr_mult', 0.1)}) on {len(rows)} train samples ({fraction:g}, seed {seed}); "
              f"{selection_text(result, trainer)} on {trainer.info['n_val']} validation samples")
         del parts
-        from medvlp.benchmarks.linear_probe import probe_flags
+        from medvlp.benchmarks.protocols.linear_probe import probe_flags
 
         names = list(ctx.datamodule.label_names)
         flags = probe_flags(trainer.info["train_labels"], names) + constant_class_flags(y_test, names, "the test split")

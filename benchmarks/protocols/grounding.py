@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe,
+from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe,
                                        constant_class_flags, macro_auc, mean_recipe)
 from medvlp.encoders.vit import tokens_to_map
 from medvlp.registry import register_benchmark
@@ -20,7 +20,7 @@ def finding_region(label: str, side: str | None, zone: str | None) -> str | None
 
     Consolidation / lung nodule → ``"<side> <zone> lung zone"``; pleural effusion → ``"<side> costophrenic
     angle"``; pneumothorax → ``"<side> apical zone"``; cardiomegaly → ``"cardiac silhouette"`` (the phantom
-    X-ray's :data:`~medvlp.datamodules.phantom_render.XRAY_REGIONS`).
+    X-ray's :data:`~medvlp.datamodules.phantom.render.XRAY_REGIONS`).
     """
     name, side, zone = label.lower(), (side or "").lower(), (zone or "").lower()
     if name in ("consolidation", "lung nodule") and side and zone in ("upper", "mid", "lower"):
@@ -37,8 +37,8 @@ def finding_region(label: str, side: str | None, zone: str | None) -> str | None
 def query_sentence(finding: Mapping[str, Any]) -> str:
     """The grounding query of a finding: the phantom report's first positive wording filled with the
     finding's side, zone and size (e.g. ``"There is a small right pleural effusion."``)."""
-    from medvlp.datamodules.phantom_render import Finding
-    from medvlp.datamodules.phantom_reports import POSITIVE, positive_sentence
+    from medvlp.datamodules.phantom.render import Finding
+    from medvlp.datamodules.phantom.reports import POSITIVE, positive_sentence
 
     if finding["label"] not in POSITIVE:
         raise ValueError(f"grounding: no report wording for finding {finding['label']!r}")

@@ -5,9 +5,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
+from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
                                        label_samples, macro_auc, mean_recipe)
-from medvlp.benchmarks.splits import fraction_rows
+from medvlp.benchmarks.kit.splits import fraction_rows
 from medvlp.registry import register_benchmark
 
 

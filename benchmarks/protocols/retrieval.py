@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medvlp.benchmarks.features import Features
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, recall_recipe
+from medvlp.benchmarks.kit.features import Features
+from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, recall_recipe
 from medvlp.registry import register_benchmark
 
 

@@ -19,10 +19,10 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import nn
 
-from medvlp.benchmarks.dice import DEFINITIONS, dice_score
-from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields, selection_text
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, random_batches
-from medvlp.benchmarks.splits import fraction_rows
+from medvlp.benchmarks.metrics.dice import DEFINITIONS, dice_score
+from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit, selection_fields, selection_text
+from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, random_batches
+from medvlp.benchmarks.kit.splits import fraction_rows
 from medvlp.registry import register_benchmark
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -99,7 +99,7 @@ def _collect(ctx: EvalContext, split: str, frozen: bool) -> tuple[Any, torch.Ten
 
 @register_benchmark("segmentation")
 class Segmentation(Protocol):
-    """Segmentation Dice on the test split (see :mod:`medvlp.benchmarks.dice` for definitions).
+    """Segmentation Dice on the test split (see :mod:`medvlp.benchmarks.metrics.dice` for definitions).
 
     Selection: after every epoch the decoder (and the encoder copy in ``full`` mode) predicts the
     validation split (the cached val maps in ``frozen`` mode) and the weights of the epoch with the best
@@ -283,7 +283,7 @@ def dice_samples(pred: torch.Tensor, target: torch.Tensor, num_classes: int, met
 
 
 def per_image_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, definition: str) -> np.ndarray:
-    """Per-image Dice whose :func:`~medvlp.benchmarks.stats` ``mean`` recipe (NaN-mean over images, then
+    """Per-image Dice whose :func:`~medvlp.benchmarks.metrics.stats` ``mean`` recipe (NaN-mean over images, then
     mean over classes) reproduces :func:`dice_score`: ``(N, C)`` with NaN where an image does not count
     (MONAI ``ignore_empty``), or ``(N,)`` for ``mgca_per_image``."""
     if definition == "mgca_per_image":
@@ -299,7 +299,7 @@ def per_image_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, d
 
 def dice_areas(pred: torch.Tensor, target: torch.Tensor, num_classes: int, background: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per image and class, ``2·|P∩T|`` and ``|P| + |T|`` (``(N, C)`` each): their dataset sums give
-    :func:`~medvlp.benchmarks.dice.mmseg_dataset_dice`."""
+    :func:`~medvlp.benchmarks.metrics.dice.mmseg_dataset_dice`."""
     p, t = pred.flatten(1).long(), target.flatten(1).long()
     classes = range(0 if background else 1, num_classes)
     num = torch.stack([2 * ((p == c) & (t == c)).sum(1) for c in classes], 1)

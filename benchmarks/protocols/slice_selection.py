@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe
+from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe
 from medvlp.registry import register_benchmark
 
 HOOK = "selected_slices"

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medvlp.benchmarks.linear_probe import is_one_hot
-from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
+from medvlp.benchmarks.protocols.linear_probe import is_one_hot
+from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
                                        label_samples, macro_auc, mean_recipe)
 from medvlp.registry import register_benchmark
 

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields, warmup_cosine
-from medvlp.benchmarks.linear_probe import is_one_hot
-from medvlp.benchmarks.mgca_linear import labels_of
-from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, label_samples,
+from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit, selection_fields, warmup_cosine
+from medvlp.benchmarks.protocols.linear_probe import is_one_hot
+from medvlp.benchmarks.reference.mgca_linear import labels_of
+from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, label_samples,
                                        macro_auc, mean_recipe)
-from medvlp.benchmarks.segmentation import dice_samples
-from medvlp.benchmarks.splits import select_fraction
-from medvlp.benchmarks.views import (batch_ids, center_crop, encoder_channels, random_resized_crop_flip, renormalise, resize,
+from medvlp.benchmarks.protocols.segmentation import dice_samples
+from medvlp.benchmarks.kit.splits import select_fraction
+from medvlp.benchmarks.kit.views import (batch_ids, center_crop, encoder_channels, random_resized_crop_flip, renormalise, resize,
                                      split_ids, subset_loader, to_channels)
 from medvlp.registry import register_benchmark
 
@@ -344,7 +344,7 @@ class BenchXSegmentation(Protocol):
 
     def build(self, ctx: EvalContext, fraction: float, seed: int) -> tuple[HeadTrainer, dict[str, Any]]:
         """The trainer of one (fraction, seed) run and the pieces the test step needs."""
-        from medvlp.benchmarks.dice import dice_score
+        from medvlp.benchmarks.metrics.dice import dice_score
 
         p = self.params(ctx)
         dm = ctx.datamodule
@@ -430,7 +430,7 @@ class BenchXSegmentation(Protocol):
         return trainer, {"predict": predict, "model": model, "split_hash": subset_hash, "heads": (neck, head, aux)}
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
-        from medvlp.benchmarks.dice import DEFINITIONS, dice_score
+        from medvlp.benchmarks.metrics.dice import DEFINITIONS, dice_score
 
         trainer, parts = self.build(ctx, fraction, seed)
         result = fit(trainer)

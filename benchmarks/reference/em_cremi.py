@@ -6,8 +6,8 @@ from collections import defaultdict
 import numpy as np
 from scipy import ndimage
 
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, ProtocolResult, mean_recipe
-from medvlp.benchmarks.segmentation import Segmentation
+from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, ProtocolResult, mean_recipe
+from medvlp.benchmarks.protocols.segmentation import Segmentation
 from medvlp.registry import register_benchmark
 
 

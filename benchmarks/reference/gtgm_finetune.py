@@ -10,11 +10,11 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader, Dataset
 
-from medvlp.benchmarks.dice import DEFINITIONS, dice_score
-from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe
-from medvlp.benchmarks.segmentation import ProgressiveDecoder, per_image_dice
-from medvlp.benchmarks.splits import split_hash
+from medvlp.benchmarks.metrics.dice import DEFINITIONS, dice_score
+from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit, selection_fields
+from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe
+from medvlp.benchmarks.protocols.segmentation import ProgressiveDecoder, per_image_dice
+from medvlp.benchmarks.kit.splits import split_hash
 from medvlp.registry import register_benchmark
 
 DEFAULTS: dict[str, Any] = {"lr": 1e-4, "weight_decay": 1e-5, "batch_size": 8, "max_iterations": 25000,

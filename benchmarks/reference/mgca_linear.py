@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields
-from medvlp.benchmarks.linear_probe import is_one_hot
-from medvlp.benchmarks.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, label_samples,
+from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit, selection_fields
+from medvlp.benchmarks.protocols.linear_probe import is_one_hot
+from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, label_samples,
                                        macro_auc, mean_recipe)
-from medvlp.benchmarks.splits import select_fraction
-from medvlp.benchmarks.views import (batch_ids, center_crop, encoder_channels, random_crop, renormalise, split_ids,
+from medvlp.benchmarks.kit.splits import select_fraction
+from medvlp.benchmarks.kit.views import (batch_ids, center_crop, encoder_channels, random_crop, renormalise, split_ids,
                                      subset_loader, to_channels)
 from medvlp.registry import register_benchmark
 
@@ -50,7 +50,7 @@ class MGCALinear(Protocol):
       RGB ViT weights);
     * label fractions: ``fraction_source: mgca`` (default) = ``df.sample(frac, random_state=42)`` on the
       train table, one subset for every seed, written as an id file under ``<output>/splits``;
-      ``hash`` and ``file`` (id or BenchX subset files) as :func:`~medvlp.benchmarks.splits.select_fraction`;
+      ``hash`` and ``file`` (id or BenchX subset files) as :func:`~medvlp.benchmarks.kit.splits.select_fraction`;
     * metrics: macro ROC-AUC over classes (multi-label; torchmetrics ``AUROC``), top-1 accuracy for
       one-hot sets.
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.benchmarks.dice import DEFINITIONS, dice_score
-from medvlp.benchmarks.head_loop import HeadTrainer, fit, selection_fields
-from medvlp.benchmarks.protocol import EvalContext, MetricValue, Protocol, ProtocolResult
-from medvlp.benchmarks.segmentation import dice_samples
-from medvlp.benchmarks.splits import select_fraction, split_hash, write_split_file
-from medvlp.benchmarks.views import (batch_ids, encoder_channels, renormalise, shift_scale_rotate, split_ids, subset_loader,
+from medvlp.benchmarks.metrics.dice import DEFINITIONS, dice_score
+from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit, selection_fields
+from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, Protocol, ProtocolResult
+from medvlp.benchmarks.protocols.segmentation import dice_samples
+from medvlp.benchmarks.kit.splits import select_fraction, split_hash, write_split_file
+from medvlp.benchmarks.kit.views import (batch_ids, encoder_channels, renormalise, shift_scale_rotate, split_ids, subset_loader,
                                      to_channels)
 from medvlp.registry import register_benchmark
 

@@ -4,7 +4,7 @@ AUC tables, plots and one self-contained ``report.html``.
 A *cell* is every row of one (label, dataset, protocol key, params, fraction, metric): protocol
 parameters are part of the cell, so runs with different ``C`` are never averaged. Its units (seeds:
 pretraining × label subset × training) are averaged; the 95 % CI is a bootstrap over test samples of
-that average (:mod:`medvlp.benchmarks.stats`, stratified by label pattern for AUC), and differences to
+that average (:mod:`medvlp.benchmarks.metrics.stats`, stratified by label pattern for AUC), and differences to
 the reference row are paired on the same test samples.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from medvlp.benchmarks import stats
-from medvlp.benchmarks.results import ResultStore
+from medvlp.benchmarks.metrics import stats
+from medvlp.benchmarks.suite.results import ResultStore
 from medvlp.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -523,8 +523,8 @@ def _notes(summary: pd.DataFrame) -> list[str]:
 
 
 def _claims_section(folder: Path, n_boot: int, seed: int) -> str | None:
-    """The experiment's claim outcomes (:mod:`medvlp.benchmarks.experiments`) when ``folder`` holds one."""
-    from medvlp.benchmarks.experiments import claim_outcomes, load_experiments, outcomes_markdown
+    """The experiment's claim outcomes (:mod:`medvlp.benchmarks.suite.experiments`) when ``folder`` holds one."""
+    from medvlp.benchmarks.suite.experiments import claim_outcomes, load_experiments, outcomes_markdown
 
     exps = load_experiments(folder)
     if exps is None:
@@ -601,7 +601,7 @@ def report(results: str | Path, out: str | Path | None = None, plots: bool = Tru
         md.append("\n**Flags** (⚠ degenerate cells are withheld from the headline and comparisons)\n\n"
                   + "\n".join(f"- {n}" for n in notes) + "\n")
     md.append("\n**Metric definitions**\n\n" + definitions(df))
-    from medvlp.benchmarks.paper_view import LABEL_DERIVED
+    from medvlp.benchmarks.suite.paper_view import LABEL_DERIVED
 
     if "comparability" in df:
         marked = sorted(df.loc[df["comparability"].astype(str).str.contains(LABEL_DERIVED, regex=False), "label"].unique())
@@ -610,7 +610,7 @@ def report(results: str | Path, out: str | Path | None = None, plots: bool = Tru
                       f"that zero-shot and linear-probe evaluation use; offline demo only, not comparable): "
                       f"{', '.join(marked)}\n")
     if paper:
-        from medvlp.benchmarks.paper_view import paper_table
+        from medvlp.benchmarks.suite.paper_view import paper_table
 
         ptable = paper_table(df)
         atomic_write_text(out / "paper_table.md", ptable)

@@ -15,7 +15,7 @@ optionally ``fraction`` (default: the largest the protocol ran) and ``expect`` (
 or ``less``: the direction the claim predicts for ``a − b``). The suite runs every method with several
 ``pretrain_seeds``; :func:`claim_outcomes` recomputes, from the stored per-sample outputs, Δ = mean over
 A's pretraining seeds − mean over B's with a two-level bootstrap CI
-(:func:`medvlp.benchmarks.stats.seed_level_difference`: seeds and test samples resampled), a two-sided
+(:func:`medvlp.benchmarks.metrics.stats.seed_level_difference`: seeds and test samples resampled), a two-sided
 p-value, Holm's correction over the experiment's comparisons, and an outcome decided by the Holm-adjusted
 p-value (the CI shown is per comparison, not adjusted):
 
@@ -40,9 +40,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from medvlp.benchmarks import stats
-from medvlp.benchmarks.results import ResultStore
-from medvlp.benchmarks.tables import align_samples
+from medvlp.benchmarks.metrics import stats
+from medvlp.benchmarks.suite.results import ResultStore
+from medvlp.benchmarks.report.tables import align_samples
 from medvlp.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def packaged_experiments() -> list[str]:
 
 def stored_summaries(names: Sequence[str] | None = None) -> list[str]:
     """Summary lines from the last stored run of each packaged experiment (``not run yet`` when absent)."""
-    from medvlp.benchmarks.runner import load_suite
+    from medvlp.benchmarks.suite.runner import load_suite
 
     lines = []
     for name in names or packaged_experiments():
@@ -348,7 +348,7 @@ def experiments_command(args: Sequence[str]) -> int:
     """
     from omegaconf import OmegaConf
 
-    from medvlp.benchmarks.runner import load_suite, run_suite
+    from medvlp.benchmarks.suite.runner import load_suite, run_suite
 
     plain = [a for a in args if not a.startswith(("names=", "run=", "out=", "n_boot="))]
     cfg = OmegaConf.from_dotlist([a for a in args if a not in plain])

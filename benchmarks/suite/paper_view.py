@@ -54,7 +54,7 @@ def pretrain_data_of(entry: Mapping[str, Any], cfg_data: Mapping[str, Any] | Non
     if ckpt == "random-init":
         return "none"
     if cfg_data:
-        from medvlp.datamodules.captions import uses_label_derived_captions
+        from medvlp.datamodules.volume.captions import uses_label_derived_captions
 
         name = cfg_data.get("name", "unknown")
         sub = (cfg_data.get("init_args") or {}).get("datamodules")

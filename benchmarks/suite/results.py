@@ -9,7 +9,7 @@ its old rows (logged with their count) so they are recomputed rather than mixed 
 
 Per-sample outputs of every unit (scores, labels, ids, retrieval ranks, per-image scores) are stored
 as compressed ``samples/<unit>.npz`` beside the CSV (``samples`` column), together with the recipes
-that recompute each metric from them (:mod:`medvlp.benchmarks.stats`).
+that recompute each metric from them (:mod:`medvlp.benchmarks.metrics.stats`).
 """
 from __future__ import annotations
 

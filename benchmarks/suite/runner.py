@@ -16,11 +16,11 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from medvlp.benchmarks.experiments import write_experiment
-from medvlp.benchmarks.features import FeatureCache, model_fingerprint
-from medvlp.benchmarks.paper_view import model_fields, pretrain_data_of, row_fields
-from medvlp.benchmarks.protocol import EvalContext
-from medvlp.benchmarks.results import ResultStore
+from medvlp.benchmarks.suite.experiments import write_experiment
+from medvlp.benchmarks.kit.features import FeatureCache, model_fingerprint
+from medvlp.benchmarks.suite.paper_view import model_fields, pretrain_data_of, row_fields
+from medvlp.benchmarks.kit.protocol import EvalContext
+from medvlp.benchmarks.suite.results import ResultStore
 from medvlp.compose import compose, split_args
 from medvlp.config import load_yaml, merge, packaged_yaml, to_container
 from medvlp.method import load_method

@@ -7,9 +7,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from medvlp.datamodules.readers import DataError, read_volume
+from medvlp.datamodules.io.readers import DataError, read_volume
 from medvlp.datamodules.tabular import RecordDataModule
-from medvlp.datamodules.volume import VolumeDataModule
+from medvlp.datamodules.volume.base import VolumeDataModule
 from medvlp.registry import register_datamodule
 
 

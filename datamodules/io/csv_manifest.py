@@ -3,7 +3,7 @@
 One row per sample: an image path (2D PNG/JPEG/DICOM, or a 3D NIfTI/HDF5/TIFF volume), a report text
 and/or label columns, and optionally a split column. Paths are relative to ``root`` (default: the
 manifest's folder). 2D images get the X-ray preprocessing (grey, resize longer side + pad to
-``image_size``); volumes get the MONAI pipeline of :class:`~medvlp.datamodules.volume.VolumeDataModule`
+``image_size``); volumes get the MONAI pipeline of :class:`~medvlp.datamodules.volume.base.VolumeDataModule`
 (``volume_size``, ``window``, ``pixdim``, ``cache`` …).
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import Dataset
 
 from medvlp.checks import check_choice
-from medvlp.datamodules.readers import DataError, read_image_2d
+from medvlp.datamodules.io.readers import DataError, read_image_2d
 from medvlp.datamodules.tabular import UNCERTAINTY_POLICIES, RecordDataModule, apply_uncertainty, hash_split, resize_2d
-from medvlp.datamodules.volume import VolumeDataModule, add_record_targets
+from medvlp.datamodules.volume.base import VolumeDataModule, add_record_targets
 from medvlp.registry import register_datamodule
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -89,7 +89,7 @@ class CSVDataModule(VolumeDataModule):
         val_fraction: hash-split validation share. test_fraction: hash-split test share.
         split_seed: hash-split seed.
         root: folder the paths are relative to (default: the manifest's folder).
-        **kwargs: :class:`~medvlp.datamodules.volume.VolumeDataModule` arguments (``volume_size``,
+        **kwargs: :class:`~medvlp.datamodules.volume.base.VolumeDataModule` arguments (``volume_size``,
             ``window``, ``pixdim``, ``resize``, ``cache``, ``nonfinite``, ``on_error``, ``limit``,
             ``batch_size`` …).
     """

@@ -6,7 +6,7 @@ Output folder layout::
     <out>/<split>/shard-000000.tar        WebDataset-layout shard (``<key>.npy`` / ``<key>.npz`` + ``<key>.json``)
     <out>/<split>/shard-000000.json       sidecar: sha256 of the tar, the ids it holds, member offsets, corrupt inputs
 
-2D images are decoded once by the optimised reader (:func:`~medvlp.datamodules.readers.read_image_2d` with
+2D images are decoded once by the optimised reader (:func:`~medvlp.datamodules.io.readers.read_image_2d` with
 ``max_side``: JPEG DCT draft, area resize before float conversion), min-max scaled and stored as ``uint8``
 ``(H, W)`` with the longer side ``size`` (aspect kept; the datamodule pads/resizes to its ``image_size`` at
 load). 3D volumes are stored after the datamodule's deterministic steps (read, HU rescale, orientation,
@@ -20,7 +20,7 @@ rename) then its sidecar, so a killed run never leaves a shard that passes verif
 shard holds ``samples_per_shard`` samples except the last of a split and shards that lost corrupt inputs; the
 manifest records each shard's sample count so a streaming reader can give every rank the same number of
 samples without opening the shards. Corrupt inputs (anything the reader rejects with a
-:class:`~medvlp.datamodules.readers.DataError`) are counted and named (id, file, error) in the sidecars and
+:class:`~medvlp.datamodules.io.readers.DataError`) are counted and named (id, file, error) in the sidecars and
 the manifest; a folder prepared with another spec is refused, never mixed.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from medvlp.datamodules.readers import DataError, image_shape_2d, read_image_2d
+from medvlp.datamodules.io.readers import DataError, image_shape_2d, read_image_2d
 from medvlp.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ def prepare_spec(dm: Any, size: int = 256) -> dict[str, Any]:
     Raises:
         ValueError: for datamodules without a record index (phantom, mixed, shards).
     """
-    from medvlp.datamodules.volume import VolumeDataModule
-    from medvlp.datamodules.xray import XrayDataModule
+    from medvlp.datamodules.volume.base import VolumeDataModule
+    from medvlp.datamodules.xray.chest import XrayDataModule
 
     if isinstance(dm, XrayDataModule):
         return {"kind": "image2d", "dtype": "uint8", "max_side": int(size), "intensity": "min-max to 0..255",
@@ -168,7 +168,7 @@ def _deterministic_sample(dm: Any, record: Mapping[str, Any]) -> dict[str, Any]:
     ``resize: random_crop`` (stored padded, cropped at load: random in training, centre otherwise)."""
     from monai.transforms import Compose
 
-    from medvlp.datamodules.volume import VolumeDataModule
+    from medvlp.datamodules.volume.base import VolumeDataModule
 
     if type(dm).load is not VolumeDataModule.load:  # datamodules that cut their own samples (EM)
         return dm.load(record, augment=False)

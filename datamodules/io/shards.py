@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medvlp.batch import collate
 from medvlp.datamodules.base import VLPDataModule
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 from medvlp.io import atomic_write_bytes
 from medvlp.registry import register_datamodule
 
@@ -239,7 +239,7 @@ class ShardDataModule(VLPDataModule):
                  **loader_kwargs: Any) -> None:
         super().__init__(**loader_kwargs)
         self.samples_per_epoch = samples_per_epoch
-        from medvlp.datamodules.prepare import PreparedCollate, PreparedDecode, check_same_spec, read_manifest
+        from medvlp.datamodules.io.prepare import PreparedCollate, PreparedDecode, check_same_spec, read_manifest
 
         if prepared:  # a `medvlp prepare` folder: splits, label names and dimensionality from its manifest
             manifest = read_manifest(prepared)

@@ -1,8 +1,8 @@
 """Embedded, deterministic, procedurally generated multi-modal dataset (no download needed).
 
 Modalities: chest X-ray (2D), chest CT, brain MRI (from the real MNI152 template nilearn ships) and EM
-(3D). Findings change the image and the report (see :mod:`medvlp.datamodules.phantom_render` and
-:mod:`medvlp.datamodules.phantom_reports`). Samples are generated once per (modality, split, size,
+(3D). Findings change the image and the report (see :mod:`medvlp.datamodules.phantom.render` and
+:mod:`medvlp.datamodules.phantom.reports`). Samples are generated once per (modality, split, size,
 seed, generator version, canonical-report share) into ``cache_dir`` as ``.npz`` + ``.json`` and
 memory-mapped afterwards; they are never committed.
 """
@@ -21,11 +21,11 @@ import torch
 from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
 
 from medvlp.datamodules.base import RecordDataset, VLPDataModule
-from medvlp.datamodules.captions import attach_captions
-from medvlp.datamodules.phantom_render import (
+from medvlp.datamodules.volume.captions import attach_captions
+from medvlp.datamodules.phantom.render import (
     CT_LABELS, EM_LABELS, MRI_LABELS, XRAY_LABELS, XRAY_REGIONS, render_ct, render_em, render_mri, render_xray,
 )
-from medvlp.datamodules.phantom_reports import canonical_report, write_report
+from medvlp.datamodules.phantom.reports import canonical_report, write_report
 from medvlp.io import atomic_write_bytes, atomic_write_text
 from medvlp.registry import register_datamodule
 from medvlp.progress import track
@@ -145,14 +145,14 @@ class PhantomDataModule(VLPDataModule):
         cache_dir: where generated arrays live (default ``$MEDVLP_CACHE`` or ``~/.cache/medvlp``).
         augment: random intensity scale/shift on training images (MONAI dict transforms).
         generate_workers: processes used to generate.
-        captions: optional caption source spec (see :func:`medvlp.datamodules.captions.attach_captions`).
+        captions: optional caption source spec (see :func:`medvlp.datamodules.volume.captions.attach_captions`).
         text_sections: report sections joined into ``text``, in order (MGCA's convention, as in
-            :class:`~medvlp.datamodules.xray.MIMICCXRDataModule`: impression then findings, so the summary
+            :class:`~medvlp.datamodules.xray.chest.MIMICCXRDataModule`: impression then findings, so the summary
             survives truncation); ``None`` keeps the full report with its ``EXAMINATION``/``FINDINGS``/
             ``IMPRESSION`` headers.
         canonical_reports: share in ``[0, 1]`` of studies (drawn per sample from the seed and the sample
             index, see :func:`uses_canonical_report`) whose report is replaced by the canonical report of its
-            label set (:func:`~medvlp.datamodules.phantom_reports.canonical_report`): at 1.0 every two
+            label set (:func:`~medvlp.datamodules.phantom.reports.canonical_report`): at 1.0 every two
             studies with the same labels have the identical report, the false negatives of in-batch
             contrast; images and labels never change. It enters the cache key and ``dataset_version``
             when non-zero; 0 gives the free-text reports, bit-identical to earlier versions.

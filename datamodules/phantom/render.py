@@ -3,7 +3,7 @@
 Each ``render_*`` function takes a ``numpy.random.Generator`` and returns a :class:`PhantomCase` with
 the image in ``[0, 1]``, a lesion mask, the ground-truth findings (with their anatomical location),
 region boxes (X-ray) and instance labels (EM). The findings change the image; the report writer in
-:mod:`medvlp.datamodules.phantom_reports` turns the same findings into text.
+:mod:`medvlp.datamodules.phantom.reports` turns the same findings into text.
 """
 from __future__ import annotations
 

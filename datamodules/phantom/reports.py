@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medvlp.datamodules.phantom_render import Finding
+from medvlp.datamodules.phantom.render import Finding
 
 POSITIVE = {
     "Consolidation": ["There is {size} consolidation in the {side} {zone} lung zone.",

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from medvlp.checks import check_choice
 from medvlp.datamodules.base import SkippingDataset
-from medvlp.datamodules.readers import NONFINITE_POLICIES, DataError, read_volume
+from medvlp.datamodules.io.readers import NONFINITE_POLICIES, DataError, read_volume
 from medvlp.datamodules.tabular import RecordDataModule
 from medvlp.progress import bars_enabled
 
@@ -108,7 +108,7 @@ class VolumeDataModule(RecordDataModule):
             volume is an error naming the file.
         nonfinite: ``fail`` (NaN/Inf is an error naming the file) or ``zero`` (replaced by 0).
         orientation: RAS reorientation (off for EM stacks without a meaningful affine).
-        captions: caption source spec for GTGM (see :mod:`medvlp.datamodules.captions`).
+        captions: caption source spec for GTGM (see :mod:`medvlp.datamodules.volume.captions`).
         prepared: a folder written by ``medvlp prepare`` for this dataset and spec: the deterministic steps
             are read from its shards (by id) and only the random augmentations run.
 
@@ -131,7 +131,7 @@ class VolumeDataModule(RecordDataModule):
         if prepared and type(self).load is not VolumeDataModule.load:
             raise ValueError(f"{type(self).__name__} cuts samples itself; read its prepared shards with data=shards "
                              f"(data.init_args.prepared={prepared})")
-        from medvlp.datamodules.captions import build_caption_source
+        from medvlp.datamodules.volume.captions import build_caption_source
 
         self.caption_source = build_caption_source(captions) if captions else None
         self.volume_size = [int(v) for v in volume_size]
@@ -199,16 +199,16 @@ class VolumeDataModule(RecordDataModule):
 
     @property
     def store(self) -> Any:
-        """The :class:`~medvlp.datamodules.prepare.PreparedStore` of ``prepared`` (``None`` without it)."""
+        """The :class:`~medvlp.datamodules.io.prepare.PreparedStore` of ``prepared`` (``None`` without it)."""
         if self.prepared and self._store is None:
-            from medvlp.datamodules.prepare import PreparedStore, prepare_spec
+            from medvlp.datamodules.io.prepare import PreparedStore, prepare_spec
 
             self._store = PreparedStore(self.prepared, self.name, prepare_spec(self))
         return self._store
 
     def spec_hash(self) -> str:
         """Hash of the deterministic preprocessing (names the disk cache folder)."""
-        from medvlp.datamodules.prepare import _sha1, prepare_spec
+        from medvlp.datamodules.io.prepare import _sha1, prepare_spec
 
         return _sha1(prepare_spec(self))
 

@@ -13,10 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from medvlp.checks import check_choice
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 from medvlp.datamodules.tabular import hash_split
-from medvlp.datamodules.volume import VolumeDataModule
-from medvlp.datamodules.xray import read_csv
+from medvlp.datamodules.volume.base import VolumeDataModule
+from medvlp.datamodules.xray.chest import read_csv
 from medvlp.registry import register_datamodule
 
 # Report tables, first found wins: the dataset card's file, MedFinder's, the metadata table of ``meta_1.zip``.

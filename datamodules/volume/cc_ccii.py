@@ -18,10 +18,10 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from medvlp.checks import check_choice
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 from medvlp.datamodules.tabular import hash_split
-from medvlp.datamodules.volume import ReadVolumed, VolumeDataModule
-from medvlp.datamodules.xray import read_csv
+from medvlp.datamodules.volume.base import ReadVolumed, VolumeDataModule
+from medvlp.datamodules.xray.chest import read_csv
 from medvlp.registry import register_datamodule
 
 CLASSES = ("NCP", "CP", "Normal")

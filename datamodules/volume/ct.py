@@ -8,10 +8,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 from medvlp.datamodules.tabular import hash_split
-from medvlp.datamodules.volume import VolumeDataModule
-from medvlp.datamodules.xray import read_csv
+from medvlp.datamodules.volume.base import VolumeDataModule
+from medvlp.datamodules.xray.chest import read_csv
 from medvlp.registry import register_datamodule
 
 CT_RATE_LABELS = ["Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",

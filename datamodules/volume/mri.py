@@ -7,9 +7,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 from medvlp.datamodules.tabular import hash_split
-from medvlp.datamodules.volume import VolumeDataModule
+from medvlp.datamodules.volume.base import VolumeDataModule
 from medvlp.registry import register_datamodule
 
 # modality aliases: 2021 naming → 2023 naming

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from medvlp.checks import check_choice
-from medvlp.datamodules.readers import DataError, image_shape_2d, read_image_2d, rle_decode_siim
+from medvlp.datamodules.io.readers import DataError, image_shape_2d, read_image_2d, rle_decode_siim
 from medvlp.datamodules.tabular import (
     UNCERTAINTY_POLICIES, RecordDataModule, apply_uncertainty, hash_split, resize_2d,
 )
@@ -148,9 +148,9 @@ class XrayDataModule(RecordDataModule):
 
     @property
     def store(self) -> Any:
-        """The :class:`~medvlp.datamodules.prepare.PreparedStore` of ``prepared`` (``None`` without it)."""
+        """The :class:`~medvlp.datamodules.io.prepare.PreparedStore` of ``prepared`` (``None`` without it)."""
         if self.prepared and self._store is None:
-            from medvlp.datamodules.prepare import PreparedStore, prepare_spec
+            from medvlp.datamodules.io.prepare import PreparedStore, prepare_spec
 
             self._store = PreparedStore(self.prepared, self.name, prepare_spec(self))
         return self._store
@@ -223,7 +223,7 @@ class MIMICCXRDataModule(XrayDataModule):
         views: ViewPosition values kept. text_sections: sections joined into ``text``.
         empty_report: ``skip`` | ``fail``. addendum: ``impression`` | ``separate`` | ``drop``.
         region_source: ``None`` or ``chest_imagenome``: ASG region–sentence pairs from the Chest ImaGenome
-            scene graphs in ``scene_graph_dir`` (:mod:`medvlp.datamodules.chest_imagenome`); samples then
+            scene graphs in ``scene_graph_dir`` (:mod:`medvlp.datamodules.xray.chest_imagenome`); samples then
             carry ``regions``, ``region_present`` and ``region_spans``, and images without a scene graph
             are skipped (counted as ``no_scene_graph``).
         scene_graph_dir: folder of ``<dicom_id>_SceneGraph.json`` files. max_region_pairs: ASG's 23.
@@ -298,7 +298,7 @@ class MIMICCXRDataModule(XrayDataModule):
         check_choice("region_source", source, ("chest_imagenome",), type(self).__name__)
         if not scene_graph_dir:
             raise ValueError(f"{type(self).__name__}: region_source=chest_imagenome needs scene_graph_dir")
-        from medvlp.datamodules.chest_imagenome import ChestImaGenomeRegions
+        from medvlp.datamodules.xray.chest_imagenome import ChestImaGenomeRegions
 
         return ChestImaGenomeRegions(scene_graph_dir, max_pairs)
 

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from medvlp.datamodules.readers import DataError
-from medvlp.datamodules.xray import CHEXPERT_5, CHEXPERT_14, MIMICCXRDataModule, read_csv
+from medvlp.datamodules.io.readers import DataError
+from medvlp.datamodules.xray.chest import CHEXPERT_5, CHEXPERT_14, MIMICCXRDataModule, read_csv
 from medvlp.registry import register_datamodule
 
 _OTHERS = ["Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumonia", "Pneumothorax",
@@ -16,7 +16,7 @@ _OTHERS = ["Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumon
 
 def five_by_200(labels: np.ndarray, per_class: int = 200, seed: int = 0) -> list[tuple[int, str]]:
     """``(row, class)`` pairs of a 5x200 set over CheXpert-14 label rows (the GLoRIA/MGCA rule of
-    :func:`~medvlp.datamodules.xray.chexpert_5x200`: the class is 1, the other 4 competition labels and
+    :func:`~medvlp.datamodules.xray.chest.chexpert_5x200`: the class is 1, the other 4 competition labels and
     8 more are 0, blanks count as 0), ``per_class`` rows per class drawn with
     ``RandomState(seed).choice`` in row order.
 

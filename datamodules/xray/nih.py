@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from medvlp.datamodules.readers import DataError
+from medvlp.datamodules.io.readers import DataError
 from medvlp.datamodules.tabular import hash_split
-from medvlp.datamodules.xray import XrayDataModule, read_csv
+from medvlp.datamodules.xray.chest import XrayDataModule, read_csv
 from medvlp.registry import register_datamodule
 
 NIH_14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",

@@ -142,30 +142,30 @@ def run_command(command: str, rest: list[str]) -> int | None:
 
         return export_command(rest)
     if command == "evaluate":
-        from medvlp.benchmarks.runner import evaluate_command
+        from medvlp.benchmarks.suite.runner import evaluate_command
 
         return evaluate_command(rest)
     if command == "benchmark":
-        from medvlp.benchmarks.runner import benchmark_command
+        from medvlp.benchmarks.suite.runner import benchmark_command
 
         return benchmark_command(rest)
     if command == "report":
-        from medvlp.benchmarks.tables import report_command
+        from medvlp.benchmarks.report.tables import report_command
 
         return report_command(rest)
     if command == "experiments":
-        from medvlp.benchmarks.experiments import experiments_command
+        from medvlp.benchmarks.suite.experiments import experiments_command
 
         return experiments_command(rest)
     if command == "prepare":
-        from medvlp.datamodules.prepare import prepare_command
+        from medvlp.datamodules.io.prepare import prepare_command
 
         return prepare_command(rest)
     if command == "demo":
-        from medvlp.benchmarks.runner import benchmark_command
-        from medvlp.benchmarks.tables import report_command
+        from medvlp.benchmarks.suite.runner import benchmark_command
+        from medvlp.benchmarks.report.tables import report_command
 
-        from medvlp.benchmarks.experiments import stored_summaries
+        from medvlp.benchmarks.suite.experiments import stored_summaries
 
         code = benchmark_command(["suite=quickstart", *rest])
         code = code or report_command(["results=results/quickstart/results.csv", "out=results/quickstart"])

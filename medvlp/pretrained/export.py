@@ -67,7 +67,7 @@ def preprocess_for_method(model: Any, run_config: Mapping[str, Any] | None = Non
     channels = int(getattr(enc, "in_channels", 1))
     mean, std = (MEDVLP_INPUT[0],) * channels, (MEDVLP_INPUT[1],) * channels
     if data.get("normalize") == "imagenet":  # X-ray normalize=imagenet (channels=3)
-        from medvlp.datamodules.xray import IMAGENET_MEAN, IMAGENET_STD
+        from medvlp.datamodules.xray.chest import IMAGENET_MEAN, IMAGENET_STD
 
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     return Preprocess(spatial_dims=sd, image_size=size, channels=channels, mean=mean, std=std, resize=resize,

@@ -1,0 +1,1 @@
+"""Metrics and statistics as pure functions: Dice definitions, bootstrap intervals, paired tests."""

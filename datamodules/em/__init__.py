@@ -1,0 +1,1 @@
+"""Electron microscopy datamodules: CREMI, SNEMI3D/AC3/AC4, Lucchi."""

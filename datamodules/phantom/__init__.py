@@ -1,0 +1,1 @@
+"""The embedded, offline phantom dataset: renderers, report writer and its datamodule."""
