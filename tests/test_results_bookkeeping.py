@@ -79,7 +79,7 @@ def test_duplicate_cells_are_never_dropped_silently(tmp_path) -> None:
 def test_evaluate_labels_rows_from_checkpoint_metadata(tmp_path) -> None:
     from tests.conftest import tiny_config
 
-    from medvlp.benchmarks.suite.runner import evaluate_command
+    from medvlp.cli import main
     from medvlp.train import pretrain
 
     cfg = tiny_config("clip", f"run.dir={tmp_path / 'some_run_folder'}", "trainer.max_steps=1",
@@ -91,7 +91,7 @@ def test_evaluate_labels_rows_from_checkpoint_metadata(tmp_path) -> None:
     data = cfg["data"]
     args = [f"ckpt={ckpt}", f"out={out}", "protocols=[zero_shot]", f"data.name={data['name']}"]
     args += [f"data.init_args.{k}={v}" for k, v in (data.get("init_args") or {}).items() if not isinstance(v, (dict, list))]
-    assert evaluate_command(args) == 0
+    assert main(["evaluate", *args]) == 0
     df = pd.read_csv(out / "results.csv")
     assert set(df["method"]) == {"clip"}
     assert df["label"].iloc[0].startswith("clip") and "some_run_folder" not in df["label"].iloc[0]
@@ -115,7 +115,7 @@ def test_unit_seeds_separate_subset_and_training_seeds_and_skip_deterministic_re
 def test_pretrain_seeds_are_run_and_aggregated_by_the_report(tmp_path) -> None:
     from medvlp.benchmarks.suite.runner import run_suite
     from medvlp.benchmarks.report.tables import report
-    from medvlp.validate import check_suite
+    from medvlp.benchmarks.suite.schema import check_suite
 
     suite = _tiny_suite(tmp_path)
     suite["pretrain_seeds"] = [1, 2]

@@ -312,3 +312,13 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
         running = max(running, min(1.0, (m - rank) * p[i]))
         out[i] = running
     return out
+
+
+def align_samples(arrays: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.ndarray] | None:
+    """A unit's per-sample arrays reordered to the sample ids ``order``; ``None`` when its ids are another set."""
+    pos = {str(i): k for k, i in enumerate(arrays["ids"])}
+    if set(pos) != set(map(str, order)):
+        return None
+    idx = np.array([pos[str(i)] for i in order])
+    n = len(arrays["ids"])
+    return {k: (v[idx] if v.ndim and len(v) == n and k != "class_names" else v) for k, v in arrays.items()}

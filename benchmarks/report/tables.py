@@ -170,16 +170,6 @@ def definitions(df: pd.DataFrame) -> str:
 
 
 # ----------------------------------------------------------------------------- statistics per cell
-def align_samples(arrays: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.ndarray] | None:
-    """A unit's per-sample arrays reordered to the sample ids ``order``; ``None`` when its ids are another set."""
-    pos = {str(i): k for k, i in enumerate(arrays["ids"])}
-    if set(pos) != set(map(str, order)):
-        return None
-    idx = np.array([pos[str(i)] for i in order])
-    n = len(arrays["ids"])
-    return {k: (v[idx] if v.ndim and len(v) == n and k != "class_names" else v) for k, v in arrays.items()}
-
-
 class SampleBank:
     """Per-sample arrays of the units of a result file, loaded lazily and aligned by sample id."""
 
@@ -205,7 +195,7 @@ class SampleBank:
             if recipe is None:
                 return None
             if order is not None and "ids" in arrays:
-                aligned = align_samples(arrays, order)
+                aligned = stats.align_samples(arrays, order)
                 if aligned is None:
                     raise ValueError(f"{rel}: test sample ids differ from the other units of {cell['label']} "
                                      f"{cell['dataset']} {cell['protocol']}; cannot pair them")
@@ -638,19 +628,3 @@ def headline_only(md: str) -> str:
     start = md.find("## Headline")
     cuts = [i for i in (md.find("\n## Differences"), md.find("\n### ", max(start, 0))) if i >= 0]
     return md[:min(cuts)] if cuts else md
-
-
-def report_command(args: Sequence[str]) -> int:
-    """``medvlp report results=PATH [out=DIR] [plots=false] [paper=true] [reference=LABEL] [n_boot=1000]
-    [ci_seed=0] [ci=false] [full=true]``: prints the headline (``full=true``: every table)."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.from_dotlist(list(args))
-    if "results" not in cfg:
-        raise ValueError("report needs results=PATH")
-    md = report(str(cfg.results), cfg.get("out"), bool(cfg.get("plots", True)), bool(cfg.get("paper", False)),
-                cfg.get("reference"), int(cfg.get("n_boot", 1000)), int(cfg.get("ci_seed", 0)), bool(cfg.get("ci", True)))
-    out = Path(str(cfg.get("out") or Path(str(cfg.results)).parent))
-    print(md if cfg.get("full", False) else headline_only(md))
-    print(f"\nfull tables: {out / 'table.md'}; self-contained page: {out / 'report.html'}")
-    return 0

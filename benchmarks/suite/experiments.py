@@ -42,7 +42,7 @@ import yaml
 
 from medvlp.benchmarks.metrics import stats
 from medvlp.benchmarks.suite.results import ResultStore
-from medvlp.benchmarks.report.tables import align_samples
+from medvlp.benchmarks.suite.schema import load_suite
 from medvlp.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def _align(groups: list[list[stats.Unit]], order: np.ndarray | None) -> list[lis
         aligned = []
         for recipe, arrays in units:
             if "ids" in arrays:
-                arrays = align_samples(dict(arrays), order)
+                arrays = stats.align_samples(dict(arrays), order)
                 if arrays is None:
                     raise LookupError("the two sides were evaluated on different test samples; cannot pair them")
             aligned.append((recipe, arrays))
@@ -321,8 +321,6 @@ def packaged_experiments() -> list[str]:
 
 def stored_summaries(names: Sequence[str] | None = None) -> list[str]:
     """Summary lines from the last stored run of each packaged experiment (``not run yet`` when absent)."""
-    from medvlp.benchmarks.suite.runner import load_suite
-
     lines = []
     for name in names or packaged_experiments():
         suite = load_suite(name)
@@ -336,45 +334,3 @@ def stored_summaries(names: Sequence[str] | None = None) -> list[str]:
         except (LookupError, ValueError, FileNotFoundError) as exc:
             lines += [f"{t}: stored results unreadable ({exc})" for t in titles]
     return lines
-
-
-def experiments_command(args: Sequence[str]) -> int:
-    """``medvlp experiments [names=[exp_a,exp_b]] [run=false] [out=results/experiments] [n_boot=2000] [key=value ...]``.
-
-    Runs each named (default: every packaged) experiment suite — units already stored are skipped —
-    then writes ``<out>/claims.md`` and ``claims.csv`` from the stored results and prints the summary.
-    Other ``key=value`` overrides go to every suite (e.g. ``device=cuda`` is not a suite key: use
-    ``medvlp benchmark`` for one suite with a device).
-    """
-    from omegaconf import OmegaConf
-
-    from medvlp.benchmarks.suite.runner import load_suite, run_suite
-
-    plain = [a for a in args if not a.startswith(("names=", "run=", "out=", "n_boot="))]
-    cfg = OmegaConf.from_dotlist([a for a in args if a not in plain])
-    names = list(cfg.get("names") or packaged_experiments())
-    unknown = set(names) - set(packaged_experiments())
-    for name in names:
-        if name in unknown and not Path(name).is_file():
-            raise ValueError(f"unknown experiment {name!r} (packaged: {packaged_experiments()})")
-    out = Path(str(cfg.get("out", "results/experiments")))
-    sections, tables = [], []
-    for name in names:
-        suite = load_suite(name, plain)
-        if not suite.get("experiment"):
-            raise ValueError(f"suite {name!r} has no experiment block")
-        if bool(cfg.get("run", True)):
-            run_suite(suite)
-        else:
-            write_experiment(suite)  # the claims as the suite states them now, checked against it
-        folder = Path(suite["output"])
-        outcomes = claim_outcomes(folder, int(cfg.get("n_boot", 2000)))
-        tables.append(outcomes.assign(suite=name))
-        sections.append(outcomes_markdown(outcomes, load_experiments(folder) or []))
-        for line in summary_lines(outcomes):
-            print(line)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "claims.md", "\n".join(sections))
-    atomic_write_text(out / "claims.csv", pd.concat(tables).to_csv(index=False))
-    print(f"claims: {out / 'claims.md'}")
-    return 0

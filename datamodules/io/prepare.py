@@ -555,32 +555,3 @@ class PreparedStore:
             return {k: z[k] for k in z.files}, meta
 
 
-PREPARE_KEYS = ("out", "size", "samples_per_shard", "workers", "splits", "progress")
-
-
-def prepare_command(args: Sequence[str]) -> int:
-    """``medvlp prepare data=D data.init_args.root=... out=DIR [size=256] [samples_per_shard=1000]
-    [workers=N] [splits=[train,val,test]] [progress=true]``."""
-    from omegaconf import OmegaConf
-
-    from medvlp.compose import compose
-    from medvlp.config import to_container
-    from medvlp.datamodules import build_datamodule
-
-    own = [a for a in args if a.split("=", 1)[0] in PREPARE_KEYS]
-    opts = OmegaConf.from_dotlist(own)
-    cfg = compose([a for a in args if a not in own])  # data=…, data.init_args.…, -c files: validated as usual
-    out = opts.get("out")
-    if not out:
-        raise ValueError("prepare needs out=DIR (the folder the shards and index.json are written to)")
-    data = to_container(cfg["data"])
-    dm = build_datamodule(data)
-    manifest = prepare(dm, out, size=int(opts.get("size", 256)), samples_per_shard=int(opts.get("samples_per_shard", 1000)),
-                       workers=int(opts.get("workers", 1)), splits=list(opts.get("splits", list(SPLITS))),
-                       progress=bool(opts.get("progress", True)), source=data)
-    run = manifest["last_run"]
-    print(f"prepared {manifest['dataset']} into {out}: " + ", ".join(
-        f"{k} {v['n_samples']} samples in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
-        + f"; {run['verified_kept']} shards verified and kept, {run['written']} written; "
-        f"{manifest['corrupt_count']} corrupt inputs skipped" + (" (named in index.json)" if manifest["corrupt_count"] else ""))
-    return 0

@@ -1,97 +1,62 @@
-"""``medvlp`` command line: list, pretrain, evaluate, benchmark, report, demo.
+"""The ``medvlp`` entry point: dispatch to one module per command, logging set-up, one-line errors.
 
-Every command takes OmegaConf dot-list overrides (``key=value``) and ``-c FILE`` config files; see
-README "CLI" for the keys.
+Every command parses its tokens the same way (:mod:`medvlp.cli.args`): its own ``key=value`` keys, and for
+commands that run a config, ``-c FILE`` files and config overrides passed on to the composer.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import importlib
+from types import ModuleType
 from typing import Sequence
 
-from omegaconf import OmegaConf
+from medvlp.cli.args import keys_help, parse
+from medvlp.validate import did_you_mean
 
-USAGE = """medvlp COMMAND [-c FILE] [key=value ...] [--debug]
-
-commands:
-  list                         registered methods, datamodules, benchmark protocols, presets and suites
-  list method=M | data=D | protocol=P    arguments, types and defaults of one component
-  pretrain  method=M data=D    pretrain one method (resumes from <run>/checkpoints/last.ckpt)
-  evaluate  ckpt=PATH data=D protocols=[..]   run protocols on one checkpoint
-  export    ckpt=PATH out=DIR [format=hf|timm]  portable folder: config.json + model.safetensors + text/
-  benchmark suite=NAME|PATH    methods x datasets x protocols x fractions x seeds -> results.csv
-  report    results=PATH       headline table with 95 % CIs and significance vs a reference, tables, plots, report.html
-  demo                         benchmark suite=quickstart, then report (the main job)
-  experiments [names=[..]]     controlled experiments on the phantom (exp_* suites) -> claims with CIs
-  prepare   data=D out=DIR     convert a dataset into resumable, checksummed training shards
-  config    method=M data=D    print the composed config without running
-
-options: medvlp COMMAND --help, medvlp --version, --debug (full traceback on errors)
-"""
-
-COMMAND_HELP = {
-    "list": """medvlp list [method=NAME | data=NAME | protocol=NAME]
-
-Without arguments: every registered method, datamodule and benchmark protocol (with the package it comes
-from), the packaged presets and suites. With method=/data=/protocol=: that component's arguments, types,
-defaults and descriptions (from its docstring).""",
-    "pretrain": """medvlp pretrain [method=NAME] [data=NAME] [preset=demo|tiny|paper] [-c FILE] [key=value ...]
-
-Pretrain one method; the run folder is run.dir or <run.root>/<method>_<data>. Keys: method.init_args.*,
-data.init_args.* (see `medvlp list method=NAME`), trainer.* (any lightning.Trainer argument;
-trainer.logger/callbacks/plugins take {class_path, init_args} lists), run.* (dir, root, seed, resume,
-checkpoint_every_n_steps, weights_only_resume, lr_monitor). logger=csv|tensorboard|wandb|[csv,tensorboard]
-is short for trainer.logger. The config is validated before any work.""",
-    "config": """medvlp config [method=NAME] [data=NAME] [preset=NAME] [-c FILE] [key=value ...]
-
-Print the composed (and validated) config that `medvlp pretrain` with the same arguments would run.""",
-    "evaluate": """medvlp evaluate ckpt=PATH [data=NAME] [data.init_args.K=V] [protocols=[a,b]]
-                [protocol_params.<protocol>.<key>=V] [out=DIR] [device=cpu|cuda]
-
-Run benchmark protocols on one checkpoint; rows go to <out>/results.csv.""",
-    "export": """medvlp export ckpt=PATH out=DIR [format=hf|timm] [allow_class_path=true]
-
-Write a portable folder: config.json (method, hyperparameters, preprocessing, library versions),
-model.safetensors (no optimizer state, no pickle) and text/ (text model + tokenizer); load it with
-medvlp.from_pretrained(DIR). format=timm writes the 2D ViT image encoder as a timm state dict.""",
-    "benchmark": """medvlp benchmark suite=NAME|PATH [key=value ...] [device=cpu|cuda]
-
-Run a suite (methods x datasets x protocols x fractions x seeds) into <output>/results.csv; finished units
-are skipped on rerun. The suite's keys and protocol parameters are validated before any work.""",
-    "report": """medvlp report results=PATH [out=DIR]
-
-Markdown/LaTeX/CSV tables (mean ± std over seeds) and PNG plots from a results CSV.""",
-    "prepare": """medvlp prepare data=NAME data.init_args.root=DIR out=DIR [size=256] [samples_per_shard=1000]
-               [workers=N] [splits=[train,val,test]] [progress=true]
-
-Convert a record dataset once into WebDataset shards with sidecar checksums and a manifest (out/index.json);
-a rerun keeps verified shards and rewrites only the rest; corrupt inputs are counted and named.""",
-    "demo": """medvlp demo [key=value ...]
-
-`medvlp benchmark suite=quickstart`, then `medvlp report` into results/quickstart, then one summary line
-per controlled experiment from its last stored run (`medvlp experiments` runs them).""",
-    "experiments": """medvlp experiments [names=[exp_a,exp_b]] [run=false] [out=results/experiments] [n_boot=2000]
-                   [key=value ...]
-
-Run the controlled-experiment suites (default: every packaged exp_* suite; stored units are skipped),
-then compute each claim's outcome from the stored results (Δ with a two-level bootstrap CI over
-pretraining seeds and test samples) into <out>/claims.md and claims.csv. run=false only summarises.""",
+#: command name → the module that defines it (NAME, SUMMARY, HELP, KEYS, PASSTHROUGH, run); imported lazily
+COMMANDS = {
+    "list": "medvlp.cli.listing",
+    "pretrain": "medvlp.cli.pretrain",
+    "evaluate": "medvlp.cli.evaluate",
+    "export": "medvlp.cli.export",
+    "benchmark": "medvlp.cli.benchmark",
+    "report": "medvlp.cli.report",
+    "demo": "medvlp.cli.demo",
+    "experiments": "medvlp.cli.experiments",
+    "prepare": "medvlp.cli.prepare",
+    "config": "medvlp.cli.config",
 }
 
 
-def _list(args: Sequence[str]) -> int:
-    from medvlp.describe import describe, list_all
+def command_module(name: str) -> ModuleType:
+    """The module of command ``name``.
 
-    if not args:
-        print(list_all())
-        return 0
-    for tok in args:
-        kind, _, name = tok.partition("=")
-        if not name:
-            raise ValueError(f"list: expected method=NAME, data=NAME or protocol=NAME, got {tok!r}")
-        print(describe(kind, name))
-    return 0
+    Raises:
+        ValueError: for an unknown command, with the nearest command as a suggestion.
+    """
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command {name!r}{did_you_mean(name, COMMANDS)}; commands: {', '.join(COMMANDS)}")
+    return importlib.import_module(COMMANDS[name])
+
+
+def usage() -> str:
+    """The top-level help, generated from the command modules."""
+    lines = ["medvlp COMMAND [-c FILE] [key=value ...] [--debug]", "", "commands:"]
+    for name in COMMANDS:
+        lines.append(f"  {name:<12} {command_module(name).SUMMARY}")
+    lines += ["", "options: medvlp COMMAND --help, medvlp --version, --debug (full traceback on errors)"]
+    return "\n".join(lines)
+
+
+def command_help(name: str) -> str:
+    """One command's ``--help``: its text and its keys (generated from the keys it parses)."""
+    mod = command_module(name)
+    parts = [mod.HELP, keys_help(mod.KEYS)]
+    if mod.PASSTHROUGH:
+        parts.append("other key=value tokens and -c FILE go to the config (validated against its keys)")
+    return "\n\n".join(p for p in parts if p)
 
 
 def setup_logging() -> None:
@@ -111,7 +76,7 @@ def setup_logging() -> None:
 def _version() -> str:
     import importlib.metadata
 
-    from medvlp import __version__
+    from medvlp.version import __version__
 
     libs = []
     for lib in ("torch", "lightning", "transformers", "monai"):
@@ -122,59 +87,10 @@ def _version() -> str:
     return f"medvlp {__version__} ({', '.join(libs)})"
 
 
-def run_command(command: str, rest: list[str]) -> int | None:
-    """Run one command; ``None`` when ``command`` is unknown."""
-    if command == "list":
-        return _list(rest)
-    if command in ("pretrain", "config"):
-        from medvlp.compose import compose
-
-        cfg = compose(rest)
-        if command == "config":
-            print(OmegaConf.to_yaml(cfg))
-            return 0
-        from medvlp.train import pretrain
-
-        print(f"checkpoint: {pretrain(cfg)}")
-        return 0
-    if command == "export":
-        from medvlp.pretrained.export import export_command
-
-        return export_command(rest)
-    if command == "evaluate":
-        from medvlp.benchmarks.suite.runner import evaluate_command
-
-        return evaluate_command(rest)
-    if command == "benchmark":
-        from medvlp.benchmarks.suite.runner import benchmark_command
-
-        return benchmark_command(rest)
-    if command == "report":
-        from medvlp.benchmarks.report.tables import report_command
-
-        return report_command(rest)
-    if command == "experiments":
-        from medvlp.benchmarks.suite.experiments import experiments_command
-
-        return experiments_command(rest)
-    if command == "prepare":
-        from medvlp.datamodules.io.prepare import prepare_command
-
-        return prepare_command(rest)
-    if command == "demo":
-        from medvlp.benchmarks.suite.runner import benchmark_command
-        from medvlp.benchmarks.report.tables import report_command
-
-        from medvlp.benchmarks.suite.experiments import stored_summaries
-
-        code = benchmark_command(["suite=quickstart", *rest])
-        code = code or report_command(["results=results/quickstart/results.csv", "out=results/quickstart"])
-        if not code:
-            print("\ncontrolled experiments (last stored run; `make experiments` runs them):")
-            for line in stored_summaries():
-                print(f"- {line}")
-        return code
-    return None
+def run_command(command: str, rest: list[str]) -> int:
+    """Parse ``rest`` in the command's one argument style and run it."""
+    mod = command_module(command)
+    return int(mod.run(parse(command, rest, mod.KEYS, passthrough=mod.PASSTHROUGH)))
 
 
 #: user errors: one line, exit 2 (config, usage, missing files or classes)
@@ -198,14 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
         print(_version())
         return 0
     command, rest = argv[0], argv[1:]
-    if command in COMMAND_HELP and any(a in ("-h", "--help") for a in rest):
-        print(COMMAND_HELP[command])
+    if command not in COMMANDS:
+        print(f"medvlp: error: unknown command {command!r}{did_you_mean(command, COMMANDS)}\n\n{usage()}",
+              file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        print(command_help(command))
         return 0
     if command != "list":
         setup_logging()
@@ -216,9 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"medvlp {command}: error: {_message(exc)} (--debug shows the traceback)", file=sys.stderr)
         return 2 if isinstance(exc, USER_ERRORS) else 1
-    if code is None:
-        print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
     return code
 
 

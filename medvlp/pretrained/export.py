@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from huggingface_hub import ModelHubMixin
 
-from medvlp.pretrained.preprocess import MEDVLP_INPUT, Preprocess
+from medvlp.pretrained.preprocess import IMAGENET_MEAN, IMAGENET_STD, MEDVLP_INPUT, Preprocess
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = "medvlp-export/1"
@@ -35,9 +35,9 @@ def _versions() -> dict[str, str]:
     import safetensors
     import transformers
 
-    import medvlp
+    from medvlp.version import __version__
 
-    return {"medvlp": medvlp.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"medvlp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__, "huggingface_hub": huggingface_hub.__version__}
 
 
@@ -67,8 +67,6 @@ def preprocess_for_method(model: Any, run_config: Mapping[str, Any] | None = Non
     channels = int(getattr(enc, "in_channels", 1))
     mean, std = (MEDVLP_INPUT[0],) * channels, (MEDVLP_INPUT[1],) * channels
     if data.get("normalize") == "imagenet":  # X-ray normalize=imagenet (channels=3)
-        from medvlp.datamodules.xray.chest import IMAGENET_MEAN, IMAGENET_STD
-
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     return Preprocess(spatial_dims=sd, image_size=size, channels=channels, mean=mean, std=std, resize=resize,
                       window=data.get("window"),
@@ -138,7 +136,6 @@ def load_export(folder: str | Path, allow_class_path: bool = False) -> MedVLPExp
         FileNotFoundError: naming the missing file.
         ValueError: when ``config.json`` is not a medvlp export or names an unregistered method.
     """
-    from medvlp.encoders.vit import skip_pretrained_init
     from medvlp.pretrained.surgery import load_state_file
     from medvlp.registry import METHODS
 
@@ -160,8 +157,7 @@ def load_export(folder: str | Path, allow_class_path: bool = False) -> MedVLPExp
     state = load_state_file(folder / "model.safetensors")  # safetensors only: no code can run
     hparams = copy.deepcopy(cfg["hparams"])
     _encoder_args(hparams["text_encoder"])["model"] = str(folder / "text")
-    with skip_pretrained_init():
-        model = method_cls(**hparams)
+    model = method_cls(**hparams)  # building reads no file; the export's weights follow
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{folder}/model.safetensors does not match {name}: missing {missing[:5]}, "
@@ -240,16 +236,3 @@ def from_pretrained(path_or_repo: str | Path, **kwargs: Any) -> tuple[Any, Prepr
     """
     loaded = MedVLPExport.from_pretrained(str(path_or_repo), **kwargs)
     return loaded.vlp_model, loaded.image_preprocess
-
-
-def export_command(args: list[str]) -> int:
-    """``medvlp export ckpt=PATH out=DIR [format=hf|timm] [allow_class_path=true]``."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.from_dotlist(list(args))
-    if "ckpt" not in cfg or "out" not in cfg:
-        raise ValueError("export needs ckpt=PATH and out=DIR")
-    path = export(str(cfg.ckpt), str(cfg.out), format=str(cfg.get("format", "hf")),
-                  allow_class_path=bool(cfg.get("allow_class_path", False)))
-    print(f"exported: {path}")
-    return 0
