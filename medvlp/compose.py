@@ -7,7 +7,10 @@ paper config ``methods/<method>.paper.yaml`` (same layout as a preset; every val
 wins over the generic paper preset) < ``-c FILE`` files < ``key=value`` overrides. Shorthands: ``method=NAME``,
 ``data=NAME``, ``preset=NAME``, ``suite=NAME``, ``logger=csv|tensorboard|wandb`` (``trainer.logger``).
 The result is checked by :func:`medvlp.validate.check_config` (unknown keys, wrong types) before it is
-returned.
+returned: composing and checking is one pass, done once per run. Callers that add layers (a suite's
+``pretrain`` block, a method entry's ``data``/``init_args``/``trainer``, its run folder) pass them as
+``layers`` so they are checked in the same pass; :func:`is_checked` tells later steps (``pretrain``) that a
+config came out of that pass unchanged, so they do not check it again.
 
 Presets set defaults: a preset value that replaces a value of the method's own YAML or paper config is
 not silent — every such override (and every user override of them) is logged as a warning naming the key,
@@ -15,12 +18,16 @@ both values and both sources (:func:`compose_with_overrides` returns them).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-from typing import Any, NamedTuple, Sequence
+import weakref
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from medvlp import validate
 from medvlp.config import load_yaml, merge, method_defaults, packaged_yaml
+from medvlp.registry import METHODS
 
 DEFAULTS: dict[str, Any] = {
     "method": {"name": "clip", "init_args": {}},
@@ -88,25 +95,73 @@ def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, overrides
 
 
-def compose(args: Sequence[str], defaults: dict[str, Any] | None = None) -> DictConfig:
-    """Build the full config for ``args`` (see module docstring for precedence); logs each override of a
-    method-config value."""
-    cfg, overrides = compose_with_overrides(args, defaults)
+#: id(config) → (weak reference, digest of its content when it was checked)
+_CHECKED: dict[int, tuple[weakref.ref, str]] = {}
+
+
+def _digest(cfg: DictConfig) -> str:
+    return hashlib.sha1(OmegaConf.to_yaml(cfg, resolve=False).encode()).hexdigest()
+
+
+def mark_checked(cfg: DictConfig) -> DictConfig:
+    """Record that ``cfg`` passed :func:`medvlp.validate.check_config` as it is now."""
+    _CHECKED[id(cfg)] = (weakref.ref(cfg, lambda _, key=id(cfg): _CHECKED.pop(key, None)), _digest(cfg))
+    return cfg
+
+
+def is_checked(cfg: Any) -> bool:
+    """Whether ``cfg`` came out of :func:`compose` (or :func:`derive`) and has not changed since."""
+    entry = _CHECKED.get(id(cfg))
+    return entry is not None and entry[0]() is cfg and entry[1] == _digest(cfg)
+
+
+def derive(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
+    """A copy of a checked ``cfg`` with run bookkeeping keys set (``run.dir``, ``run.seed``): values medvlp
+    generates itself, of the type the defaults declare, so the copy stays checked without another pass.
+
+    Raises:
+        ValueError: for a key outside ``run.dir`` / ``run.seed`` / ``run.weights_only_resume``.
+    """
+    allowed = ("run.dir", "run.seed", "run.weights_only_resume")
+    bad = [k for k in values if k not in allowed]
+    if bad or not is_checked(cfg):
+        raise ValueError(f"derive: only {allowed} of a composed config can be set without checking it again (got {bad})")
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key, value in values.items():
+        OmegaConf.update(out, key, value, merge=False)
+    return mark_checked(out)
+
+
+def compose(args: Sequence[str], defaults: dict[str, Any] | None = None,
+            layers: Sequence[tuple[str, Any]] = ()) -> DictConfig:
+    """Build the full config for ``args`` (see module docstring for precedence), check it once, and log each
+    override of a method-config value once.
+
+    Args:
+        args: ``-c FILE`` tokens and ``key=value`` overrides (with the ``method=``/``data=``/... shorthands).
+        defaults: the built-in defaults (default :data:`DEFAULTS`).
+        layers: ``(source, mapping)`` layers merged after ``args`` (a suite's blocks), in order.
+
+    Raises:
+        medvlp.validate.ConfigError: one line naming every bad key.
+    """
+    cfg, overrides = compose_with_overrides(args, defaults, layers)
     for o in overrides:
         LOG.warning("config override of the method's value: %s", o)
     return cfg
 
 
-def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None = None
-                           ) -> tuple[DictConfig, list[Override]]:
+def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None = None,
+                           layers: Sequence[tuple[str, Any]] = ()) -> tuple[DictConfig, list[Override]]:
     """:func:`compose` plus the list of method-config values that later layers replaced."""
+    extra = list(layers)
     files, overrides = split_args(args)
     base = OmegaConf.create(defaults or DEFAULTS)
     user = merge(*[load_yaml(f) for f in files], overrides=overrides) if (files or overrides) else OmegaConf.create({})
+    later = [OmegaConf.create(layer or {}) for _, layer in extra]
     method = OmegaConf.select(user, "method.name", default=base.method.name)
-    data = OmegaConf.select(user, "data.name", default=None)
-    from medvlp.registry import METHODS
-
+    data = next((OmegaConf.select(c, "data.name") for c in reversed(later) if OmegaConf.select(c, "data.name")),
+                OmegaConf.select(user, "data.name", default=None))
     example = dict(getattr(METHODS.get(str(method)), "example_data", None) or {"name": base.data.name})
     example_layer = OmegaConf.create({})
     if data is None or data == example["name"]:
@@ -115,28 +170,27 @@ def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None 
         data = example["name"]
         example_layer = OmegaConf.create({"data": {"name": data, "init_args": example.get("init_args", {})}})
     preset = OmegaConf.select(user, "preset", default=base.preset)
-    layers: list[tuple[str, DictConfig, bool]] = [("defaults", base, False)]  # (source, layer, method-owned)
-    layers.append((f"methods/{method}.yaml",  # a plugin's own defaults_file too
+    stack: list[tuple[str, DictConfig, bool]] = [("defaults", base, False)]  # (source, layer, method-owned)
+    stack.append((f"methods/{method}.yaml",  # a plugin's own defaults_file too
                    OmegaConf.create({"method": {"init_args": method_defaults(str(method))}}), True))
     if "." not in str(data):
-        layers.append((f"datamodules/{data}.yaml",
+        stack.append((f"datamodules/{data}.yaml",
                        OmegaConf.create({"data": {"init_args": packaged_yaml("medvlp.datamodules", data)}}), False))
-    layers.append((f"{method}.example_data", example_layer, False))
+    stack.append((f"{method}.example_data", example_layer, False))
     if preset:
         p = packaged_yaml("medvlp.presets", preset)
         if not p:
             raise FileNotFoundError(f"unknown preset {preset!r} (packaged presets: demo, tiny, paper)")
-        layers += _preset_layers(f"presets/{preset}.yaml", p, str(data), False)
+        stack += _preset_layers(f"presets/{preset}.yaml", p, str(data), False)
         if preset == "paper" and "." not in str(method):
             paper = packaged_yaml("medvlp.methods", f"{method}.paper")
             if paper:
-                layers += _preset_layers(f"methods/{method}.paper.yaml", paper, str(data), True)
-    layers.append(("command line / -c files", user, False))
-    cfg = _merge_layers([layer for _, layer, _ in layers])
-    from medvlp.validate import check_config
-
-    check_config(cfg, defaults or DEFAULTS)  # unknown keys / wrong types: one ConfigError before any work
-    return cfg, _overrides(layers)
+                stack += _preset_layers(f"methods/{method}.paper.yaml", paper, str(data), True)
+    stack.append(("command line / -c files", user, False))
+    stack += [(source, layer, False) for (source, _), layer in zip(extra, later)]
+    cfg = _merge_layers([layer for _, layer, _ in stack])
+    validate.check_config(cfg, defaults or DEFAULTS)  # unknown keys / wrong types: one ConfigError before any work
+    return mark_checked(cfg), _overrides(stack)
 
 
 def _merge_layers(layers: Sequence[DictConfig]) -> DictConfig:

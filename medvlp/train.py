@@ -15,11 +15,15 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from omegaconf import DictConfig
 
+from medvlp import validate
+from medvlp.compose import DEFAULTS, is_checked
 from medvlp.config import instantiate, persistable, save_config, to_container
 from medvlp.io import atomic_torch_save, atomic_write_text
 from medvlp.method import VLPMethod
+from medvlp.pretrained.init import load_initial_weights
+from medvlp.provenance import provenance
 from medvlp.scale import build_strategy
-from medvlp.registry import METHODS
+from medvlp.registry import METHODS, build_datamodule
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +121,7 @@ def extra_checkpoints(run_cfg: Mapping[str, Any], ckpt_dir: Path) -> list[Callba
 
 def build_plugins(trainer_cfg: Mapping[str, Any]) -> list[Any]:
     """``trainer.plugins`` specs plus the atomic checkpoint writer (unless a CheckpointIO is given)."""
-    from medvlp.validate import trainer_plugin_bases
-
-    plugins = [instantiate(s, expected=trainer_plugin_bases()) for s in _specs(trainer_cfg.get("plugins"))]
+    plugins = [instantiate(s, expected=validate.trainer_plugin_bases()) for s in _specs(trainer_cfg.get("plugins"))]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     return plugins
@@ -127,14 +129,13 @@ def build_plugins(trainer_cfg: Mapping[str, Any]) -> list[Any]:
 
 def build_datamodule_from_config(cfg: Mapping[str, Any]) -> Any:
     """Instantiate ``cfg.data``."""
-    from medvlp.datamodules import build_datamodule
-
     return build_datamodule(to_container(cfg["data"]))
 
 
 def build_method(cfg: Mapping[str, Any], datamodule: Any | None = None) -> VLPMethod:
-    """Instantiate ``cfg.method``, filling unset image-encoder keys from the datamodule's
-    ``encoder_hints()`` and unset method arguments from its ``method_hints()`` (e.g. ``class_names``)."""
+    """Instantiate ``cfg.method`` for training, filling unset image-encoder keys from the datamodule's
+    ``encoder_hints()`` and unset method arguments from its ``method_hints()`` (e.g. ``class_names``), then
+    load the encoders' ``init_from`` files (:func:`medvlp.pretrained.init.load_initial_weights`)."""
     spec = to_container(cfg["method"])
     cls = METHODS.get(spec["name"])
     kwargs = dict(spec.get("init_args") or {})
@@ -148,7 +149,9 @@ def build_method(cfg: Mapping[str, Any], datamodule: Any | None = None) -> VLPMe
         for k, v in datamodule.method_hints().items():
             if k in accepted and kwargs.get(k) is None:
                 kwargs[k] = v
-    return cls(**kwargs)
+    method = cls(**kwargs)
+    load_initial_weights(method)
+    return method
 
 
 def cpu_has_native_bf16() -> bool:
@@ -214,11 +217,8 @@ def pretrain(cfg: DictConfig) -> Path:
     (``last.ckpt`` every ``run.checkpoint_every_n_steps`` and at the end, written atomically). With
     ``run.resume`` a rerun continues from ``last.ckpt`` (loaded with ``weights_only=True``).
     """
-    from medvlp.compose import DEFAULTS
-    from medvlp.provenance import provenance
-    from medvlp.validate import check_config
-
-    check_config(cfg, DEFAULTS)  # suites merge layers after compose: check the final config again
+    if not is_checked(cfg):  # a config built by hand; one from compose() was checked there
+        validate.check_config(cfg, DEFAULTS)
     c = to_container(cfg)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)

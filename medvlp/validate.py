@@ -1,4 +1,4 @@
-"""Check a composed config (or a benchmark suite) before any work starts.
+"""Check a composed run config before any work starts (suites: :mod:`medvlp.benchmarks.suite.schema`).
 
 Every key is checked against what reads it: ``run.*`` and top-level keys against the built-in defaults,
 ``trainer.*`` against :class:`lightning.Trainer`'s signature, ``method.init_args`` / ``data.init_args``
@@ -326,65 +326,3 @@ def raise_if(errors: list[str]) -> None:
     if errors:
         unique = list(dict.fromkeys(errors))
         raise ConfigError("; ".join(unique))
-
-
-# ---------------------------------------------------------------------------------------- suites
-SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed", "pretrain_seeds",
-              "experiment")
-SUITE_METHOD_KEYS = ("method", "pretrain", "ckpt", "allow_class_path", "preset", "data", "overrides", "init_args",
-                     "trainer", "pretrain_data", "pretrain_seeds", "auto_label", "protocols")
-#: parameters every protocol understands (the runner reads them)
-COMMON_PROTOCOL_PARAMS = ("protocol", "fractions", "seeds", "subset_seeds")
-
-
-def check_protocol(key: str, params: Any, errors: list[str], where: str = "protocols") -> None:
-    """Check one suite protocol entry against the protocol's declared ``parameters``."""
-    from medvlp.registry import BENCHMARKS
-
-    params = dict(params or {})
-    cls = _resolve(BENCHMARKS, params.get("protocol", key), f"{where}.{key}" + (".protocol" if "protocol" in params else ""),
-                   errors)
-    declared = getattr(cls, "parameters", None) if cls is not None else None
-    if declared is None:  # a protocol that declares nothing is not checked
-        return
-    allowed = set(declared) | set(COMMON_PROTOCOL_PARAMS)
-    for k in params:
-        if k not in allowed:
-            errors.append(unknown_key(f"{where}.{key}", str(k), allowed))
-
-
-def check_suite(suite: Mapping[str, Any], method_config: Any = None) -> None:
-    """Validate a loaded suite: its keys, method entries, datasets and protocol parameters.
-
-    Args:
-        suite: the suite as plain data.
-        method_config: ``(suite, label, entry) -> composed config`` used to validate each method's full
-            run config (optional).
-
-    Raises:
-        ConfigError: one line listing every problem.
-    """
-    from medvlp.compose import DEFAULTS
-
-    errors: list[str] = []
-    _keys(suite, SUITE_KEYS, "suite", errors)
-    for label, entry in (suite.get("methods") or {}).items():
-        entry = entry or {}
-        _keys(entry, SUITE_METHOD_KEYS, f"methods.{label}", errors)
-        if entry.get("data"):
-            check_data(entry["data"], errors, f"methods.{label}.data")
-    for name, spec in (suite.get("datasets") or {}).items():
-        check_data(spec, errors, f"datasets.{name}")
-    for key, params in (suite.get("protocols") or {}).items():
-        check_protocol(key, params, errors)
-    raise_if(errors)
-    if method_config is not None:
-        for label, entry in (suite.get("methods") or {}).items():
-            entry = dict(entry or {})
-            if entry.get("ckpt"):
-                continue
-            try:
-                check_config(method_config(suite, label, entry), DEFAULTS)
-            except ConfigError as exc:
-                errors.append(f"methods.{label}: {exc}")
-    raise_if(errors)

@@ -133,12 +133,12 @@ def test_suite_file_cannot_turn_off_weights_only_resume(tmp_path: Path, capsys: 
 
 def test_command_line_turns_off_weights_only_resume_with_a_warning(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    from medvlp.benchmarks.suite.runner import UNSAFE_RESUME_KEY, _method_config
+    from medvlp.benchmarks.suite.runner import UNSAFE_RESUME_KEY, method_config
 
     suite = {"name": "s", "output": str(tmp_path), "methods": {"clip": {}}, UNSAFE_RESUME_KEY: False}
-    cfg = _method_config(suite, "clip", {})
+    cfg = method_config(suite, "clip", {})
     assert cfg.run.weights_only_resume is False
-    assert _method_config({**suite, UNSAFE_RESUME_KEY: True}, "clip", {}).run.weights_only_resume is True
+    assert method_config({**suite, UNSAFE_RESUME_KEY: True}, "clip", {}).run.weights_only_resume is True
 
 
 def test_environment_values_are_never_persisted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,20 @@ import torch
 from medvlp.benchmarks.kit.features import FeatureCache
 
 
+#: keys of a suite's protocol entry that the runner reads itself (which protocol, and the units it runs:
+#: label fractions, training seeds, subset seeds); every other key is the protocol's own parameter
+RUNNER_KEYS = ("protocol", "fractions", "seeds", "subset_seeds")
+
+
+def split_protocol_entry(key: str, params: Mapping[str, Any] | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(protocol name, runner keys, the protocol's own parameters)`` of a suite's protocol entry ``key``."""
+    params = dict(params or {})
+    name = str(params.get("protocol", key))
+    runner = {k: params[k] for k in RUNNER_KEYS if k in params and k != "protocol"}
+    own = {k: v for k, v in params.items() if k not in RUNNER_KEYS}
+    return name, runner, own
+
+
 @dataclass
 class MetricValue:
     """One measured number and the sentence that defines it."""
@@ -110,12 +124,27 @@ class Protocol:
     #: needs a non-empty validation split
     selection: ClassVar[str | None] = None
     #: suite parameters the protocol reads (name → "description (default)"); suites are validated against
-    #: them (plus ``fractions``, ``seeds``, ``protocol``). ``None``: undeclared, not checked.
+    #: them and :attr:`defaults` (plus :data:`RUNNER_KEYS`). ``None`` and no defaults: undeclared, not checked.
     parameters: ClassVar[dict[str, str] | None] = None
 
     #: fixed settings of a reference protocol (its source's hyperparameters); :meth:`params` merges the
     #: suite's params over them. Empty for protocols that read ``ctx.params`` directly.
     defaults: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def known_parameters(cls) -> set[str] | None:
+        """The protocol's own parameter names (:attr:`parameters` and :attr:`defaults`); ``None`` when it
+        declares neither (its parameters are not checked)."""
+        if cls.parameters is None and not cls.defaults:
+            return None
+        return set(cls.parameters or {}) | set(cls.defaults)
+
+    @classmethod
+    def unknown_parameters(cls, own: Mapping[str, Any]) -> list[str]:
+        """Keys of ``own`` (a suite entry less :data:`RUNNER_KEYS`) the protocol does not know; the one
+        check that suite validation and :meth:`params` share."""
+        known = cls.known_parameters()
+        return [] if known is None else sorted(k for k in own if k not in known and k not in RUNNER_KEYS)
 
     def params(self, ctx: EvalContext) -> dict[str, Any]:
         """:attr:`defaults` overridden by the suite's params.
@@ -123,10 +152,11 @@ class Protocol:
         Raises:
             ValueError: naming an unknown parameter and the known ones.
         """
-        unknown = set(ctx.params) - set(self.defaults) - {"fractions", "seeds"}
+        own = {k: v for k, v in ctx.params.items() if k not in RUNNER_KEYS}
+        unknown = self.unknown_parameters(own)
         if unknown:
-            raise ValueError(f"{self.name}: unknown params {sorted(unknown)}; known: {sorted(self.defaults)}")
-        return {**self.defaults, **ctx.params}
+            raise ValueError(f"{self.name}: unknown params {unknown}; known: {sorted(self.known_parameters() or ())}")
+        return {**self.defaults, **own}
 
     def applicable(self, ctx: EvalContext) -> str | None:
         """``None`` when the protocol can run on this datamodule, else the reason it cannot.

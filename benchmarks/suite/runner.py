@@ -14,84 +14,90 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from medvlp.benchmarks.suite.experiments import write_experiment
 from medvlp.benchmarks.kit.features import FeatureCache, model_fingerprint
 from medvlp.benchmarks.suite.paper_view import model_fields, pretrain_data_of, row_fields
-from medvlp.benchmarks.kit.protocol import EvalContext
+from medvlp.benchmarks.kit.protocol import RUNNER_KEYS, EvalContext, split_protocol_entry
 from medvlp.benchmarks.suite.results import ResultStore
-from medvlp.compose import compose, split_args
-from medvlp.config import load_yaml, merge, packaged_yaml, to_container
+from medvlp.benchmarks.suite.schema import check_suite, load_suite  # noqa: F401  (load_suite: public here too)
+from medvlp.compose import compose, derive
+from medvlp.config import to_container
 from medvlp.method import load_method
+from medvlp.pretrained.formats import load_ckpt_spec
 from medvlp.progress import UnitProgress
 from medvlp.provenance import provenance
 from medvlp.registry import BENCHMARKS
 from medvlp.train import build_datamodule_from_config, build_method, pretrain
+from medvlp.validate import ConfigError, raise_if
 
 log = logging.getLogger(__name__)
-
-
-def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Load a packaged suite by name or a YAML path, applying dot-list overrides."""
-    p = Path(name_or_path)
-    cfg = load_yaml(p) if p.suffix in (".yaml", ".yml") or p.is_file() else packaged_yaml("medvlp.benchmarks.suites", name_or_path)
-    if not cfg:
-        raise FileNotFoundError(f"unknown suite {name_or_path!r} (no packaged suite or file of that name)")
-    cfg = merge(cfg, overrides=overrides)
-    suite = to_container(cfg)
-    for key in ("methods", "datasets", "protocols"):
-        if not suite.get(key):
-            raise ValueError(f"suite {name_or_path!r} needs a non-empty {key!r} mapping")
-    suite.setdefault("name", p.stem if p.suffix else name_or_path)
-    suite.setdefault("output", f"results/{suite['name']}")
-    return suite
 
 
 def _config_hash(cfg: Any) -> str:
     return hashlib.sha1(json.dumps(to_container(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any], seed: int | None = None,
-                   run_name: str | None = None) -> Any:
+def method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any]) -> DictConfig:
+    """The run config of one suite method entry, composed and checked in one pass.
+
+    The suite's ``pretrain`` block and the entry's ``data``, ``init_args`` and ``trainer`` are layers of that
+    pass (after the entry's ``overrides``); the run folder is ``<output>/runs/<label>`` with the suite's seed.
+    Pretraining seeds derive their configs from this one (:func:`seed_config`) without another pass.
+
+    Raises:
+        ValueError: the suite sets ``run.weights_only_resume=false`` (only the command line may).
+        medvlp.validate.ConfigError: a bad key or value, naming the entry.
+    """
     args = [f"method={entry.get('method', label)}", f"preset={entry.get('preset', suite.get('preset', 'demo'))}"]
     if entry.get("data"):
         args.append(f"data={entry['data']['name']}")  # loads that datamodule's packaged defaults
-    cfg = compose(args + list(entry.get("overrides", [])))
-    layers = [cfg, OmegaConf.create(suite.get("pretrain") or {})]
+    layers: list[tuple[str, Any]] = [("suite.pretrain", suite.get("pretrain") or {})]
     if entry.get("data"):
-        layers.append(OmegaConf.create({"data": entry["data"]}))
+        layers.append((f"methods.{label}.data", {"data": entry["data"]}))
     if entry.get("init_args"):
-        layers.append(OmegaConf.create({"method": {"init_args": entry["init_args"]}}))
+        layers.append((f"methods.{label}.init_args", {"method": {"init_args": entry["init_args"]}}))
     if entry.get("trainer"):
-        layers.append(OmegaConf.create({"trainer": entry["trainer"]}))
-    run_dir = Path(suite["output"]) / "runs" / label
-    cfg = merge(*layers, overrides=[f"run.dir={run_dir / run_name if run_name else run_dir}",
-                                    f"run.seed={suite.get('seed', 42) if seed is None else seed}"])
+        layers.append((f"methods.{label}.trainer", {"trainer": entry["trainer"]}))
+    layers.append(("suite", {"run": {"dir": str(Path(suite["output"]) / "runs" / label),
+                                     "seed": int(suite.get("seed", 42))}}))
+    try:
+        cfg = compose(args + list(entry.get("overrides", [])), layers=layers)
+    except ConfigError as exc:
+        raise ConfigError(f"methods.{label}: {exc}") from None
     if OmegaConf.select(cfg, "run.weights_only_resume", default=True) is False:
         raise ValueError(f"suite {suite.get('name')!r}, method {label!r}: a suite cannot set "
                          "run.weights_only_resume=false; only the command line can "
                          "(medvlp benchmark suite=... run.weights_only_resume=false)")
-    return merge(cfg, overrides=[f"run.weights_only_resume={bool(suite.get(UNSAFE_RESUME_KEY, True))}"])
+    return derive(cfg, {"run.weights_only_resume": bool(suite.get(UNSAFE_RESUME_KEY, True))})
 
 
-#: suite key set only by ``benchmark_command`` from the command line (never read from a suite file)
+def seed_config(cfg: DictConfig, seed: int | None) -> DictConfig:
+    """The entry's config for pretraining seed ``seed`` (``runs/<label>/seed<seed>``, ``run.seed=seed``);
+    ``None``: the entry's own config."""
+    if seed is None:
+        return cfg
+    return derive(cfg, {"run.dir": str(Path(cfg.run.dir) / f"seed{seed}"), "run.seed": int(seed)})
+
+
+#: suite key set only by ``medvlp benchmark`` from the command line (never read from a suite file)
 UNSAFE_RESUME_KEY = "_cli_weights_only_resume"
 
 
-def obtain_model(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any],
-                 seed: int | None = None) -> tuple[Any, str, str]:
+def obtain_model(entry: Mapping[str, Any], label: str, cfg: DictConfig | None) -> tuple[Any, str, str]:
     """Return ``(model, checkpoint, config_hash)`` for a suite method entry (pretraining if needed).
 
-    ``seed`` (one of the suite's ``pretrain_seeds``) pretrains into ``runs/<label>/seed<seed>`` with
-    ``run.seed=seed``; ``None`` uses the suite's ``seed`` and ``runs/<label>``.
+    Args:
+        entry: the suite's method entry.
+        label: its label.
+        cfg: its checked run config for one pretraining seed (:func:`seed_config`); ``None`` for an entry
+            that names a checkpoint (``ckpt``).
     """
     if entry.get("ckpt"):  # a medvlp checkpoint path or {format, path} of a released model
-        from medvlp.pretrained.formats import load_ckpt_spec
-
         model, desc = load_ckpt_spec(entry["ckpt"], allow_class_path=bool(entry.get("allow_class_path", False)))
         return model, desc, "external"
-    cfg = _method_config(suite, label, entry, seed, None if seed is None else f"seed{seed}")
+    assert cfg is not None
     chash = _config_hash(cfg)
     if entry.get("pretrain", True) is False:
         L.seed_everything(int(cfg.run.seed))
@@ -118,12 +124,11 @@ def describe_backbone(model: Any) -> str:
 
 
 def _protocols(suite: Mapping[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """``(key, protocol, runner keys + the protocol's own parameters)`` of each protocol entry."""
     out = []
     for key, params in suite["protocols"].items():
-        params = dict(params or {})
-        name = params.pop("protocol", key)
-        proto_cls = BENCHMARKS.get(name)
-        out.append((key, proto_cls(), params))
+        name, runner, own = split_protocol_entry(key, params)
+        out.append((key, BENCHMARKS.get(name)(), {**runner, **own}))
     return out
 
 
@@ -158,11 +163,32 @@ def _n_units(proto: Any, params: Mapping[str, Any]) -> int:
     return sum(len(unit_seeds(proto, params, float(f), quiet=True)) for f in fractions)
 
 
-def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
-    """Run every unit of ``suite``; returns the results CSV path."""
-    from medvlp.validate import check_suite
+def plan_methods(suite: Mapping[str, Any]) -> dict[str, DictConfig | None]:
+    """Each method entry's run config, composed and checked once (``None`` for checkpoint entries)."""
+    errors, plans = [], {}
+    for label, entry in suite["methods"].items():
+        entry = dict(entry or {})
+        try:
+            plans[label] = None if entry.get("ckpt") else method_config(suite, label, entry)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise_if(errors)
+    return plans
 
-    check_suite(suite, _method_config)  # every key and protocol parameter, before any work
+
+def pretrain_seeds(suite: Mapping[str, Any], entry: Mapping[str, Any]) -> list[int | None]:
+    """The pretraining seeds of a method entry (``[None]``: one run at the suite's seed)."""
+    seeds = entry.get("pretrain_seeds", suite.get("pretrain_seeds"))
+    return [None] if seeds is None or entry.get("ckpt") else [int(s) for s in seeds]
+
+
+def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
+    """Run every unit of ``suite``; returns the results CSV path.
+
+    The suite's keys and every method entry's run config are checked before any work, each once.
+    """
+    check_suite(suite)
+    plans = plan_methods(suite)
     write_experiment(suite)  # an experiment's claims, checked against the suite, beside its results
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(suite["output"])
@@ -176,22 +202,18 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
         dm.prepare_data()
     per_model = {(ds, key): _n_units(proto, params) for ds in datasets for key, proto, params in protocols
                  if not (ds in only and key not in only[ds])}
-    for label, e in suite["methods"].items():
-        unknown = set((e or {}).get("protocols") or ()) - set(suite["protocols"])
-        if unknown:
-            raise ValueError(f"suite {suite['name']!r}, method {label!r}: protocols {sorted(unknown)} are not protocol "
-                             f"keys of the suite ({sorted(suite['protocols'])})")
-    pseeds = {label: ([None] if (e or {}).get("pretrain_seeds", suite.get("pretrain_seeds")) is None or (e or {}).get("ckpt")
-                      else [int(s) for s in (e or {}).get("pretrain_seeds", suite.get("pretrain_seeds"))])
-              for label, e in suite["methods"].items()}
+    pseeds = {label: pretrain_seeds(suite, e or {}) for label, e in suite["methods"].items()}
     progress = UnitProgress(sum(per_model.values()) * sum(len(v) for v in pseeds.values()))
     prov = provenance(device)
     for label, entry in suite["methods"].items():
         entry = dict(entry or {})
         for pseed in pseeds[label]:
-            model, ckpt, chash = obtain_model(suite, label, entry, pseed)
+            plan = plans[label]
+            cfg = None if plan is None else seed_config(plan, pseed)
+            model, ckpt, chash = obtain_model(entry, label, cfg)
             _evaluate_model(suite, store, cache, datasets, only, protocols, label, entry, model, ckpt, chash,
-                            "" if pseed is None else pseed, device, progress, per_model, prov)
+                            "" if pseed is None else pseed, device, progress, per_model, prov,
+                            data_cfg=None if cfg is None or ckpt == "random-init" else cfg.get("data"))
     log.info("feature cache: %d hits, %d misses", cache.hits, cache.misses)
     return store.path
 
@@ -199,14 +221,12 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
 def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: FeatureCache, datasets: Mapping[str, Any],
                     only: Mapping[str, set], protocols: list, label: str, entry: Mapping[str, Any], model: Any,
                     ckpt: str, chash: str, pseed: int | str, device: str, progress: UnitProgress | None = None,
-                    per_model: Mapping[tuple[str, str], int] | None = None, prov: Any = None) -> None:
+                    per_model: Mapping[tuple[str, str], int] | None = None, prov: Any = None,
+                    data_cfg: Any = None) -> None:
     progress = progress or UnitProgress(0)
     per_model = per_model or {}
     weights = model_fingerprint(model)  # once per model; the feature cache reuses it
     cache.pin(model, weights)
-    seed = None if pseed == "" else int(pseed)
-    data_cfg = (None if entry.get("ckpt") or ckpt == "random-init"
-                else _method_config(suite, label, entry, seed, None if seed is None else f"seed{seed}").get("data"))
     mfields = model_fields(model, pretrain_data_of(entry, to_container(data_cfg) if data_cfg is not None else None, ckpt))
     backbone = describe_backbone(model)
     method = getattr(model, "name", None) or entry.get("method", label)
@@ -226,15 +246,15 @@ def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: Feature
             if entry.get("protocols") is not None and key not in entry["protocols"]:
                 progress.step(f"{label} {ds_name} {key}: not run for this method", n=per_model.get((ds_name, key), 0))
                 continue
-            ctx = EvalContext(model, dm, cache, params, device, Path(suite["output"]))
+            own = {k: v for k, v in params.items() if k not in RUNNER_KEYS}
+            ctx = EvalContext(model, dm, cache, own, device, Path(suite["output"]))
             reason = proto.applicable(ctx)
             if reason:
                 log.info("%s on %s: %s skipped (%s)", label, ds_name, key, reason)
                 progress.step(f"{label} {ds_name} {key}: skipped", n=per_model.get((ds_name, key), 0))
                 continue
             fractions = params.get("fractions", [1.0]) if proto.uses_fractions else [1.0]
-            pjson = json.dumps({k: v for k, v in params.items() if k not in ("fractions", "seeds", "subset_seeds")},
-                               sort_keys=True)
+            pjson = json.dumps(own, sort_keys=True)
             for fraction in fractions:
                 for subset_seed, seed in unit_seeds(proto, params, float(fraction)):
                     unit = dict(label=label, dataset=ds_name, protocol=key, params=pjson, fraction=fraction,
@@ -262,49 +282,16 @@ def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: Feature
     cache.unpin(model)
 
 
-def benchmark_command(args: Sequence[str]) -> int:
-    """``medvlp benchmark suite=NAME [key=value ...]``."""
-    files, overrides = split_args(args)
-    name = next((o.split("=", 1)[1] for o in overrides if o.startswith("suite=")), None)
-    if name is None and files:
-        name = files[0]
-    if name is None:
-        raise ValueError("benchmark needs suite=NAME or a suite file")
-    resume_flag = "run.weights_only_resume="
-    rest = [o for o in overrides if not o.startswith(("suite=", "device=", resume_flag))]
-    device = next((o.split("=", 1)[1] for o in overrides if o.startswith("device=")), None)
-    suite = load_suite(name, rest)
-    suite.pop(UNSAFE_RESUME_KEY, None)  # only the command line sets it
-    weights_only = [o.split("=", 1)[1].lower() for o in overrides if o.startswith(resume_flag)]
-    if weights_only and weights_only[-1] in ("false", "0", "no"):
-        log.warning("run.weights_only_resume=false from the command line: pretraining resumes will unpickle "
-                    "checkpoints, which can run code")
-        suite[UNSAFE_RESUME_KEY] = False
-    path = run_suite(suite, device)
-    print(f"results: {path}")
-    return 0
-
-
-def evaluate_command(args: Sequence[str]) -> int:
-    """``medvlp evaluate ckpt=PATH data=NAME [data.init_args.k=v] protocols=[a,b] out=DIR [label=NAME]``."""
-    _, overrides = split_args(args)
-    cfg = OmegaConf.from_dotlist(overrides)
-    if "ckpt" not in cfg:
-        raise ValueError("evaluate needs ckpt=PATH (or ckpt.format=F ckpt.path=P)")
-    allow_class_path = bool(cfg.get("allow_class_path", False))
-    ckpt = to_container(cfg.ckpt)
-    data = to_container(cfg.get("data", {"name": "phantom"}))
-    if isinstance(data, str):
-        data = {"name": data}
-    protocols = cfg.get("protocols", ["zero_shot", "retrieval", "linear_probe"])
-    suite = {
+def evaluation_suite(ckpt: Any, data: Any, protocols: Sequence[str], protocol_params: Mapping[str, Any],
+                     out: str, label: str | None = None, allow_class_path: bool = False) -> dict[str, Any]:
+    """The one-checkpoint suite of ``medvlp evaluate``: rows are labelled ``"<method> <backbone>"`` from the
+    checkpoint's metadata unless ``label`` is given."""
+    data = {"name": data} if isinstance(data, str) else dict(data)
+    return {
         "name": "evaluate",
-        "output": str(cfg.get("out", "results/evaluate")),
-        # rows are labelled "<method> <backbone>" from the checkpoint's metadata (or label=NAME)
-        "methods": {str(cfg.get("label", "checkpoint")): {"ckpt": ckpt, "auto_label": "label" not in cfg,
-                                                          "allow_class_path": allow_class_path}},
+        "output": str(out),
+        "methods": {str(label or "checkpoint"): {"ckpt": ckpt, "auto_label": label is None,
+                                                 "allow_class_path": allow_class_path}},
         "datasets": {data["name"]: data},
-        "protocols": {p: to_container(cfg.get("protocol_params", {})).get(p, {}) for p in protocols},
+        "protocols": {p: dict((protocol_params or {}).get(p) or {}) for p in protocols},
     }
-    print(f"results: {run_suite(suite, cfg.get('device'))}")
-    return 0
