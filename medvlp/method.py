@@ -497,10 +497,7 @@ def load_method(path: str, map_location: str = "cpu", allow_class_path: bool = F
     hparams = meta.get("hparams") or {}
     if not isinstance(hparams, Mapping):
         raise ValueError(f"{path}: checkpoint hparams must be a mapping, got {type(hparams).__name__}")
-    from medvlp.encoders.vit import skip_pretrained_init
-
-    with skip_pretrained_init():  # the checkpoint's weights replace any init_from initialisation
-        model = cls(**hparams)
+    model = cls(**hparams)  # building reads no file: the checkpoint's weights replace any init_from
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: state dict mismatch for {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")

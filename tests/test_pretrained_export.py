@@ -79,6 +79,7 @@ def test_export_timm_format(trained_ckpt: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from medvlp.encoders import ViTEncoder
+    from medvlp.pretrained.init import load_initial_weights
     from medvlp.method import load_method
     from medvlp.pretrained.export import export
 
@@ -91,6 +92,7 @@ def test_export_timm_format(trained_ckpt: Path, tmp_path: Path) -> None:
     again = ViTEncoder(in_channels=1, embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"],
                        img_size_2d=cfg["img_size"], patch_size_2d=cfg["patch_size"],
                        init_from=str(out / "model.safetensors")).eval()
+    load_initial_weights(again)
     x = torch.randn(2, 1, cfg["img_size"], cfg["img_size"])
     with torch.no_grad():
         torch.testing.assert_close(again(x)["pooled"], enc.eval()(x)["pooled"])

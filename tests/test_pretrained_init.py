@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medvlp.encoders import ViTEncoder
+from medvlp.pretrained.init import load_initial_weights
 from medvlp.pretrained.surgery import LayoutError, adapt_input_conv, load_state_file
 from medvlp.pretrained.vit import encoder_to_timm, hf_vit_to_timm
 
@@ -35,8 +36,10 @@ def hf_vit(img: int = IMG) -> torch.nn.Module:
 
 
 def encoder(path: Path | None, in_channels: int = 3, img: int = IMG, **kw: object) -> ViTEncoder:
-    return ViTEncoder(in_channels=in_channels, embed_dim=D, depth=DEPTH, num_heads=HEADS, img_size_2d=img,
-                      patch_size_2d=PATCH, init_from=str(path) if path else None, **kw).eval()
+    enc = ViTEncoder(in_channels=in_channels, embed_dim=D, depth=DEPTH, num_heads=HEADS, img_size_2d=img,
+                     patch_size_2d=PATCH, init_from=str(path) if path else None, **kw).eval()
+    load_initial_weights(enc)  # building reads no file; loading is its own step
+    return enc
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +132,7 @@ def test_3d_parts_keep_initialisation(oracle) -> None:
     _, path = oracle
     enc = ViTEncoder(in_channels=1, embed_dim=D, depth=DEPTH, num_heads=HEADS, spatial_dims=[2, 3], img_size_2d=IMG,
                      patch_size_2d=PATCH, img_size_3d=(8, 32, 32), patch_size_3d=(4, 8, 8), init_from=str(path))
+    load_initial_weights(enc)
     assert enc(torch.randn(1, 1, 8, 32, 32))["pooled"].shape == (1, D)
 
 
@@ -141,8 +145,8 @@ def test_unknown_layout_names_expected_and_found(tmp_path: Path) -> None:
 def test_shape_mismatch_is_an_error(oracle) -> None:
     _, path = oracle
     with pytest.raises(LayoutError, match="blocks"):
-        ViTEncoder(in_channels=3, embed_dim=D, depth=DEPTH + 1, num_heads=HEADS, img_size_2d=IMG, patch_size_2d=PATCH,
-                   init_from=str(path))
+        load_initial_weights(ViTEncoder(in_channels=3, embed_dim=D, depth=DEPTH + 1, num_heads=HEADS, img_size_2d=IMG,
+                                        patch_size_2d=PATCH, init_from=str(path)))
 
 
 class _Evil:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets.resnet import ResNet
 
-from medvlp.encoders.vit import _SKIP_PRETRAINED_INIT, ImageFeatures
+from medvlp.encoders.vit import ImageFeatures
 
 
 class ResNetEncoder(ResNet):
@@ -28,7 +28,7 @@ class ResNetEncoder(ResNet):
         spatial_dims: 2 or 3 (one value; a list such as ``[2]`` is accepted for config symmetry with ViT).
         layers: bottleneck blocks per stage (ResNet-50: 3, 4, 6, 3).
         init_from: a torchvision-layout ResNet state dict file (``fc`` dropped; a 3-channel ``conv1`` is
-            summed for 1-channel inputs).
+            summed for 1-channel inputs), loaded by :func:`medvlp.pretrained.init.load_initial_weights`.
         **_: ignored encoder hints (image sizes) so datamodule hints apply uniformly.
     """
 
@@ -43,20 +43,7 @@ class ResNetEncoder(ResNet):
         self.spatial_dims = (sd,)
         self.in_channels = in_channels
         self.embed_dim = 512 * 4
-        if init_from and not _SKIP_PRETRAINED_INIT.get():
-            self.load_torchvision(str(init_from))
-
-    def load_torchvision(self, path: str) -> None:
-        """Load a torchvision-layout state dict file (strict apart from the classifier ``fc``)."""
-        from medvlp.pretrained.surgery import adapt_input_conv, drop_module_prefix, layout_error, load_state_file
-
-        state = {k: v for k, v in drop_module_prefix(load_state_file(path)).items() if not k.startswith("fc.")}
-        if "conv1.weight" in state:
-            state["conv1.weight"] = adapt_input_conv(state["conv1.weight"], self.in_channels)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise layout_error(path, f"not a torchvision ResNet state dict (missing {missing[:4]}, unexpected "
-                               f"{unexpected[:4]})", self.state_dict(), state)
+        self.init_from = str(init_from) if init_from else None  # loaded by medvlp.pretrained.init, not here
 
     def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four stage outputs ``layer1..layer4``."""

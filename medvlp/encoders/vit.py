@@ -9,28 +9,12 @@ where available).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, Iterator, Sequence, TypedDict
+from typing import Any, Sequence, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-
-_SKIP_PRETRAINED_INIT: ContextVar[bool] = ContextVar("medvlp_skip_pretrained_init", default=False)
-
-
-@contextmanager
-def skip_pretrained_init() -> Iterator[None]:
-    """Build encoders without reading their ``init_from`` files (used when a checkpoint's own weights are
-    loaded right after, so the original initialisation file need not exist any more)."""
-    token = _SKIP_PRETRAINED_INIT.set(True)
-    try:
-        yield
-    finally:
-        _SKIP_PRETRAINED_INIT.reset(token)
 
 
 class ImageFeatures(TypedDict):
@@ -132,10 +116,12 @@ class ViTEncoder(nn.Module):
             segmentation decoders); defaults to 4 evenly spaced blocks ending with the last.
         grad_checkpointing: recompute blocks in backward to save memory (3D).
         attn_impl: ``sdpa`` (default) or ``naive`` (explicit attention matrix; benchmark baseline).
-        init_from: initialise the 2D trunk from a timm / DeiT / Hugging Face ViT checkpoint file (or a hub
-            id with ``init_allow_download``): RGB kernels summed for 1 channel, the CLS position folded into
-            ``cls_token``, the position embedding resampled to ``img_size_2d`` (see
-            :mod:`medvlp.pretrained.vit`). The mask token and 3D embeddings keep their initialisation.
+        init_from: a timm / DeiT / Hugging Face ViT checkpoint file (or a hub id with
+            ``init_allow_download``) that initialises the 2D trunk when a new model is built for training:
+            RGB kernels summed for 1 channel, the CLS position folded into ``cls_token``, the position
+            embedding resampled to ``img_size_2d`` (see :mod:`medvlp.pretrained.vit`). The mask token and 3D
+            embeddings keep their initialisation. The constructor only records it; loading is the separate
+            step :func:`medvlp.pretrained.init.load_initial_weights` (a checkpoint's own weights never need it).
         init_allow_download: allow ``init_from`` to name a hub repository (network needed).
         mask_token: create the learnable mask token used by ``token_mask`` (masked image modelling). Off
             by default so that a method which never masks has no parameter outside the loss (DDP without
@@ -197,10 +183,8 @@ class ViTEncoder(nn.Module):
         self.feature_layers = tuple(int(i) for i in feature_layers)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
-        if init_from and not _SKIP_PRETRAINED_INIT.get():
-            from medvlp.pretrained.vit import init_vit_from  # lazy: only when asked
-
-            init_vit_from(self, str(init_from), init_allow_download)
+        self.init_from = str(init_from) if init_from else None
+        self.init_allow_download = bool(init_allow_download)
 
     def enable_mask_token(self) -> None:
         """Create the learnable mask token (idempotent); needed before passing ``token_mask``."""
