@@ -40,10 +40,14 @@ test-slow: install
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-# ruff (pyflakes + syntax/statement errors; rules in pyproject.toml) and mypy on medvlp/ (setup.cfg [mypy])
+# ruff (pyflakes + syntax/statement errors; rules in pyproject.toml), mypy on medvlp/ (setup.cfg [mypy]) and the
+# import-layering contracts (pyproject.toml [tool.importlinter]) on a plain install in .lint/site
 lint: install
-	$(BIN)/ruff check medvlp methods datamodules benchmarks tests
+	$(BIN)/ruff check medvlp methods datamodules benchmarks tests perf
 	$(BIN)/python -m mypy medvlp
+	rm -rf .lint && mkdir -p .lint && cd .lint && ../$(BIN)/pip install --quiet --no-deps --no-build-isolation --no-compile --target site ..
+	rm -rf build
+	cd .lint && PYTHONPATH=site ../$(BIN)/lint-imports --config ../pyproject.toml
 
 perf: install
 	$(BIN)/python -m perf

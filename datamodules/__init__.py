@@ -6,7 +6,8 @@ from medvlp.datamodules.io.csv_manifest import CSVDataModule
 from medvlp.datamodules.volume.ct import BTCVDataModule, CTRATEDataModule, MSDDataModule
 from medvlp.datamodules.em.datasets import CREMIDataModule, LucchiDataModule, SNEMIDataModule
 from medvlp.datamodules.image_text_label import ImageTextLabelDataModule
-from medvlp.datamodules.mixed import MixedDataModule, build_datamodule
+from medvlp.datamodules.mixed import MixedDataModule
+from medvlp.registry import build_datamodule
 from medvlp.datamodules.xray.mimic_5x200 import MIMIC5x200DataModule
 from medvlp.datamodules.volume.mri import BraTSDataModule
 from medvlp.datamodules.xray.nih import NIHChestXray14DataModule

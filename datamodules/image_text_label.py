@@ -15,10 +15,9 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from medvlp.datamodules.base import VLPDataModule
-from medvlp.datamodules.mixed import build_datamodule
 from medvlp.datamodules.io.readers import DataError
 from medvlp.datamodules.tabular import collate_skipping
-from medvlp.registry import register_datamodule
+from medvlp.registry import build_datamodule, register_datamodule
 
 log = logging.getLogger(__name__)
 

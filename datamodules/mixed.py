@@ -11,16 +11,7 @@ from typing import Any, Mapping
 from lightning.pytorch.utilities import CombinedLoader
 
 from medvlp.datamodules.base import VLPDataModule
-from medvlp.registry import DATAMODULES, register_datamodule
-
-
-def build_datamodule(spec: Mapping[str, Any]) -> VLPDataModule:
-    """``{name: <registered or class_path>, init_args: {...}}`` → datamodule."""
-    spec = dict(spec)
-    if "name" not in spec:
-        raise KeyError(f"datamodule spec needs a 'name' key, got {sorted(spec)}")
-    cls = DATAMODULES.get(spec["name"])
-    return cls(**dict(spec.get("init_args") or {}))
+from medvlp.registry import build_datamodule, register_datamodule
 
 
 @register_datamodule("mixed")

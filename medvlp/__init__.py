@@ -5,7 +5,9 @@ registry is first queried (see :mod:`medvlp.registry`).
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from medvlp.version import __version__
+
+__all__ = ["__version__", "from_pretrained", "load"]
 
 
 def load(format: str, path: str, **options: object) -> object:

@@ -17,7 +17,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from medvlp.legacy import current_module
 
@@ -191,3 +191,15 @@ BENCHMARKS: Registry[Any] = Registry("benchmark", "medvlp.benchmarks", "medvlp.b
 register_method = METHODS.register
 register_datamodule = DATAMODULES.register
 register_benchmark = BENCHMARKS.register
+
+
+def build_datamodule(spec: Mapping[str, Any]) -> Any:
+    """``{name: <registered name or class_path>, init_args: {...}}`` → datamodule.
+
+    Raises:
+        KeyError: the spec has no ``name``, or names no registered datamodule.
+    """
+    spec = dict(spec)
+    if "name" not in spec:
+        raise KeyError(f"datamodule spec needs a 'name' key, got {sorted(spec)}")
+    return DATAMODULES.get(spec["name"])(**dict(spec.get("init_args") or {}))

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medvlp.pretrained.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported for callers)
 from medvlp.checks import check_choice
 from medvlp.datamodules.io.readers import DataError, image_shape_2d, read_image_2d, rle_decode_siim
 from medvlp.datamodules.tabular import (
@@ -37,7 +38,6 @@ REPORT_PROBLEMS = {
 CHEXPERT_5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 NORM_MEAN, NORM_STD = 0.5, 0.25
 #: per-channel ImageNet statistics (ASG's ``A.Normalize`` in datasets/pretrain_dataset.py)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def read_csv(path: Path, required: Sequence[str], **kwargs: Any) -> pd.DataFrame:

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 
 #: (mean, std) of the medvlp datamodule convention: ``image = (x − mean) / std`` with ``x ∈ [0, 1]``
 MEDVLP_INPUT: tuple[float, float] = (0.5, 0.25)
+#: ImageNet channel mean and std (``normalize: imagenet`` of the X-ray datamodules; ASG/DeiT inputs)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
