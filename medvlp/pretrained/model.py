@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvlp.checks import check_choice
 from medvlp.encoders.vit import ImageFeatures, tokens_to_map
 from medvlp.pretrained.preprocess import Preprocess
 from medvlp.pretrained.surgery import LayoutError, StateDict, layout_error
@@ -130,8 +131,7 @@ class BertTower(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_length: int, position_ids: str = "default") -> None:
         super().__init__()
-        if position_ids not in ("default", "token_type"):
-            raise ValueError(f"position_ids must be default|token_type, got {position_ids!r}")
+        check_choice("position_ids", position_ids, ("default", "token_type"), type(self).__name__)
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length

@@ -47,6 +47,13 @@ _IGNORED_TIMM = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
 _BLOCK_RENAMES = {"mlp.fc1.": "mlp.0.", "mlp.fc2.": "mlp.2."}
 
 
+def _block_key(key: str, to_medvlp: bool) -> str:
+    """A transformer-block key renamed from timm's layout to medvlp's (or back)."""
+    for timm_part, ours in _BLOCK_RENAMES.items():
+        key = key.replace(timm_part, ours) if to_medvlp else key.replace(ours, timm_part)
+    return key
+
+
 def hf_vit_to_timm(sd: Mapping[str, torch.Tensor]) -> StateDict:
     """Rename a Hugging Face ``ViTModel`` state dict to the timm layout (q, k, v concatenated to qkv)."""
     sd = dict(sd)
@@ -135,10 +142,7 @@ def timm_to_encoder_state(sd: Mapping[str, torch.Tensor], encoder: Any, source: 
              "norm.bias"}
     for k, v in sd.items():
         if k.startswith("blocks."):
-            name = k
-            for a, b in _BLOCK_RENAMES.items():
-                name = name.replace(a, b)
-            out[name] = v
+            out[_block_key(k, to_medvlp=True)] = v
             known.add(k)
     unknown = [k for k in sd if k not in known and not k.startswith(_IGNORED_TIMM)]
     if unknown:
@@ -217,10 +221,5 @@ def encoder_to_timm(encoder: Any) -> StateDict:
         "norm.weight": sd["norm.weight"],
         "norm.bias": sd["norm.bias"],
     }
-    for k, v in sd.items():
-        if k.startswith("blocks."):
-            name = k
-            for a, b in _BLOCK_RENAMES.items():
-                name = name.replace(b, a)
-            out[name] = v
+    out.update({_block_key(k, to_medvlp=False): v for k, v in sd.items() if k.startswith("blocks.")})
     return out
