@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from medvlp.batch import collate
 from medvlp.datamodules.io.readers import DataError
+from importlib import resources
+import yaml
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -174,9 +176,7 @@ class VLPDataModule(L.LightningDataModule):
 
     def prompt_file(self) -> dict[str, dict[str, list[str]]]:
         """Packaged prompts ``datamodules/prompts/<name>.yaml`` (``{class: {positive, negative}}``), or {}."""
-        from importlib import resources
 
-        import yaml
 
         ref = resources.files("medvlp.datamodules").joinpath("prompts", f"{self.name}.yaml")
         return yaml.safe_load(ref.read_text()) if ref.is_file() else {}

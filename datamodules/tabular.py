@@ -16,6 +16,8 @@ from torch.utils.data import Dataset
 from medvlp.batch import collate
 from medvlp.datamodules.base import RecordDataset, VLPDataModule
 from medvlp.datamodules.io.readers import DataError
+from medvlp.checks import check_choice
+from medvlp.datamodules.base import POLICIES
 
 log = logging.getLogger(__name__)
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore", "mgca")
@@ -116,8 +118,6 @@ class RecordDataModule(VLPDataModule):
         self.root = Path(root)
         if not self.root.exists():
             raise FileNotFoundError(f"{type(self).__name__}: dataset root {self.root} does not exist")
-        from medvlp.checks import check_choice
-        from medvlp.datamodules.base import POLICIES
 
         self.on_error = check_choice("on_error", on_error, POLICIES, type(self).__name__)
         self.limit = limit

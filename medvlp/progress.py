@@ -31,7 +31,7 @@ def track(iterable: Iterable[T], total: int | None = None, desc: str = "") -> It
     if not bars_enabled():
         yield from iterable
         return
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: progress bars only when shown
 
     yield from tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 from pathlib import Path
 from typing import Any
+import torch
 
 LIBRARIES = ("medvlp", "torch", "lightning", "transformers", "monai", "numpy")
 
@@ -42,7 +43,6 @@ def git_commit() -> str | None:
 
 def device_name(device: Any = None) -> str:
     """``cuda:0 (NVIDIA H100 ...)`` for a CUDA device, else ``cpu (<processor>)``."""
-    import torch
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda" and torch.cuda.is_available():

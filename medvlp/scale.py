@@ -17,6 +17,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from torch import nn
+from medvlp.registry import import_class_path
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy
 
 #: short names of the wrap/checkpoint units of the built-in encoders
 BLOCK_ALIASES: dict[str, str] = {
@@ -34,7 +37,6 @@ def block_classes(names: Any, key: str) -> set[type[nn.Module]]:
         ValueError: naming ``key`` when the value is not a list of strings.
         ClassPathError: when a name is not an importable ``nn.Module`` subclass.
     """
-    from medvlp.registry import import_class_path
 
     if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"trainer.strategy.{key} must be a list of block names {sorted(BLOCK_ALIASES)} or class "
@@ -57,14 +59,12 @@ def build_strategy(spec: Any) -> Any:
         if key in kwargs:
             kwargs[key] = block_classes(kwargs[key], key)
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
 
         return FSDPStrategy(**kwargs)
     if name == "ddp":
         if set(POLICY_KEYS) & set(kwargs):
             raise ValueError("trainer.strategy: auto_wrap_policy/activation_checkpointing_policy need name: fsdp "
                              "(under DDP use the encoders' grad_checkpointing)")
-        from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(**kwargs)
     raise ValueError(f"trainer.strategy.name must be fsdp or ddp when strategy is a mapping, got {name!r}")

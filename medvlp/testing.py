@@ -22,6 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from medvlp.compose import compose
+from medvlp.config import to_container
+from medvlp.train import build_datamodule_from_config, build_method
+from medvlp.validate import ConfigError
+import lightning as L
+from medvlp.method import load_method
 
 CHECKS = ("construct", "losses", "gradients", "encoders", "fit_and_checkpoint")
 
@@ -37,16 +43,12 @@ def method_name(method: str | type) -> str:
 
 def tiny_config(method: str | type, *overrides: str) -> dict[str, Any]:
     """Composed config (plain dict, validated) for ``method`` with the ``tiny`` preset and its example data."""
-    from medvlp.compose import compose
-    from medvlp.config import to_container
 
     return to_container(compose([f"method={method_name(method)}", "preset=tiny", *overrides]))
 
 
 def build_tiny(method: str | type, *overrides: str) -> tuple[Any, Any]:
     """``(method, datamodule)`` built from :func:`tiny_config`, data prepared."""
-    from medvlp.train import build_datamodule_from_config, build_method
-    from medvlp.validate import ConfigError
 
     try:
         cfg = tiny_config(method, *overrides)
@@ -143,9 +145,7 @@ def check_encoders(model: Any, dm: Any = None) -> None:
 
 def check_fit_and_checkpoint(model: Any, dm: Any, tmp_dir: str | Path) -> None:
     """A Lightning ``fast_dev_run`` fit, then ``load_method`` rebuilds an identical model from the checkpoint."""
-    import lightning as L
 
-    from medvlp.method import load_method
 
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_dir))

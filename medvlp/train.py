@@ -24,6 +24,10 @@ from medvlp.pretrained.init import load_initial_weights
 from medvlp.provenance import provenance
 from medvlp.scale import build_strategy
 from medvlp.registry import METHODS, build_datamodule
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+import importlib.util
+from datetime import timedelta
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,6 @@ def build_loggers(value: Any, out: Path, run_name: str) -> list[Logger]:
     TensorBoard writes under ``<run>/tensorboard``; W&B under ``<run>/wandb`` (project ``medvlp``, offline
     when ``WANDB_MODE=offline``). Both are optional extras (``pip install medvlp[tensorboard]`` / ``[wandb]``).
     """
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     if value is None or value is True:
         value = ["csv"]
@@ -80,7 +83,6 @@ def build_loggers(value: Any, out: Path, run_name: str) -> list[Logger]:
 
 
 def _require(what: str, modules: tuple[str, ...], extra: str) -> None:
-    import importlib.util
 
     if not any(importlib.util.find_spec(m) is not None for m in modules):
         raise ImportError(f"logger={what} needs the {' or '.join(modules)} package: pip install 'medvlp[{extra}]'")
@@ -106,7 +108,6 @@ def build_callbacks(trainer_cfg: Mapping[str, Any], run_cfg: Mapping[str, Any], 
 def extra_checkpoints(run_cfg: Mapping[str, Any], ckpt_dir: Path) -> list[Callback]:
     """``last.ckpt`` also every ``run.checkpoint_every_n_minutes`` of training time and every
     ``run.checkpoint_every_n_epochs`` epochs (each unset or 0 = off), besides the step interval."""
-    from datetime import timedelta
 
     out: list[Callback] = []
     minutes, epochs = run_cfg.get("checkpoint_every_n_minutes"), run_cfg.get("checkpoint_every_n_epochs")
@@ -171,7 +172,6 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
     Other values pass through unchanged."""
     if precision != "auto":
         return precision
-    import torch
 
     accel = str(accelerator or "auto")
     if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():

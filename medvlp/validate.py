@@ -11,10 +11,23 @@ expected type. All problems are reported together in one line by :class:`ConfigE
 from __future__ import annotations
 
 import collections.abc as cabc
-import difflib
 import inspect
 import typing
 from typing import Any, Iterable, Mapping
+
+from medvlp.checks import did_you_mean, unknown_key  # noqa: F401  (part of this module's API)
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.plugins import CheckpointIO, LayerSync, Precision
+from medvlp.registry import import_class_path
+from torch import nn
+from medvlp.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+from medvlp.method import DEFAULT_OPTIMIZER
+from medvlp.registry import METHODS
+from medvlp.registry import DATAMODULES
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from medvlp.config import to_container
 
 #: logger shorthands accepted by ``trainer.logger`` (see :func:`medvlp.train.build_loggers`)
 LOGGER_SHORTHANDS = ("csv", "tensorboard", "wandb")
@@ -22,8 +35,6 @@ LOGGER_SHORTHANDS = ("csv", "tensorboard", "wandb")
 SPEC_TRAINER_KEYS = ("logger", "callbacks", "plugins")
 def trainer_plugin_bases() -> tuple[type, ...]:
     """Classes a ``trainer.plugins`` entry may subclass (Lightning's plugin kinds)."""
-    from lightning.fabric.plugins.environments import ClusterEnvironment
-    from lightning.pytorch.plugins import CheckpointIO, LayerSync, Precision
 
     return (Precision, ClusterEnvironment, CheckpointIO, LayerSync)
 
@@ -33,22 +44,6 @@ _STOP = ("LightningModule", "LightningDataModule", "Module", "object", "Hyperpar
 
 class ConfigError(ValueError):
     """A user error in a config; the message is one line naming every bad key and what is expected."""
-
-
-def did_you_mean(key: str, choices: Iterable[str], prefix: str = "") -> str:
-    """``" (did you mean <prefix><best>?)"`` for the closest of ``choices`` (difflib), else ``""``."""
-    by_lower = {str(c).lower(): str(c) for c in choices}
-    best = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{by_lower[best[0]]}?)" if best else ""
-
-
-def unknown_key(where: str, key: str, choices: Iterable[str]) -> str:
-    """One message for an unknown key ``<where>.<key>`` with a suggestion."""
-    choices = sorted(set(choices))
-    hint = did_you_mean(key, choices, f"{where}." if where else "")
-    if not hint and len(choices) <= 12:
-        hint = f" (valid: {', '.join(choices)})"
-    return f"unknown key {where + '.' if where else ''}{key}{hint}"
 
 
 # ---------------------------------------------------------------------------------------- signatures
@@ -169,7 +164,6 @@ def _resolve(registry: Any, name: Any, where: str, errors: list[str]) -> Any:
 def _class_from_spec(spec: Any, where: str, errors: list[str], base: type | tuple[type, ...] = object) -> Any:
     """Resolve ``spec['class_path']`` through :func:`medvlp.registry.import_class_path` (the only way a
     config names code), which refuses anything but a subclass of ``base``."""
-    from medvlp.registry import import_class_path
 
     if not isinstance(spec, Mapping) or "class_path" not in spec:
         errors.append(f"{where} must be a mapping with class_path (and optional init_args), got {spec!r}")
@@ -191,9 +185,7 @@ def _class_from_spec(spec: Any, where: str, errors: list[str], base: type | tupl
 
 
 def _check_encoder(spec: Any, default_class_path: str, where: str, errors: list[str]) -> None:
-    from torch import nn
 
-    from medvlp.registry import import_class_path
 
     if spec is None:
         return
@@ -207,9 +199,6 @@ def _check_encoder(spec: Any, default_class_path: str, where: str, errors: list[
 
 def check_method(spec: Mapping[str, Any], errors: list[str], where: str = "method") -> None:
     """Check ``{name, init_args}`` of a method, including its encoder and optimizer blocks."""
-    from medvlp.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
-    from medvlp.method import DEFAULT_OPTIMIZER
-    from medvlp.registry import METHODS
 
     _keys(spec, ("name", "init_args"), where, errors)
     cls = _resolve(METHODS, spec.get("name"), f"{where}.name", errors)
@@ -228,7 +217,6 @@ def check_method(spec: Mapping[str, Any], errors: list[str], where: str = "metho
 
 def check_data(spec: Mapping[str, Any], errors: list[str], where: str = "data") -> None:
     """Check ``{name, init_args}`` of a datamodule; composite datamodules check their children."""
-    from medvlp.registry import DATAMODULES
 
     if not isinstance(spec, Mapping):
         errors.append(f"{where} must be a mapping with name and init_args, got {spec!r}")
@@ -267,9 +255,6 @@ def _spec_list(value: Any) -> list[Any]:
 
 def check_trainer(trainer: Mapping[str, Any], errors: list[str], allowed_extra: Iterable[str] = ()) -> None:
     """Check ``trainer.*`` against ``lightning.Trainer`` and the logger/callback/plugin specs."""
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.loggers import Logger
 
     if not isinstance(trainer, Mapping):
         errors.append(f"trainer must be a mapping, got {trainer!r}")
@@ -296,7 +281,6 @@ def check_config(cfg: Any, defaults: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: one line listing every problem.
     """
-    from medvlp.config import to_container
 
     c = to_container(cfg)
     errors: list[str] = []
@@ -316,7 +300,6 @@ def check_config(cfg: Any, defaults: Mapping[str, Any]) -> None:
 
 
 def _trainer_params() -> set[str]:
-    import lightning as L
 
     return set(init_parameters(L.Trainer)[0])
 

@@ -17,6 +17,7 @@ from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, 
                                        label_samples, macro_auc, random_batches)
 from medvlp.benchmarks.kit.splits import fraction_rows
 from medvlp.registry import register_benchmark
+from medvlp.benchmarks.protocols.linear_probe import probe_flags
 
 
 def _ids(batch: dict, start: int) -> list[str]:
@@ -181,7 +182,6 @@ class Finetune(Protocol):
              f"{p.get('backbone_lr_mult', 0.1)}) on {len(rows)} train samples ({fraction:g}, seed {seed}); "
              f"{selection_text(result, trainer)} on {trainer.info['n_val']} validation samples")
         del parts
-        from medvlp.benchmarks.protocols.linear_probe import probe_flags
 
         names = list(ctx.datamodule.label_names)
         flags = probe_flags(trainer.info["train_labels"], names) + constant_class_flags(y_test, names, "the test split")

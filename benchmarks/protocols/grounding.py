@@ -13,6 +13,8 @@ from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, 
 from medvlp.encoders.vit import tokens_to_map
 from medvlp.registry import register_benchmark
 from medvlp.roi import roi_align
+from medvlp.datamodules.phantom.render import Finding
+from medvlp.datamodules.phantom.reports import POSITIVE, positive_sentence
 
 
 def finding_region(label: str, side: str | None, zone: str | None) -> str | None:
@@ -37,8 +39,6 @@ def finding_region(label: str, side: str | None, zone: str | None) -> str | None
 def query_sentence(finding: Mapping[str, Any]) -> str:
     """The grounding query of a finding: the phantom report's first positive wording filled with the
     finding's side, zone and size (e.g. ``"There is a small right pleural effusion."``)."""
-    from medvlp.datamodules.phantom.render import Finding
-    from medvlp.datamodules.phantom.reports import POSITIVE, positive_sentence
 
     if finding["label"] not in POSITIVE:
         raise ValueError(f"grounding: no report wording for finding {finding['label']!r}")
@@ -180,8 +180,8 @@ def fit_region_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarra
         x_train: ``(N, R, D)`` region features. y_train: ``(N, R)`` 0/1 (NaN = region absent, left out).
         x_test: ``(M, R, D)``.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.linear_model import LogisticRegression  # lazy: heavy import (scikit-learn), only this path needs it
+    from sklearn.preprocessing import StandardScaler  # lazy: heavy import (scikit-learn), only this path needs it
 
     d = x_train.shape[-1]
     xtr, ytr = x_train.reshape(-1, d), y_train.reshape(-1)

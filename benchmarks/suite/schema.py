@@ -32,7 +32,7 @@ def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, An
     cfg = load_yaml(p) if p.suffix in (".yaml", ".yml") or p.is_file() else packaged_yaml(SUITES_PACKAGE, name_or_path)
     if not cfg:
         from medvlp.describe import packaged_names
-        from medvlp.validate import did_you_mean
+        from medvlp.checks import did_you_mean
 
         names = [n for n, _ in packaged_names(SUITES_PACKAGE)]
         raise FileNotFoundError(f"unknown suite {name_or_path!r}{did_you_mean(str(name_or_path), names)} "

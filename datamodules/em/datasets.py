@@ -107,7 +107,7 @@ class CREMIDataModule(EMDataModule):
 
     def _array(self, ref: str) -> np.ndarray:
         if ref not in self._arrays and ref.endswith("neuron_ids"):
-            import h5py
+            import h5py  # lazy: optional format reader (HDF5)
 
             path, key = ref.rsplit(":", 1)
             with h5py.File(path, "r") as f:

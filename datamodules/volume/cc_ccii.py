@@ -23,6 +23,7 @@ from medvlp.datamodules.tabular import hash_split
 from medvlp.datamodules.volume.base import ReadVolumed, VolumeDataModule
 from medvlp.datamodules.xray.chest import read_csv
 from medvlp.registry import register_datamodule
+from PIL import Image
 
 CLASSES = ("NCP", "CP", "Normal")
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -44,7 +45,6 @@ def read_slice_stack(scan_dir: str | Path) -> np.ndarray:
         DataError: naming the folder when it holds no slice, naming the file when a slice cannot be decoded,
             or naming both shapes when slices differ in size.
     """
-    from PIL import Image
 
     scan_dir = Path(scan_dir)
     if not scan_dir.is_dir():

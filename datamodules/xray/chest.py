@@ -23,6 +23,8 @@ from medvlp.datamodules.tabular import (
 )
 from medvlp.registry import register_datamodule
 from medvlp.reports import ADDENDUM_POLICIES, parse_sections
+from medvlp.datamodules.xray.chest_imagenome import ChestImaGenomeRegions
+from PIL import Image
 
 CHEXPERT_14 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
@@ -150,7 +152,7 @@ class XrayDataModule(RecordDataModule):
     def store(self) -> Any:
         """The :class:`~medvlp.datamodules.io.prepare.PreparedStore` of ``prepared`` (``None`` without it)."""
         if self.prepared and self._store is None:
-            from medvlp.datamodules.io.prepare import PreparedStore, prepare_spec
+            from medvlp.datamodules.io.prepare import PreparedStore, prepare_spec  # lazy: prepare.py imports this module (cycle to break: prepare should dispatch on the datamodule)
 
             self._store = PreparedStore(self.prepared, self.name, prepare_spec(self))
         return self._store
@@ -298,7 +300,6 @@ class MIMICCXRDataModule(XrayDataModule):
         check_choice("region_source", source, ("chest_imagenome",), type(self).__name__)
         if not scene_graph_dir:
             raise ValueError(f"{type(self).__name__}: region_source=chest_imagenome needs scene_graph_dir")
-        from medvlp.datamodules.xray.chest_imagenome import ChestImaGenomeRegions
 
         return ChestImaGenomeRegions(scene_graph_dir, max_pairs)
 
@@ -317,7 +318,6 @@ class MIMICCXRDataModule(XrayDataModule):
         offset = self.crop_offset(augment)  # one crop for the image and its region boxes
         sample = self.base_sample(record, augment, offset)
         if self.region_pairs is not None:
-            from PIL import Image
 
             with Image.open(record["path"]) as im:  # header only: the original size the boxes refer to
                 width, height = im.size
@@ -511,7 +511,7 @@ class RSNAPneumoniaDataModule(XrayDataModule):
     def _splits(self, ids: list[str]) -> dict[str, str]:
         if self.split_convention == "hash":
             return {i: hash_split(i, 0, 0.15, 0.15) for i in ids}
-        from sklearn.model_selection import train_test_split
+        from sklearn.model_selection import train_test_split  # lazy: heavy import (scikit-learn), only this path needs it
 
         hold_size = 0.15 * 2 if self.split_convention == "mgca" else min(5337 * 2, len(ids) // 2)
         train, hold = train_test_split(ids, test_size=hold_size, random_state=0)
@@ -549,7 +549,7 @@ class SIIMDataModule(XrayDataModule):
         files = {p.stem: p for p in (self.root / "dicom-images-train").rglob("*.dcm")}
         row_split: dict[str, str] = {}
         if self.split_convention == "mgca":
-            from sklearn.model_selection import train_test_split
+            from sklearn.model_selection import train_test_split  # lazy: heavy import (scikit-learn), only this path needs it
 
             idx = list(range(len(df)))
             train_rows, hold = train_test_split(idx, test_size=0.3, random_state=0)
@@ -629,7 +629,7 @@ class COVIDxDataModule(XrayDataModule):
                 out.append({"id": f"{folder}/{parts[1]}", "split": split, "path": self.root / folder / parts[1],
                             "labels": lab})
         if self.split_convention in ("mgca", "asg"):
-            from sklearn.model_selection import train_test_split
+            from sklearn.model_selection import train_test_split  # lazy: heavy import (scikit-learn), only this path needs it
 
             rows = [r for r in out if r["split"] != "test"]
             size = {"train_size": 0.8} if self.split_convention == "mgca" else {"test_size": 0.1}

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from medvlp.validate import did_you_mean
+from medvlp.checks import did_you_mean
 
 
 @dataclass(frozen=True)

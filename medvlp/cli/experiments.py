@@ -4,15 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
-
-from medvlp.benchmarks.suite.experiments import (
-    claim_outcomes, load_experiments, outcomes_markdown, packaged_experiments, summary_lines, write_experiment,
-)
-from medvlp.benchmarks.suite.runner import load_suite, run_suite
+from medvlp.checks import did_you_mean
 from medvlp.cli.args import Key, Parsed
-from medvlp.io import atomic_write_text
-from medvlp.validate import did_you_mean
 
 NAME = "experiments"
 SUMMARY = "controlled experiments on the phantom (exp_* suites) -> claims with CIs"
@@ -47,6 +40,14 @@ def run_experiments(names: Sequence[str] | None, overrides: Sequence[str] = (), 
     Returns:
         ``(claims.md path, one summary line per claim)``.
     """
+    import pandas as pd  # lazy: command modules load for `medvlp --help`, which must stay fast
+
+    from medvlp.benchmarks.suite.experiments import (  # lazy: as above
+        claim_outcomes, load_experiments, outcomes_markdown, packaged_experiments, summary_lines, write_experiment,
+    )
+    from medvlp.benchmarks.suite.runner import load_suite, run_suite  # lazy: as above
+    from medvlp.io import atomic_write_text
+
     names = list(names or packaged_experiments())
     unknown = set(names) - set(packaged_experiments())
     for name in names:

@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import Sequence
 
 from medvlp.cli.args import keys_help, parse
-from medvlp.validate import did_you_mean
+from medvlp.checks import did_you_mean
 
 #: command name → the module that defines it (NAME, SUMMARY, HELP, KEYS, PASSTHROUGH, run); imported lazily
 COMMANDS = {

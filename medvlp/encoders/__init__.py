@@ -12,6 +12,7 @@ from torch import nn
 from medvlp.encoders.heads import ProjectionHead
 from medvlp.encoders.text import TextEncoder
 from medvlp.encoders.vit import ImageFeatures, ViTEncoder
+from medvlp.config import instantiate, to_container
 
 DEFAULT_IMAGE_ENCODER = "medvlp.encoders.vit.ViTEncoder"
 DEFAULT_TEXT_ENCODER = "medvlp.encoders.text.TextEncoder"
@@ -23,7 +24,6 @@ def build_encoder(spec: Mapping[str, Any] | nn.Module, default_class_path: str) 
     A bare mapping (no ``class_path``) is passed to ``default_class_path``. A ``class_path`` must name an
     ``nn.Module`` subclass (checked before it is called).
     """
-    from medvlp.config import instantiate, to_container
 
     if isinstance(spec, nn.Module):
         return spec

@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from medvlp.registry import Registry
+from medvlp.method import load_method
+from medvlp.pretrained.export import from_pretrained
+from medvlp.config import to_container
+from medvlp.pretrained.surgery import load_state_file
 
 
 class CheckpointFormat:
@@ -34,7 +38,6 @@ class CheckpointFormat:
     @classmethod
     def build(cls, path: str | Path, **options: Any) -> Any:
         """Read ``path`` as a tensor archive (no code executed) and convert it."""
-        from medvlp.pretrained.surgery import load_state_file
 
         return cls.convert(load_state_file(path), str(path), **options)
 
@@ -59,11 +62,9 @@ def load_checkpoint(format: str, path: str | Path, **options: Any) -> Any:
         KeyError: naming the available formats.
     """
     if format == "medvlp":
-        from medvlp.method import load_method
 
         return load_method(str(path), allow_class_path=bool(options.get("allow_class_path", False)))
     if format == "export":
-        from medvlp.pretrained.export import from_pretrained
 
         return from_pretrained(str(path))[0]
     return FORMATS.get(format).build(path, **options)
@@ -78,7 +79,6 @@ def load_ckpt_spec(spec: Any, allow_class_path: bool = False) -> tuple[Any, str]
     Raises:
         ValueError: when a mapping lacks ``format`` or ``path``.
     """
-    from medvlp.config import to_container
 
     spec = to_container(spec)
     if isinstance(spec, (str, Path)):

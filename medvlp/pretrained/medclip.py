@@ -48,8 +48,8 @@ def swin_from_state(sd: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """A ``transformers.SwinModel`` sized from a released (transformers-4 named) state dict, loaded through
     ``from_pretrained`` (which renames to the installed version's names) and checked for missing and
     unexpected keys."""
-    from safetensors.torch import save_file
-    from transformers import SwinConfig, SwinModel
+    from safetensors.torch import save_file  # lazy: only export/import paths need it
+    from transformers import SwinConfig, SwinModel  # lazy: heavy optional import (transformers)
 
     sd = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}  # recomputed buffers
     w = sd.get("embeddings.patch_embeddings.projection.weight")

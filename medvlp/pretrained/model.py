@@ -76,7 +76,7 @@ def load_tokenizer(name_or_path: str, allow_download: bool = False) -> Any:
     Raises:
         FileNotFoundError: naming the tokenizer and how to provide it offline.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: heavy optional import (transformers)
 
     local = Path(name_or_path).expanduser()
     try:
@@ -96,7 +96,7 @@ def bert_from_state(sd: Mapping[str, torch.Tensor], num_heads: int, source: str,
     ``token_types=False`` is for BLIP/MGCA-style BERTs without a token-type embedding: the model's
     token-type table gets one zero row, so it adds nothing.
     """
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel  # lazy: heavy optional import (transformers)
 
     sd = {k: v for k, v in sd.items() if k != "embeddings.position_ids"}
     need = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",

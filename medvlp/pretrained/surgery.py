@@ -11,6 +11,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from medvlp.io import safe_load
 
 StateDict = dict[str, torch.Tensor]
 
@@ -46,13 +47,12 @@ def load_state_file(path: str | Path) -> StateDict:
         RuntimeError: naming the path when the file is not a weights-only archive.
         LayoutError: when no ``name → Tensor`` mapping is found inside.
     """
-    from medvlp.io import safe_load
 
     p = Path(path)
     if p.suffix == ".safetensors":
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint not found: {p}")
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: only export/import paths need it
 
         try:
             return dict(load_file(str(p)))

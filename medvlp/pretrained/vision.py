@@ -8,12 +8,14 @@ import torch
 from torch import nn
 
 from medvlp.pretrained.surgery import layout_error, square_grid
+from medvlp.encoders.vit import ViTEncoder
+from medvlp.pretrained.vit import load_into_encoder, to_timm_layout
+from medvlp.encoders.resnet import ResNetEncoder
+from medvlp.pretrained.model import load_strict
 
 
 def vit_from_timm(sd: Mapping[str, torch.Tensor], num_heads: int, source: str, in_channels: int = 3) -> nn.Module:
     """A 2D :class:`~medvlp.encoders.ViTEncoder` sized from a timm-layout state dict and loaded from it."""
-    from medvlp.encoders.vit import ViTEncoder
-    from medvlp.pretrained.vit import load_into_encoder, to_timm_layout
 
     sd = to_timm_layout(sd, source)
     w = sd["patch_embed.proj.weight"]
@@ -31,8 +33,6 @@ def vit_from_timm(sd: Mapping[str, torch.Tensor], num_heads: int, source: str, i
 def resnet_from_torchvision(sd: Mapping[str, torch.Tensor], source: str, spatial_dims: int = 2) -> nn.Module:
     """A :class:`~medvlp.encoders.resnet.ResNetEncoder` (blocks per stage read from the keys), loaded strictly
     (the classifier ``fc`` is not part of the encoder and must have been removed by the caller)."""
-    from medvlp.encoders.resnet import ResNetEncoder
-    from medvlp.pretrained.model import load_strict
 
     if "conv1.weight" not in sd or "layer4.0.conv1.weight" not in sd:
         raise layout_error(source, "not a torchvision ResNet state dict", ["conv1.weight", "layer4.0.conv1.weight"], sd)

@@ -190,7 +190,7 @@ def resolve_init_source(init_from: str, allow_download: bool = False) -> Path:
         raise FileNotFoundError(
             f"image_encoder.init_from={init_from!r}: no such file; a hub id needs "
             "image_encoder.init_allow_download=true (and network access)")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # lazy: hub access only when the user asks for it
 
     for name in ("model.safetensors", "pytorch_model.bin"):
         try:
