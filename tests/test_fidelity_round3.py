@@ -238,3 +238,20 @@ def test_voi_and_adapted_rand_match_scikit_image() -> None:
         assert variation_of_information(seg, gt, base=2) == pytest.approx((split, merge), abs=1e-9)
         assert voi(seg, gt) == pytest.approx((split * math.log(2), merge * math.log(2)), abs=1e-9)  # nats
         assert adapted_rand_error(seg, gt) == pytest.approx(skm.adapted_rand_error(gt, seg, ignore_labels=(0,))[0], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- UMCL
+def test_umcl_jaccard_target_masks_unknown_labels() -> None:
+    """Unknown (NaN) labels are not negatives: unlabelled samples are only their own positives, not
+    positives of each other or of "no finding" samples (as label_set_targets)."""
+    from medvlp.methods.umcl import UMCL, jaccard_targets, label_set_targets
+
+    nan = float("nan")
+    labels = torch.tensor([[nan, nan], [nan, nan], [0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    t = jaccard_targets(labels)
+    assert torch.equal(t[0], torch.tensor([1.0, 0, 0, 0, 0, 0])) and torch.equal(t[1], torch.tensor([0, 1.0, 0, 0, 0, 0]))
+    assert t[2, 5] == 1.0 and t[3, 4] == pytest.approx(0.5) and t[2, 3] == 0.0  # known rows: Jaccard overlap
+    assert torch.equal(t[:2], label_set_targets(labels)[:2])
+    model = UMCL.__new__(UMCL)
+    model.target = "jaccard"
+    assert torch.equal(model._targets(labels), t)
