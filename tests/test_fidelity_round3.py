@@ -255,3 +255,37 @@ def test_umcl_jaccard_target_masks_unknown_labels() -> None:
     model = UMCL.__new__(UMCL)
     model.target = "jaccard"
     assert torch.equal(model._targets(labels), t)
+
+
+# ----------------------------------------------------------------------------- BenchX zero-shot / retrieval
+def test_zero_shot_argmax_benchx_convention_zscores_per_batch(tmp_path) -> None:
+    from medvlp.benchmarks.protocols.zero_shot import ZeroShotArgmax
+    from tests.test_reference_protocols import _StubDM, _StubFeatures, _StubModel, _zs_features
+
+    feats = _zs_features()
+    ctx = EvalContext(_StubModel(), _StubDM(), _StubFeatures(feats), {"convention": "benchx", "batch_size": 3},
+                      "cpu", tmp_path)
+    res = ZeroShotArgmax().run(ctx, seed=0)
+    vals = {v.metric: v.value for v in res.values}
+    t = {k: _StubModel().encode_text(v).numpy() for k, v in _StubDM().class_prompts().items()}  # ≤ 5 prompts: all kept
+    raw = np.stack([(feats.image_embedding @ t[k].T).max(1) for k in "abc"], 1)
+    order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(0)).numpy()
+    accs = []
+    for idx in (order[:3], order[3:]):  # BenchX: z-score within each batch, accuracy averaged over batches
+        s = raw[idx]
+        s = (s - s.mean(0)) / s.std(0)
+        accs.append(float((s.argmax(1) == feats.labels[idx].argmax(1)).mean()))
+    assert vals["acc"] == pytest.approx(np.mean(accs))
+    assert res.comparability["protocol_variant"] == "benchx_argmax"
+    assert "z-scored per class within each of 2 random batches of 3" in res.values[0].definition
+
+
+def test_benchx_batch_retrieval_counts_label_matches_over_n_times_k() -> None:
+    from medvlp.benchmarks.protocols.retrieval import benchx_batch_retrieval
+
+    labels = np.array([[1.0, 0], [1.0, 0], [0, 1.0]])
+    sim = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.9], [0.1, 0.2, 0.8]])
+    hit, prec = benchx_batch_retrieval(sim, labels, (1, 10))
+    # top-1: 0→0 (match), 1→2 (no), 2→2 (match); top-10 = all 3: matches 2, 2, 1 of 3·10 slots
+    assert hit[1] == pytest.approx(2 / 3) and prec[1] == pytest.approx(2 / 3)
+    assert hit[10] == 1.0 and prec[10] == pytest.approx(5 / 30)
