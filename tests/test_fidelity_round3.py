@@ -289,3 +289,35 @@ def test_benchx_batch_retrieval_counts_label_matches_over_n_times_k() -> None:
     # top-1: 0→0 (match), 1→2 (no), 2→2 (match); top-10 = all 3: matches 2, 2, 1 of 3·10 slots
     assert hit[1] == pytest.approx(2 / 3) and prec[1] == pytest.approx(2 / 3)
     assert hit[10] == 1.0 and prec[10] == pytest.approx(5 / 30)
+
+
+# ----------------------------------------------------------------------------- paper view of paper_benchx
+def test_paper_benchx_on_fixtures_shows_its_rows_without_a_paper_number(tmp_path) -> None:
+    """BenchX's tables are not available offline: the paper view lists medvlp's BenchX rows beside
+    "no citable source available offline" and never estimates a paper number."""
+    from medvlp.benchmarks.suite.paper_view import paper_numbers, paper_table
+    from medvlp.benchmarks.suite.runner import load_suite, run_suite
+    from tests.test_reference_protocols import make_nih
+
+    nih = make_nih(tmp_path / "nih")
+    for name, lines in (("train_list.txt", range(0, 12)), ("val_list.txt", range(12, 16)), ("test_list.txt", range(16, 20))):
+        (nih / name).write_text("".join(f"{i // 2:08d}_{i % 2:03d}.png 0\n" for i in lines))
+    (nih / "train_1.txt").write_text("00000000_000.png 0\n00000000_001.png 0\n")
+    (nih / "train_10.txt").write_text("00000001_000.png 0\n00000001_001.png 0\n00000002_000.png 0\n")
+    raw = load_suite("paper_benchx")
+    assert raw["protocols"]["benchx_finetune_nih"]["seeds"] == [42, 0, 1]  # run_BenchX_*.sh L6-9
+    suite = load_suite("paper_benchx", [f"output={tmp_path / 'out'}", "preset=tiny", f"datasets.nih.init_args.root={nih}",
+                                        "datasets.nih.init_args.image_size=32", "protocols.benchx_finetune_nih.crop=24",
+                                        "protocols.benchx_finetune_nih.max_epochs=1",
+                                        "protocols.benchx_finetune_nih.batch_size=8",
+                                        "protocols.benchx_finetune_nih.fractions=[1.0]",
+                                        "protocols.benchx_finetune_nih.seeds=[42]"])
+    suite["datasets"] = {"nih": suite["datasets"]["nih"]}
+    suite["methods"] = {"random_init": {"method": "clip", "pretrain": False}}
+    df = pd.read_csv(run_suite(suite, "cpu"))
+    assert set(df["protocol"]) == {"benchx_finetune_nih"}
+    assert df["comparability"].str.contains('"fidelity": "deviates').all()  # max_epochs=1 etc. are recorded
+    md = paper_table(df)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| random_init | nih |")]
+    assert rows and all("no citable source available offline" in ln and "no paper number" in ln for ln in rows)
+    assert not any(r.get("protocol_variant", "").startswith("benchx") and r["values"] for r in paper_numbers())
