@@ -321,3 +321,64 @@ def test_paper_benchx_on_fixtures_shows_its_rows_without_a_paper_number(tmp_path
     rows = [ln for ln in md.splitlines() if ln.startswith("| random_init | nih |")]
     assert rows and all("no citable source available offline" in ln and "no paper number" in ln for ln in rows)
     assert not any(r.get("protocol_variant", "").startswith("benchx") and r["values"] for r in paper_numbers())
+
+
+# ----------------------------------------------------------------------------- GTGM captions
+def test_located_captions_pick_the_nearest_to_the_crop_origin_with_the_name_prefix(tmp_path) -> None:
+    """GTGM data_provider_pretraining_caption_match.py L290-305: the caption whose location is nearest
+    (squared Euclidean) to the crop origin, as "<name>, <description>"."""
+    from medvlp.datamodules.volume.captions import CaptionError, CaptionFile
+
+    f = tmp_path / "caps.csv"
+    f.write_text('id,location,caption\nvol1.nii.gz,"[0, 0, 0]",top left\nvol1.nii.gz,"[10, 200, 200]",bottom right\n'
+                 'vol2.nii.gz,"[5, 5, 5]",only one\n')
+    src = CaptionFile(str(f), location_column="location", prefix_name=True)
+    assert src({"meta": {"id": "vol1.nii.gz", "crop_origin": [8, 150, 190]}}) == "vol1, bottom right"
+    assert src({"meta": {"id": "vol1.nii.gz", "crop_origin": [1, 20, 0]}}) == "vol1, top left"
+    assert src({"meta": {"id": "vol2", "crop_origin": [0, 0, 0]}}) == "vol2, only one"
+    with pytest.raises(CaptionError, match="crop_origin"):
+        src({"meta": {"id": "vol1"}})
+    assert CaptionFile(str(tmp_path / "caps.csv"), location_column="location")(
+        {"meta": {"id": "vol2", "crop_origin": [0, 0, 0]}}) == "only one"
+
+
+# ----------------------------------------------------------------------------- GTGM views and batch
+def test_gtgm_official_views_share_one_sub_volume_and_differ_by_perturbation() -> None:
+    from medvlp.methods.gtgm import PERTURBATIONS, official_view, official_views
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 4, 24, 24)
+    v1, v2 = official_views(x, padding=4, generator=torch.Generator().manual_seed(1))
+    assert v1.shape == v2.shape == (2, 1, 4, 16, 16)
+    assert all(float(v.min()) == pytest.approx(0.0) and float(v.max()) == pytest.approx(1.0) for v in (*v1, *v2))
+    seen = {official_view(x[0], 4, torch.Generator().manual_seed(s))[1] for s in range(60)}
+    assert seen == set(PERTURBATIONS)  # one perturbation per view, chosen among the five
+    import itertools
+
+    checked = 0
+    for seed in range(30):  # a "flip" view is the centre crop of the shared sub-volume under simple_augment's bits
+        view, kind = official_view(x[0], 4, torch.Generator().manual_seed(seed))
+        if kind != "flip":
+            continue
+        c = x[0][..., 4:20, 4:20]
+        c = (c - c.min()) / (c.max() - c.min())
+        combos = []
+        for fz, fy, fx, tr in itertools.product([0, 1], repeat=4):
+            y = c.flip(1) if fz else c
+            y = y.flip(-2) if fy else y
+            y = y.flip(-1) if fx else y
+            combos.append(y.transpose(-1, -2) if tr else y)
+        assert any(torch.allclose(view, y) for y in combos)
+        checked += 1
+    assert checked
+
+
+def test_gtgm_joint_batch_size_keeps_the_official_per_gpu_batch() -> None:
+    model, _ = build_tiny("gtgm")
+    model.joint_batch_size = 2
+    seen = []
+    model._view_features = lambda x: (seen.append(len(x)), (torch.zeros(len(x), 4), torch.zeros(len(x), 4)))[1]
+    model._objective = lambda f1, f2, caps: {"n": len(f1), "caps": caps}
+    batches = {m: {"image": torch.zeros(2, 1, 4, 8, 8), "caption": [f"{m}{i}" for i in range(2)]} for m in ("ct", "mri", "em")}
+    out = model.compute_multimodal_losses(batches)
+    assert out["n"] == 2 and len(out["caps"]) == 2 and sum(seen) == 2  # 2 of the 6 samples, not 2 per modality
