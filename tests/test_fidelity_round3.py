@@ -382,3 +382,23 @@ def test_gtgm_joint_batch_size_keeps_the_official_per_gpu_batch() -> None:
     batches = {m: {"image": torch.zeros(2, 1, 4, 8, 8), "caption": [f"{m}{i}" for i in range(2)]} for m in ("ct", "mri", "em")}
     out = model.compute_multimodal_losses(batches)
     assert out["n"] == 2 and len(out["caps"]) == 2 and sum(seen) == 2  # 2 of the 6 samples, not 2 per modality
+
+
+# ----------------------------------------------------------------------------- UniMedI [CLS] term
+def test_unimedi_cls_distill_is_an_option_off_by_default() -> None:
+    torch.manual_seed(0)
+    model, dm = build_tiny("unimedi")
+    assert not model.cls_distill and "cls_center" not in model.state_dict()
+    loader = dm.train_dataloader()
+    iter(loader)  # a CombinedLoader needs iter() before it yields
+    batch = next(iter(loader))
+    batch = batch[0] if isinstance(batch, tuple) else batch  # CombinedLoader: (batches, batch_idx, dataloader_idx)
+    multimodal = "image" not in batch
+    terms = model.train().compute_multimodal_losses(batch) if multimodal else model.train().compute_losses(batch)
+    assert not any(k.endswith("cls_distill_loss") for k in terms)
+    model.cls_distill = True
+    model.register_buffer("cls_center", torch.zeros_like(model.center))
+    terms = model.compute_multimodal_losses(batch) if multimodal else model.compute_losses(batch)
+    cls_terms = [v for k, v in terms.items() if k.endswith("cls_distill_loss")]
+    assert cls_terms and all(torch.isfinite(v) and v > 0 for v in cls_terms)
+    assert float(model.cls_center.abs().sum()) > 0  # its own running center moved
