@@ -214,6 +214,14 @@ class ASG(VLPMethod):
     * Tag queries: the shared text encoder's CLS output at first use, frozen in a buffer (official: a
       separate frozen 12-layer Bio_ClinicalBERT run every step in train mode, i.e. with dropout).
     * A batch without any present region gives ARSA = 0 (the official mean over no rows is NaN).
+    * Box pooling: medvlp RoI-aligns each image's boxes on that image's own feature map. The official
+      collate (``datasets/pretrain_dataset.py`` L143-187 @ 088e896) writes the batch index into column 0
+      of ``regions`` *before* sorting the batch by caption length, and ``main.py`` L87-90 then pools with
+      those pre-sort indices on the sorted feature maps, so whenever the sort permutes the batch a
+      sample's boxes are pooled on another image's map (its sentence and region labels stay with it).
+      medvlp does not reproduce that mismatch.
+    * Optimizer: as the official ``main.py`` L229-235, one AdamW group decays every parameter (biases and
+      norms included): ``decay_all: true`` in ``asg.yaml`` and ``asg.paper.yaml``.
     * Images: ``preset=paper`` sets the official pipeline on the X-ray datamodules (gray replicated to
       RGB, longest side → 256 + zero padding, random 224 crop in training / centre crop otherwise, boxes
       shifted and clipped with the crop, ImageNet mean/std); the region box of a region cropped out entirely

@@ -25,6 +25,20 @@ def label_set_targets(labels: torch.Tensor, report_mask: torch.Tensor | None = N
     return (same | torch.eye(b, dtype=torch.bool, device=labels.device)).float()
 
 
+def jaccard_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Soft targets ``(B, B)``: the Jaccard overlap of two samples' positive label sets (two empty sets =
+    1), 1 on the diagonal. Unknown labels are masked as :func:`label_set_targets` does: a row with a NaN
+    label is only its own positive (a NaN is not a negative, so unlabelled samples are not positives of
+    each other nor of "no finding" samples)."""
+    known = ~torch.isnan(labels).any(1)
+    lab = torch.nan_to_num(labels, nan=0.0).clamp(min=0)
+    inter = lab @ lab.t()
+    union = lab.sum(1, keepdim=True) + lab.sum(1) - inter
+    jac = torch.where(union > 0, inter / union.clamp_min(1e-8), torch.ones_like(inter))
+    jac = jac * (known.unsqueeze(1) & known.unsqueeze(0)).to(jac.dtype)
+    return torch.maximum(jac, torch.eye(len(lab), device=lab.device, dtype=jac.dtype))
+
+
 class PromptLearner(nn.Module):
     """CoOp continuous prompts for class names (and their negations) fed to a BERT-like text encoder.
 
@@ -169,11 +183,7 @@ class UMCL(VLPMethod):
     def _targets(self, labels: torch.Tensor) -> torch.Tensor:
         if self.target == "label_set":
             return label_set_targets(labels)
-        lab = torch.nan_to_num(labels, nan=0.0).clamp(min=0)
-        inter = lab @ lab.t()
-        union = lab.sum(1, keepdim=True) + lab.sum(1) - inter
-        jac = torch.where(union > 0, inter / union.clamp_min(1e-8), torch.ones_like(inter))
-        return torch.maximum(jac, torch.eye(len(lab), device=lab.device))
+        return jaccard_targets(labels)
 
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if "text" not in batch and "labels" not in batch:

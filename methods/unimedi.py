@@ -21,6 +21,12 @@ def cls_attention(encoder: Any, image: torch.Tensor) -> tuple[torch.Tensor, torc
     """Run a :class:`~medvlp.encoders.ViTEncoder` and return its final patch tokens ``(B, N, D)`` and the
     [CLS]→patch attention ``(B, N)`` averaged over layers and heads (A-CLIP ``forward_features`` with
     ``need_attn``: mean over blocks of the attention maps, row 0, columns 1:, mean over heads)."""
+    tokens, att, _ = cls_attention_with_cls(encoder, image)
+    return tokens, att
+
+
+def cls_attention_with_cls(encoder: Any, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cls_attention` plus the final [CLS] token ``(B, D)``."""
     tokens, _ = encoder.embed(image)
     x = torch.cat([encoder.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
     att = torch.zeros(x.shape[0], x.shape[1] - 1, device=x.device, dtype=torch.float32)
@@ -31,7 +37,8 @@ def cls_attention(encoder: Any, image: torch.Tensor) -> tuple[torch.Tensor, torc
         a = ((q[:, :, :1] @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)).softmax(-1)  # (B, H, 1, N+1)
         att += a[:, :, 0, 1:].float().mean(1)
         x = blk(x)
-    return encoder.norm(x)[:, 1:], att / len(encoder.blocks)
+    x = encoder.norm(x)
+    return x[:, 1:], att / len(encoder.blocks), x[:, 0]
 
 
 def keep_most_attended(attention: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -126,6 +133,11 @@ class UniMedI(VLPMethod):
     Deviations / choices not fixed by the paper: the relevance scorer (A-CLIP attention, see above); the
     middle slice represents a selected slab; the distillation head is a 2-layer MLP to ``distill_dim``
     prototypes; the hyperparameters marked "not from the paper" in ``unimedi.yaml``/``unimedi.paper.yaml``.
+    Two more are choices, not the paper: **L_pseudo** (the pseudo-pair ITC of each selected slice with the
+    volume's report) is medvlp's reading of "pseudo 2D images", not a loss the paper writes down; and the
+    self-distillation is iBOT's masked-token term only, without iBOT's [CLS]-level DINO term (iBOT
+    ``loss1``: cross-entropy of the student's [CLS] distribution against the teacher's centred, sharpened
+    one). ``cls_distill: true`` adds that term as ``cls_distill_loss`` (own running center; off by default).
     Ablation: ``modalities`` ∈ {joint, 2d, 3d} drops the other modality's sub-batches (paper Table 4).
 
     Required batch keys: ``image``, ``text``; mixed 2D+3D training uses the ``mixed`` datamodule.
@@ -140,12 +152,13 @@ class UniMedI(VLPMethod):
         student_temp: student temperature. teacher_temp: teacher temperature.
         center_momentum: momentum of the teacher-logit center.
         max_slab_depth: largest 3D patch depth accepted for slice selection.
+        cls_distill: add iBOT's [CLS]-level DINO term (``cls_distill_loss``; default off).
         **kwargs: :class:`~medvlp.method.VLPMethod` arguments.
     """
 
     name: ClassVar[str] = "unimedi"
     required_keys: ClassVar[frozenset[str]] = frozenset({"image", "text"})
-    loss_terms: ClassVar[tuple[str, ...]] = ("itc_loss", "pseudo_itc_loss", "distill_loss")
+    loss_terms: ClassVar[tuple[str, ...]] = ("itc_loss", "pseudo_itc_loss", "distill_loss", "cls_distill_loss")
     example_data: ClassVar[dict[str, Any]] = {"name": "mixed", "init_args": {"datamodules": {
         "xray": {"name": "phantom", "init_args": {"modality": "xray"}},
         "ct": {"name": "phantom", "init_args": {"modality": "ct"}}}}}
@@ -153,7 +166,7 @@ class UniMedI(VLPMethod):
     def __init__(self, modalities: str = "joint", select_slices: int = 2, select_ratio: float = 0.5,
                  mask_ratio: float = 0.3, attentive_fraction: float = 0.5, distill_dim: int = 256,
                  student_temp: float = 0.1, teacher_temp: float = 0.04, center_momentum: float = 0.9,
-                 max_slab_depth: int = 4, **kwargs: Any) -> None:
+                 max_slab_depth: int = 4, cls_distill: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if modalities not in ABLATIONS:
             raise ValueError(f"modalities must be one of {sorted(ABLATIONS)}, got {modalities!r}")
@@ -181,6 +194,9 @@ class UniMedI(VLPMethod):
         self.teacher_encoder = copy.deepcopy(self.image_encoder).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.distill_head).requires_grad_(False)
         self.register_buffer("center", torch.zeros(distill_dim))
+        self.cls_distill = bool(cls_distill)
+        if self.cls_distill:  # iBOT keeps a separate [CLS] center (only then: default checkpoints are unchanged)
+            self.register_buffer("cls_center", torch.zeros(distill_dim))
 
     def momentum_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         return [(self.image_encoder, self.teacher_encoder), (self.distill_head, self.teacher_head)]
@@ -226,12 +242,13 @@ class UniMedI(VLPMethod):
         return self.image_encoder.forward_tokens(tokens, grid)["pooled"]
 
     @torch.no_grad()
-    def _update_center(self, teacher_logits: torch.Tensor) -> None:
+    def _update_center(self, teacher_logits: torch.Tensor, center: torch.Tensor | None = None) -> None:
+        center = self.center if center is None else center
         batch_center = teacher_logits.float().mean(0)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
             batch_center /= dist.get_world_size()
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
     def _encode(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Backbone work of one modality batch: pre-projection image features, text features, distillation."""
@@ -241,7 +258,7 @@ class UniMedI(VLPMethod):
             raise ValueError(f"UniMedI with modalities={self.modalities!r} got a {sd}D batch")
         enc = self.image_encoder
         with torch.no_grad():
-            t_tokens, attention = cls_attention(self.teacher_encoder, image)
+            t_tokens, attention, t_cls = cls_attention_with_cls(self.teacher_encoder, image)
             teacher = self.teacher_head(t_tokens)
         tokens, grid = enc.embed(image)
         parts: dict[str, Any] = {"text": self.text_encoder(list(batch["text"]))["pooled"]}
@@ -258,9 +275,18 @@ class UniMedI(VLPMethod):
             parts["image"] = self._student_pooled(joint, grid)
             parts["pseudo"] = self._student_pooled(s_tokens, s_grid)
         mask = attentive_token_mask(attention, self.mask_ratio, self.attentive_fraction)
-        student = self.distill_head(enc.forward_tokens(tokens, grid, mask)["tokens"])
+        masked = enc.forward_tokens(tokens, grid, mask)
+        student = self.distill_head(masked["tokens"])
         parts["distill_loss"] = masked_token_distillation_loss(student, teacher, mask, self.student_temp,
                                                                self.teacher_temp, self.center)
+        if self.cls_distill:  # iBOT loss1 form: [CLS] of the masked student vs the teacher's [CLS]
+            with torch.no_grad():
+                t_cls_logits = self.teacher_head(t_cls)
+            s_cls_logits = self.distill_head(masked["pooled"])
+            every = torch.ones(s_cls_logits.shape[0], 1, dtype=torch.bool, device=s_cls_logits.device)
+            parts["cls_distill_loss"] = masked_token_distillation_loss(
+                s_cls_logits[:, None], t_cls_logits[:, None], every, self.student_temp, self.teacher_temp, self.cls_center)
+            parts["_teacher_cls"] = t_cls_logits
         parts["_teacher"] = teacher.reshape(-1, teacher.shape[-1])
         return parts
 
@@ -277,6 +303,8 @@ class UniMedI(VLPMethod):
             p = parts[m]
             terms = {"itc_loss": clip_loss(img_out[i], txt[i], self.temperature, self.gather_negatives),
                      "distill_loss": p["distill_loss"]}
+            if "cls_distill_loss" in p:
+                terms["cls_distill_loss"] = p["cls_distill_loss"]
             if "pseudo" in p:
                 pseudo = next(pseudo_out).reshape(txt[i].shape[0], -1, txt[i].shape[-1]).mean(1)
                 terms["pseudo_itc_loss"] = clip_loss(pseudo, txt[i], self.temperature, self.gather_negatives)
@@ -285,6 +313,8 @@ class UniMedI(VLPMethod):
             out[m] = terms
         if self.training:
             self._update_center(torch.cat([p["_teacher"] for p in parts.values()]))
+            if self.cls_distill:
+                self._update_center(torch.cat([p["_teacher_cls"] for p in parts.values()]), self.cls_center)
         return out
 
     # ------------------------------------------------------------------ objective

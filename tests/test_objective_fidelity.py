@@ -147,7 +147,9 @@ def test_gtgm_paper_config_composes_the_official_setup_with_sources() -> None:
     assert m.optimizer.lr * m.optimizer.min_lr_ratio == pytest.approx(1e-8)
     assert (cfg.trainer.max_steps, cfg.trainer.sync_batchnorm, cfg.data.init_args.batch_size) == (200000, True, 2)
     msd = compose(["method=gtgm", "preset=paper", "data=msd"]).data.init_args
-    assert (list(msd.volume_size), msd.resize) == ([32, 160, 160], "random_crop")
+    # the official two-view provider's shared sub-volume: view 32x160x160 + 2 x 80 in-plane padding
+    assert (list(msd.volume_size), msd.resize) == ([32, 320, 320], "random_crop")
+    assert (m.view_mode, m.view_padding, m.joint_batch_size) == ("official", 80, 2)
     clip = compose(["method=clip", "preset=paper"]).method.init_args  # MGCA's ConVIRT re-implementation
     assert (clip.loss_weights.clip_loss, clip.optimizer.warmup_ratio, clip.optimizer.decay_all) == (2.0, 0.4, True)
     for name in ("gtgm.yaml", "gtgm.paper.yaml", "unimedi.yaml", "unimedi.paper.yaml", "clip.paper.yaml"):

@@ -136,7 +136,12 @@ def fit(trainer: HeadTrainer) -> FitResult:
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                   min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_ratio`` × base lr at ``total_steps``."""
+    """medvlp's *clamped* warm-up cosine: linear warm-up over ``warmup_steps`` (``(step + 1) / warmup``),
+    then cosine decay to ``min_ratio`` × base lr at ``total_steps``, where the factor then stays.
+
+    Used by medvlp's own protocols. BenchX's scheduler differs (it is periodic after ``t_total``): see
+    :func:`benchx_warmup_cosine`.
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -145,6 +150,27 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def benchx_warmup_cosine_factor(step: int, warmup_steps: int, t_total: int, cycles: float = 0.5) -> float:
+    """BenchX's ``WarmupCosineScheduler.lr_lambda`` (``unifier/blocks/schedulers/WarmupCosineScheduler.py``
+    L19-24 @ b874fa6): ``step / max(1, warmup)`` during warm-up (0 at step 0), then
+    ``max(0, 0.5·(1 + cos(π·2·cycles·progress)))`` with ``progress = (step − warmup) / max(1, t_total − warmup)``
+    **not clamped**: after ``t_total`` the factor rises again (period ``2·(t_total − warmup)`` steps for
+    ``cycles = 0.5``), e.g. 0.5 at step 4475 and 1.0 at step 5950 for warm-up 50, ``t_total`` 3000."""
+    if step < warmup_steps:
+        return float(step) / float(max(1.0, warmup_steps))
+    progress = float(step - warmup_steps) / float(max(1, t_total - warmup_steps))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(cycles) * 2.0 * progress)))
+
+
+def benchx_warmup_cosine(optimizer: torch.optim.Optimizer, t_total: int, warmup_steps: int,
+                         cycles: float = 0.5) -> torch.optim.lr_scheduler.LambdaLR:
+    """BenchX's *unclamped, periodic* warm-up cosine (:func:`benchx_warmup_cosine_factor`) as a
+    ``LambdaLR`` stepped every optimizer step (BenchX ``TrainingScheduler.iteration_step``); as BenchX,
+    the first step runs at factor 0."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: benchx_warmup_cosine_factor(step, warmup_steps, t_total, cycles))
 
 
 def selection_fields(result: FitResult, trainer: HeadTrainer) -> dict[str, Any]:

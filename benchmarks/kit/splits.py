@@ -64,12 +64,23 @@ FRACTION_SOURCES = ("hash", "mgca", "file")
 
 
 def mgca_fraction_ids(ids: Sequence[str], fraction: float, random_state: int = 42) -> list[str]:
-    """MGCA's label fraction: ``df.sample(frac=fraction, random_state=42)`` over its train table.
+    """MGCA's label fraction: ``df.sample(frac=fraction, random_state=42)`` over its train table
+    (``mgca/datasets/classification_dataset.py`` L52-53, L165-166 @ 680fe4a).
 
-    ``ids`` must be in the order of MGCA's train CSV (the datamodule's record order under
-    ``split_convention: mgca``). pandas draws ``round(fraction · N)`` positions with
-    ``np.random.RandomState(random_state).choice(N, size, replace=False)`` (numpy's frozen legacy
-    generator, so the draw is the same on every version); ``fraction == 1`` keeps every id, as MGCA.
+    pandas draws ``round(fraction · N)`` positions with ``np.random.RandomState(random_state)``
+    (numpy's frozen legacy generator, so the draw is the same on every version); ``fraction == 1``
+    keeps every id, as MGCA. The positions index ``ids`` in the order given, so the subset is MGCA's
+    only when ``ids`` is MGCA's train CSV in MGCA's row order:
+
+    * RSNA (``split_convention: mgca``): the datamodule emits its records in the order
+      ``train_test_split`` leaves MGCA's ``train.csv`` (``mgca/preprocess/rsna.py`` L50-64), so the
+      subset is MGCA's exactly (tested against a transcription of MGCA's preprocessing).
+    * CheXpert (``split_convention: mgca``): not identical. MGCA builds ``train.csv`` with
+      ``df.drop(valid_ids)`` where ``valid_ids`` are *positions* but ``drop`` removes index *labels*
+      (``mgca/preprocess/chexpert.py`` L50-53, after 1,000 5x200 rows left gaps in the index), so its
+      train and validation sets overlap and some non-validation rows are missing; medvlp keeps train and
+      validation disjoint (train = every frontal row not drawn for validation). The table ``df.sample``
+      runs over therefore has other rows and another length, and the drawn subset differs.
     """
     import pandas as pd
 

@@ -103,14 +103,15 @@ def encoder_channels(model: Any) -> int:
 
 
 def subset_loader(datamodule: Any, split: str, rows: Sequence[int] | None, batch_size: int, shuffle: bool,
-                  seed: int) -> DataLoader:
+                  seed: int, drop_last: bool = False) -> DataLoader:
     """Non-augmented loader over ``rows`` of a split (all rows when ``None``); shuffled with a seeded
-    generator when ``shuffle``. Augmentation is applied by the protocol on the returned batches."""
+    generator when ``shuffle``; ``drop_last`` drops the incomplete last batch (MGCA's train and val
+    loaders). Augmentation is applied by the protocol on the returned batches."""
     ds = datamodule.dataset(split, augment=False)
     if rows is not None:
         ds = Subset(ds, list(rows))
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=datamodule.num_workers,
-                      collate_fn=datamodule.collate_fn,
+                      collate_fn=datamodule.collate_fn, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
 

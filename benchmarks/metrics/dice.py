@@ -75,3 +75,20 @@ def mmseg_dataset_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: in
     if not scores:
         raise ValueError("Dice undefined: no counted class occurs in prediction or ground truth")
     return float(sum(scores) / len(scores))
+
+
+def monai_mean_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, include_background: bool = True) -> float:
+    """MONAI ``DiceMetric(include_background, reduction="mean")`` as GTGM's ``task1.py`` L318 and
+    ``train.py`` aggregate it: per image the mean over its classes with a non-empty ground truth, then the
+    mean over images (not the per-class mean of :func:`dice_score`'s ``with_background``).
+
+    Raises:
+        ValueError: when no image has a non-empty class.
+    """
+    one_hot = lambda x: torch.nn.functional.one_hot(x[:, 0].long(), num_classes).movedim(-1, 1).float()  # noqa: E731
+    metric = DiceMetric(include_background=include_background, reduction="mean", ignore_empty=True)
+    metric(one_hot(pred), one_hot(target))
+    per = metric.get_buffer()  # (images, classes), NaN where the ground truth lacks the class
+    if per is None or torch.isnan(per).all():
+        raise ValueError("Dice undefined: no image has a non-empty class")
+    return float(metric.aggregate())

@@ -1,10 +1,12 @@
-"""Image↔text retrieval R@K on the test split."""
+"""Image↔text retrieval on the test split: pair recall (``retrieval``) and category retrieval
+(``category_retrieval``, GLoRIA's whole-set or BenchX's within-batch convention)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from medvlp.benchmarks.kit.features import Features
+from medvlp.benchmarks.kit.fidelity import Element, documented, fidelity
 from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, recall_recipe
 from medvlp.registry import register_benchmark
 
@@ -141,19 +143,60 @@ class Retrieval(Protocol):
         return ProtocolResult(out, samples=samples, recipes=recipes)
 
 
-@register_benchmark("category_retrieval")
-class CategoryRetrieval(Protocol):
-    """Category-level image↔report retrieval as GLoRIA, ConVIRT and BenchX report it on CheXpert 5x200 /
-    MIMIC 5x200: a retrieved item is relevant when its class (label set) equals the query's.
+def benchx_batch_retrieval(sim: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> tuple[dict[int, float], dict[int, float]]:
+    """BenchX ``evaluate`` (``unifier/blocks/zeroshot/zeroshot_model.py`` L136-166 @ b874fa6) on one batch's
+    image → report similarity: per image query, the top-``k`` reports (``argsort`` descending, all of them
+    when ``k`` exceeds the batch) count a match when their label vector equals the query's; ``Hit@k`` =
+    share of queries with a match, ``P@k`` = matches / (n · k) (the denominator keeps ``k`` even when
+    ``k > n``). Rows with NaN labels never match."""
+    n = sim.shape[0]
+    known = ~np.isnan(labels).any(1)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    hit, prec = {}, {}
+    for k in ks:
+        matches = np.array([[known[i] and known[j] and np.array_equal(labels[j], labels[i]) for j in row[:k]]
+                            for i, row in enumerate(order)])
+        hit[k] = float(matches.any(1).mean())
+        prec[k] = float(matches.sum() / (n * k))
+    return hit, prec
 
-    Metrics per direction (``i2t``: image query over the test reports; ``t2i``: report query over the
-    test images): ``P@K`` = mean share of relevant items among the top K (GLoRIA's Precision@K,
-    K up to 100) and ``Hit@K`` = share of queries with at least one relevant item in the top K. Cosine
-    similarity of the joint embeddings; stable sort (ties keep test order). Params: ``ks`` (default
-    ``[1, 5, 10, 50, 100]``, capped at N).
+
+def _category_elements() -> list[Element]:
+    zm = "unifier/blocks/zeroshot/zeroshot_model.py"
+    return [
+        Element("ranking", "image → report within each batch (forward_reports: similarity, argsort descending)",
+                f"yangzhou12/BenchX @ b874fa6 {zm} L94-97", "convention benchx: the same; gloria: both directions "
+                "over the whole test set", param="convention", value="benchx"),
+        Element("relevance", "torch.equal(targets[idx], targets[i]): same label vector", f"{zm} L136-166", "the same"),
+        Element("metrics", "Hit@k and Precision@k = matches / (n·k), k in (1, 5, 10), mean over batches",
+                f"{zm} L136-166; bin/test_zeroshot.py L115", "convention benchx: the same", param="ks", value=[1, 5, 10]),
+        Element("batches", "RandomSampler, batch_size 8 (develop config/retrieval/MIMIC_5x200/mgca_vit.yml L11)",
+                "bin/test_zeroshot.py L85-98; BenchX develop @ e5f5c24", "seeded random batches of batch_size (8)",
+                param="batch_size", value=8),
+        Element("similarity", "global cosine (similarity_type global)", "develop config/retrieval/MIMIC_5x200/mgca_vit.yml L6",
+                "cosine of the joint embeddings"),
+    ]
+
+
+@register_benchmark("category_retrieval")
+@documented(_category_elements)
+class CategoryRetrieval(Protocol):
+    """Category-level image↔report retrieval on CheXpert 5x200 / MIMIC 5x200: a retrieved item is
+    relevant when its class (label set) equals the query's.
+
+    ``convention: gloria`` (default; GLoRIA, ConVIRT): per direction (``i2t``: image query over the test
+    reports; ``t2i``: report query over the test images) over the whole test set, ``P@K`` = mean share
+    of relevant items among the top K (K up to 100) and ``Hit@K`` = share of queries with a relevant item
+    in the top K; stable sort; ``ks`` default ``[1, 5, 10, 50, 100]``, capped at N.
+
+    ``convention: benchx``: image → report only, within seeded random batches of ``batch_size`` (8),
+    :func:`benchx_batch_retrieval` per batch (``ks`` default ``[1, 5, 10]``), averaged over batches
+    (batch statistics: no per-sample recipes).
     """
 
-    parameters = {"ks": "cut-offs K for P@K and Hit@K ([1, 5, 10, 50, 100])"}
+    parameters = {"ks": "cut-offs K for P@K and Hit@K ([1, 5, 10, 50, 100]; benchx [1, 5, 10])",
+                  "convention": "gloria (whole set, both directions) | benchx (image → report within batches) (gloria)",
+                  "batch_size": "benchx convention: pairs per batch (8)"}
 
     name = "category_retrieval"
     variant = "gloria_category"
@@ -168,8 +211,13 @@ class CategoryRetrieval(Protocol):
         feats, note = paired(ctx)
         if np.isnan(feats.labels).all():
             raise ValueError("category retrieval needs test labels")
+        convention = ctx.params.get("convention", "gloria")
+        if convention not in ("gloria", "benchx"):
+            raise ValueError(f"convention must be gloria|benchx, got {convention!r}")
         sim = feats.image_embedding @ feats.text_embedding.T
         n = sim.shape[0]
+        if convention == "benchx":
+            return self._benchx(ctx, sim, feats, note, seed)
         ks = tuple(sorted({min(int(k), n) for k in ctx.params.get("ks", (1, 5, 10, 50, 100))}))
         out = []
         # per query (query i of either direction is test sample i), so the report bootstraps over queries
@@ -186,4 +234,28 @@ class CategoryRetrieval(Protocol):
                 samples[name], recipes[name] = v, mean_recipe(name)
                 out.append(MetricValue(name, float(v.mean()), f"{direction} share of queries with a same-class "
                                        f"item in the top {k} of N={n}{note}"))
-        return ProtocolResult(out, comparability={"protocol_variant": self.variant}, samples=samples, recipes=recipes)
+        comp = {"protocol_variant": self.variant,
+                "fidelity": fidelity(self.fidelity_elements, ctx.params, ["convention gloria (GLoRIA's whole-set ranking)"])}
+        return ProtocolResult(out, comparability=comp, samples=samples, recipes=recipes)
+
+    def _benchx(self, ctx: EvalContext, sim: np.ndarray, feats: Features, note: str, seed: int) -> ProtocolResult:
+        """BenchX's within-batch image → report retrieval, averaged over batches."""
+        bs = int(ctx.params.get("batch_size", 8))
+        ks = tuple(int(k) for k in ctx.params.get("ks", (1, 5, 10)))
+        order = torch.randperm(len(sim), generator=torch.Generator().manual_seed(seed)).numpy()
+        hits: dict[int, list[float]] = {k: [] for k in ks}
+        precs: dict[int, list[float]] = {k: [] for k in ks}
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            h, p = benchx_batch_retrieval(sim[np.ix_(idx, idx)], feats.labels[idx], ks)
+            for k in ks:
+                hits[k].append(h[k])
+                precs[k].append(p[k])
+        nb = len(hits[ks[0]])
+        how = f"BenchX convention: image → report within {nb} random batches of {bs}, mean over batches{note}"
+        out = [MetricValue(f"i2t_Hit@{k}", float(np.mean(hits[k])), f"share of image queries with a same-label report "
+                           f"in the top {k} of its batch; {how}") for k in ks]
+        out += [MetricValue(f"i2t_P@{k}", float(np.mean(precs[k])), f"same-label reports in the top {k} / (n·{k}) per "
+                            f"batch; {how}") for k in ks]
+        comp = {"protocol_variant": "benchx_category", "fidelity": fidelity(self.fidelity_elements, ctx.params)}
+        return ProtocolResult(out, comparability=comp, samples={"ids": np.asarray([str(i) for i in feats.ids])})

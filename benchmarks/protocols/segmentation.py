@@ -20,6 +20,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from medvlp.benchmarks.metrics.dice import DEFINITIONS, dice_score
+from medvlp.benchmarks.metrics.voi import variation_of_information
 from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit, selection_fields, selection_text
 from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, mean_recipe, random_batches
 from medvlp.benchmarks.kit.splits import fraction_rows
@@ -308,25 +309,9 @@ def dice_areas(pred: torch.Tensor, target: torch.Tensor, num_classes: int, backg
 
 
 def voi(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    """Variation of information (split, merge) between two instance labelings (0 = ignored in target).
-
-    ``VOI = H(pred|target) + H(target|pred)``, computed on voxels where ``target > 0``.
-    """
-    ok = target.ravel() > 0
-    a, b = pred.ravel()[ok].astype(np.int64), target.ravel()[ok].astype(np.int64)
-    n = a.size
-    if n == 0:
-        raise ValueError("VOI undefined: target has no labeled voxels")
-    _, ai = np.unique(a, return_inverse=True)
-    _, bi = np.unique(b, return_inverse=True)
-    joint = np.zeros((ai.max() + 1, bi.max() + 1))
-    np.add.at(joint, (ai, bi), 1)
-    pj = joint / n
-    pa, pb = pj.sum(1), pj.sum(0)
-    nz = pj > 0
-    h_a_given_b = -(pj[nz] * np.log(pj[nz] / pb[np.nonzero(nz)[1]])).sum()
-    h_b_given_a = -(pj[nz] * np.log(pj[nz] / pa[np.nonzero(nz)[0]])).sum()
-    return float(h_a_given_b), float(h_b_given_a)
+    """Variation of information (split, merge) in nats between two instance labelings (0 = ignored in
+    target): :func:`~medvlp.benchmarks.metrics.voi.variation_of_information` with base e."""
+    return variation_of_information(pred, target, base=math.e)
 
 
 def degenerate_voi_flags(value: float, single_instance: float, tolerance: float = 0.01) -> list[str]:

@@ -1,10 +1,12 @@
-"""Zero-shot multi-label classification from prompts."""
+"""Zero-shot classification from prompts: medvlp's ``zero_shot`` and the GLoRIA/MGCA/BenchX arg-max
+protocol ``zero_shot_argmax``."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medvlp.benchmarks.kit.fidelity import Element, documented, fidelity
 from medvlp.benchmarks.protocols.linear_probe import is_one_hot
 from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
                                        label_samples, macro_auc, mean_recipe)
@@ -117,27 +119,55 @@ def max_f1(y: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean(out))
 
 
+BENCHX = "yangzhou12/BenchX @ b874fa6"
+
+
+def _argmax_elements() -> list[Element]:
+    zs, zm = "bin/test_zeroshot.py", "unifier/blocks/zeroshot/zeroshot_model.py"
+    return [
+        Element("class score", "max cosine over the class's prompts", f"{BENCHX} {zm} L72-92 (L78 max)",
+                "prompt_pool max (mean offered)", param="prompt_pool", value="max"),
+        Element("standardisation", "z-score per class over the images of each batch (numpy std, ddof 0); GLoRIA: "
+                "over the whole test set", f"{zm} L84-87", "convention benchx: per batch; gloria: whole set",
+                param="convention", value="benchx"),
+        Element("prompts", "generate_chexpert_class_prompts(n=5): 5 random.sample'd prompts per class, once per run",
+                f"{zs} L77; unifier/blocks/zeroshot/prompts.py L131-149", "convention benchx: 5 prompts per class "
+                "drawn (seeded) from the datamodule's prompts", "BenchX samples from its CheXpert severity × "
+                "subtype × location templates; medvlp from the datamodule's (or prompts_file's) prompts"),
+        Element("batches", "RandomSampler without replacement, the config's batch size, metrics averaged over batches",
+                f"{zs} L85-115", "convention benchx: seeded random batches of batch_size (64), mean over batches",
+                "BenchX ships no zero-shot config (batch size is the user's); medvlp's default is 64"),
+        Element("metrics", "mean over classes of max F1 over the PR curve; arg-max accuracy", f"{zm} L106-134",
+                "max_f1 and acc (GLoRIA convention adds f1_macro and auc over the set)"),
+        Element("similarity", "global cosine (GLoRIA models: (local + global) / 2)", f"{zm} L44-70",
+                "global embeddings of every method", "medvlp has no method-independent local similarity"),
+    ]
+
+
 @register_benchmark("zero_shot_argmax")
+@documented(_argmax_elements)
 class ZeroShotArgmax(ZeroShot):
-    """Zero-shot classification as GLoRIA/MGCA report it on CheXpert 5x200 (and BenchX on 5x200 sets).
+    """Zero-shot classification as GLoRIA/MGCA (``convention: gloria``, default) and BenchX
+    (``convention: benchx``) report it on 5x200 sets.
 
-    GLoRIA ``zero_shot_classification`` / BenchX ``bin/zeroshot.py``: every prompt of class ``k`` is
-    embedded; the class similarity of an image is the maximum cosine over the class's prompts
-    (``prompt_pool: max``; ``mean`` averages instead); each class column is standardised over the test
-    images (z-score, as GLoRIA); the predicted class is the arg-max. No negated prompts.
+    Every prompt of class ``k`` is embedded; the class similarity of an image is the maximum cosine over
+    the class's prompts (``prompt_pool: max``; ``mean`` averages instead); each class column is
+    standardised (z-score) and the predicted class is the arg-max. No negated prompts.
 
-    Metrics: ``acc`` (arg-max accuracy, one-hot label sets only), ``f1_macro`` (macro F1 of the arg-max
-    predictions, one-hot sets), ``max_f1`` (per class best F1 over thresholds of the standardised score,
-    mean over classes; BenchX) and ``auc`` (macro ROC-AUC of the same scores).
-
-    Deviations: GLoRIA also adds a local (word–region) similarity for GLoRIA models; medvlp uses the
-    global embeddings of every method. BenchX samples 10 prompts per class from its templates; the
-    prompts here are the datamodule's (or ``prompts_file``'s) positive prompts.
+    * ``gloria``: all of the datamodule's prompts; z-scores over the whole test set; metrics over the
+      set: ``acc`` (one-hot sets), ``f1_macro``, ``max_f1``, ``auc``.
+    * ``benchx``: ``n_prompts`` (5) prompts per class drawn once (seeded) as BenchX's
+      ``generate_chexpert_class_prompts(n=5)``; the test set in seeded random batches of ``batch_size``
+      (64); z-scores per batch; ``acc`` and ``max_f1`` per batch, averaged over batches (BenchX's
+      numbers; batch statistics, so no per-sample recipes).
     """
 
     parameters = {
         "prompts_file": "YAML {class: {positive: [...]}} replacing the datamodule's prompts",
         "prompt_pool": "max | mean over a class's prompts (max)",
+        "convention": "gloria (whole-set z-score, all prompts) | benchx (per-batch z-score, 5 prompts) (gloria)",
+        "batch_size": "benchx convention: images per batch (64)",
+        "n_prompts": "benchx convention: prompts sampled per class (5)",
     }
 
     name = "zero_shot_argmax"
@@ -146,8 +176,15 @@ class ZeroShotArgmax(ZeroShot):
     def applicable(self, ctx: EvalContext) -> str | None:
         return Protocol.applicable(self, ctx)  # labels only: the arg-max protocol has no learned-prompt mode
 
+    @staticmethod
+    def zscore(sim: np.ndarray) -> np.ndarray:
+        """Per-class z-score over the rows (numpy std, ddof 0); one row is left as it is."""
+        return (sim - sim.mean(0)) / np.clip(sim.std(0), 1e-12, None) if sim.shape[0] > 1 else sim
+
     @torch.no_grad()
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
+        import random
+
         from sklearn.metrics import f1_score
 
         dm, model = ctx.datamodule, ctx.model
@@ -166,16 +203,26 @@ class ZeroShotArgmax(ZeroShot):
         pool = ctx.params.get("prompt_pool", "max")
         if pool not in ("max", "mean"):
             raise ValueError(f"prompt_pool must be max|mean, got {pool!r}")
+        convention = ctx.params.get("convention", "gloria")
+        if convention not in ("gloria", "benchx"):
+            raise ValueError(f"convention must be gloria|benchx, got {convention!r}")
+        if convention == "benchx":
+            n_prompts, rng = int(ctx.params.get("n_prompts", 5)), random.Random(seed)
+            prompts = {n: (rng.sample(list(prompts[n]), n_prompts) if len(prompts[n]) > n_prompts else list(prompts[n]))
+                       for n in dm.label_names}
         cols = []
         for name in dm.label_names:
             t = F.normalize(model.encode_text(list(prompts[name])).float().cpu(), dim=-1)
             sims = img @ t.t()
             cols.append(sims.max(1).values if pool == "max" else sims.mean(1))
-        sim = torch.stack(cols, 1).numpy()
-        if sim.shape[0] > 1:
-            sim = (sim - sim.mean(0)) / np.clip(sim.std(0), 1e-12, None)
+        raw = torch.stack(cols, 1).numpy()
         y = feats.labels
         n = len(feats.ids)
+        names = list(dm.label_names)
+        comp = {"protocol_variant": f"{convention}_argmax"}
+        if convention == "benchx":
+            return self._benchx(ctx, raw, y, names, pool, seed, comp, list(feats.ids))
+        sim = self.zscore(raw)
         how = f"{pool} cosine over each class's prompts, z-scored per class over N={n} test images, no negated prompts"
         values = []
         if is_one_hot(y):
@@ -185,11 +232,34 @@ class ZeroShotArgmax(ZeroShot):
                                       f"macro F1 of the arg-max class; {how}"))
         values.append(MetricValue("max_f1", max_f1(y, sim), f"per-class max F1 over thresholds, mean over classes; {how}"))
         values.append(MetricValue("auc", macro_auc(y, sim)[0], f"macro ROC-AUC of the class scores; {how}"))
-        names = list(dm.label_names)
         samples = label_samples(feats.ids, sim, y, names)
         recipes = {"auc": auc_recipe()}
         if is_one_hot(y):
             samples["correct"] = (sim.argmax(1) == y.argmax(1)).astype("float32")
             recipes["acc"] = mean_recipe("correct", 1.0 / y.shape[1])
-        return ProtocolResult(values, comparability={"protocol_variant": self.variant}, samples=samples,
-                              recipes=recipes, flags=constant_class_flags(y, names, "the test split"))
+        comp["fidelity"] = fidelity(self.fidelity_elements, ctx.params, ["convention gloria (GLoRIA's whole-set z-score)"])
+        return ProtocolResult(values, comparability=comp, samples=samples, recipes=recipes,
+                              flags=constant_class_flags(y, names, "the test split"))
+
+    def _benchx(self, ctx: EvalContext, raw: np.ndarray, y: np.ndarray, names: list[str], pool: str, seed: int,
+                comp: dict, ids: list) -> ProtocolResult:
+        """BenchX's per-batch evaluation: random batches, z-score per batch, metrics averaged over batches."""
+        bs = int(ctx.params.get("batch_size", 64))
+        order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(seed)).numpy()
+        accs, f1s = [], []
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            sim, yb = self.zscore(raw[idx]), y[idx]
+            accs.append(float((sim.argmax(1) == np.nan_to_num(yb).argmax(1)).mean()))
+            try:
+                f1s.append(max_f1(yb, sim))
+            except ValueError:
+                pass  # no class with both labels in this batch
+        how = (f"BenchX convention: {pool} cosine over {ctx.params.get('n_prompts', 5)} sampled prompts per class, "
+               f"z-scored per class within each of {len(accs)} random batches of {bs}, mean over batches")
+        values = [MetricValue("acc", float(np.mean(accs)), f"arg-max accuracy (BenchX base_acc); {how}")]
+        if f1s:
+            values.append(MetricValue("max_f1", float(np.mean(f1s)), f"per-class max F1 over thresholds; {how}"))
+        comp["fidelity"] = fidelity(self.fidelity_elements, ctx.params)
+        return ProtocolResult(values, comparability=comp, samples={"ids": np.asarray([str(i) for i in ids])},
+                              flags=constant_class_flags(y, names, "the test split"))

@@ -1,8 +1,11 @@
-"""BenchX's fine-tuning classification protocol (``yangzhou12/BenchX`` ``config/classification/*/*.yml``,
-``datasets/transforms.py``)."""
+"""BenchX's fine-tuning protocols (``yangzhou12/BenchX`` @ b874fa6, branch ``release``): classification
+(``configs/classification/<dataset>/<model>.yml``, ``unifier/``) and segmentation
+(``preprocess/mmsegmentation/configs/benchmark/<dataset>/upernet_vit.py``)."""
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
+from importlib import resources
 from typing import Any, Sequence
 
 import numpy as np
@@ -10,72 +13,148 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit, selection_fields, warmup_cosine
-from medvlp.benchmarks.protocols.linear_probe import is_one_hot
-from medvlp.benchmarks.reference.mgca_linear import labels_of
-from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, label_samples,
-                                       macro_auc, mean_recipe)
-from medvlp.benchmarks.protocols.segmentation import dice_samples
+from medvlp.benchmarks.kit.fidelity import Element, differs, documented, fidelity
+from medvlp.benchmarks.kit.head_loop import HeadTrainer, benchx_warmup_cosine, fit
+from medvlp.benchmarks.kit.head_parts import (classification_values, epoch_batches, iteration_blocks, labels_of,
+                                              probe_batch, row_comparability, scored_split)
+from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, Protocol, ProtocolResult, macro_auc
 from medvlp.benchmarks.kit.splits import select_fraction
-from medvlp.benchmarks.kit.views import (batch_ids, center_crop, encoder_channels, random_resized_crop_flip, renormalise, resize,
-                                     split_ids, subset_loader, to_channels)
+from medvlp.benchmarks.kit.views import (batch_ids, center_crop, encoder_channels, random_resized_crop_flip, renormalise,
+                                         resize, split_ids, subset_loader, to_channels)
+from medvlp.benchmarks.metrics.dice import DEFINITIONS, dice_score
+from medvlp.benchmarks.protocols.segmentation import dice_samples
 from medvlp.registry import register_benchmark
 
+BENCHX = "yangzhou12/BenchX @ b874fa6"
+#: medvlp datamodule name → BenchX classification config folder (``benchmarks/benchx_configs.yaml`` keys)
+BENCHX_DATASETS = {"nih_chestxray14": "nih", "rsna_pneumonia": "rsna", "siim_pneumothorax": "siim", "covidx": "covidx",
+                   "vindr_cxr": "vindr", "chexpert": "chexpert"}
+
+
+@lru_cache(maxsize=1)
+def benchx_configs() -> dict[str, dict[str, dict[str, Any]]]:
+    """BenchX's per-dataset, per-backbone classification settings (packaged ``benchx_configs.yaml``)."""
+    import yaml
+
+    return yaml.safe_load(resources.files("medvlp.benchmarks").joinpath("benchx_configs.yaml").read_text())
+
+
+def benchx_config(dataset: str, model: str) -> dict[str, Any]:
+    """One BenchX classification config.
+
+    Raises:
+        KeyError: naming the known datasets / backbones.
+    """
+    table = benchx_configs()
+    if dataset not in table:
+        raise KeyError(f"benchx_finetune: no BenchX classification config for dataset {dataset!r}; known: {sorted(table)}")
+    if model not in table[dataset]:
+        raise KeyError(f"benchx_finetune: no BenchX config {dataset}/{model}.yml; known: {sorted(table[dataset])}")
+    return dict(table[dataset][model])
+
+
+#: settings that come from the per-dataset config when the suite leaves them unset (``None``)
+CONFIG_KEYS = ("optimizer", "lr", "backbone_lr_mult", "batch_size", "warmup_steps", "total_steps")
+
 FINETUNE_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-2, "momentum": 0.9, "backbone_lr_mult": 0.1, "weight_decay": 0.0, "batch_size": 64,
-    "grad_clip": 1.0, "warmup_steps": 50, "total_steps": 3000, "max_epochs": 200, "early_stop": 10,
-    "eval_start": 10, "eval_interval": 5, "crop": 224, "norm": [0.4978, 0.2449],
-    "fraction_source": "file", "fraction_files": {},
+    "benchx_dataset": None, "benchx_model": "mgca_vit", "optimizer": None, "lr": None, "momentum": 0.9,
+    "backbone_lr_mult": None, "weight_decay": 0.0, "batch_size": None, "grad_clip": 1.0, "warmup_steps": None,
+    "total_steps": None, "max_epochs": 201, "early_stop": 10, "eval_start": 10, "eval_interval": 5, "crop": 224,
+    "norm": [0.4978, 0.2449], "fraction_source": "file", "fraction_files": {},
 }
 
 
 class FCNormClassifier(nn.Module):
-    """BenchX ``Classifier`` with ``use_fc_norm: True``: LayerNorm on the pooled feature, then a linear
-    layer (truncated-normal weights, std 0.02 — medvlp's choice for ``trunc_init``; zero bias)."""
+    """BenchX ``Classifier`` (``unifier/blocks/classifier/classifier.py`` L7-24): optional
+    ``LayerNorm(eps=1e-6)`` on the pooled feature (``use_fc_norm``), dropout 0, a linear layer whose
+    weight is ``trunc_normal_(std=2e-5)`` when ``trunc_init`` (the bias keeps PyTorch's default init)."""
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int, num_classes: int, fc_norm: bool = True, trunc_init: bool = True) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if fc_norm else nn.Identity()
         self.fc = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.02)
-        nn.init.zeros_(self.fc.bias)
+        if trunc_init:
+            nn.init.trunc_normal_(self.fc.weight, std=2e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(x))
 
 
+def multiclass_f1(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> float:
+    """torchmetrics ``MulticlassF1Score(num_classes=k)`` default (macro over classes of the arg-max)."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0))
+
+
+def _cls_elements() -> list[Element]:
+    cfg = "configs/classification/NIH/mgca_vit.yml"
+    return [
+        Element("settings per dataset/backbone", "optimizer, lr, encoder lr ×, batch, warm-up/t_total per config",
+                f"{BENCHX} configs/classification/*/*.yml", "read from benchmarks/benchx_configs.yaml "
+                "(benchx_dataset from the datamodule, benchx_model mgca_vit)"),
+        Element("optimizer", "SGD momentum 0.9 (ViTs) / Adam, no weight decay", f"{cfg} L42-50",
+                "the config's optimizer, weight decay 0", param="weight_decay", value=0.0),
+        Element("parameter groups", "ve_only: encoder at lr × lr_multiplier_ve (0.1), head at lr",
+                "unifier/executors/utils.py L133-140", "the same (one group when the config has none)"),
+        Element("schedule", "WarmupCosineScheduler, progress not clamped (periodic after t_total), per step",
+                "unifier/blocks/schedulers/WarmupCosineScheduler.py L19-24; executors/utils.py L333-341",
+                "benchx_warmup_cosine (the same factor)"),
+        Element("gradient clipping", "clip_grad_norm 1.0", f"{cfg} L44", "1.0", param="grad_clip", value=1.0),
+        Element("epochs", "epochs 200, loop range(0, epochs + 1) = 201", "unifier/executors/trainer.py L99",
+                "201", param="max_epochs", value=201),
+        Element("validation cadence", "eval_start 10, eval_interval 5", "trainer.py L174", "the same",
+                param="eval_interval", value=5),
+        Element("early stop", "10 validations without strict improvement", "executors/utils.py L408-429",
+                "10 validations", param="early_stop", value=10),
+        Element("selection metric", "multilabel_auroc (NIH, VinDr, CheXpert) / multiclass_f1 (RSNA, SIIM, COVIDx)",
+                "configs/classification/*/*.yml validator", "val_auc / val_f1 from the config"),
+        Element("loss", "BCEWithLogits (14 labels) / CrossEntropy on one-hot 2 classes", "datasets.py L1452; ImageClassifier.py L54-60",
+                "the config's loss (binary datamodules get a 2-way CE head on one-hot targets)"),
+        Element("head", "Classifier: LayerNorm(eps 1e-6) if use_fc_norm, Linear, trunc_normal_(std 2e-5) if trunc_init",
+                "unifier/blocks/classifier/classifier.py L14-17", "FCNormClassifier with the config's flags"),
+        Element("pooling", "cnn.global_pool (token = CLS for MGCA-ViT)", "configs/_base_/models/mgca_vit.yml L4-10",
+                "the encoder's image_representation (CLS token of medvlp ViTs); another pool is recorded as a deviation"),
+        Element("train view", "RandomResizedCrop(224) + RandomHorizontalFlip + Grayscale(3), Normalize(0.4978, 0.2449)",
+                "unifier/datasets/transforms.py L47-68", "the same on the datamodule's resized image", 
+                "BenchX crops the stored image; medvlp crops the datamodule's image_size square (the datamodule "
+                "reads and resizes)"),
+        Element("eval view", "Resize(224) + CenterCrop(224)", "transforms.py L47-68", "the same", param="crop", value=224),
+        Element("precision", "use_amp True", f"{cfg} L57", "the method's precision",
+                "medvlp does not run the fine-tune under AMP"),
+        Element("label fractions", "train_1.txt / train_10.txt / train.txt", "scripts/classification/run_BenchX_*.sh L6-9",
+                "fraction_source file with BenchX's files", param="fraction_source", value="file"),
+        Element("seeds", "42, 0, 1 (cudnn.benchmark, non-deterministic)", "run_BenchX_*.sh L6-9; bin/utils.py L107-115",
+                "the suite's seeds (paper_benchx: 42, 0, 1)"),
+    ]
+
+
 @register_benchmark("benchx_finetune")
+@documented(_cls_elements)
 class BenchXFinetune(Protocol):
-    """BenchX end-to-end fine-tuning for classification (NIH, CheXpert, RSNA, COVIDx, …).
+    """BenchX end-to-end fine-tuning for classification (NIH, VinDr, RSNA, SIIM, COVIDx; CheXpert from
+    BenchX's ``develop`` branch).
 
-    From BenchX's ``config/classification/<dataset>/<model>.yml`` and ``NIHTransforms``:
+    The per-dataset and per-backbone settings are data (``benchmarks/benchx_configs.yaml``); the dataset
+    is read from the datamodule (``benchx_dataset`` overrides it; a datamodule without a BenchX config
+    uses NIH's, recorded as a deviation) and the backbone config is ``benchx_model`` (``mgca_vit``).
+    Unset ``optimizer``, ``lr``, ``backbone_lr_mult``, ``batch_size``, ``warmup_steps``,
+    ``total_steps`` come from that config. A copy of the encoder is fine-tuned (the evaluated model is
+    untouched); test at the best-validation weights.
 
-    * model: a copy of the encoder (the evaluated checkpoint is untouched), its global feature (CLS,
-      ``global_pool: token``) → :class:`FCNormClassifier`; the whole encoder trains;
-    * optimizer: SGD(lr 1e-2, momentum 0.9, no weight decay), the visual encoder at lr × 0.1
-      (``lr_multiplier_ve``); ``WarmupCosineScheduler`` with 50 warm-up steps and ``t_total`` 3000
-      steps (per step; the factor stays 0 after ``t_total``); gradient norm clipped to 1.0; batch 64;
-    * loss: BCE-with-logits (multi-label), cross-entropy for one-hot sets;
-    * selection: validation macro AUROC every 5 epochs from epoch 10, early stop after 10 validations
-      without improvement, at most 200 epochs; test at the best-validation weights;
-    * images: train ``RandomResizedCrop(224)`` (scale 0.08–1, ratio 3/4–4/3) + horizontal flip; val/test
-      resize + center crop 224; normalised with BenchX's ``(0.4978, 0.2449)``; grey replicated to the
-      encoder's channels;
-    * label fractions: ``fraction_source: file`` with BenchX's shipped ``train_1.txt``/``train_10.txt``
-      (``fraction_files: {1: train_1.txt, 10: train_10.txt}``, keys = label percentages; 100 % = the
-      whole train split); seeds as the suite lists
-      (BenchX's configs use 42).
-
-    Deviations: BenchX trains with AMP; medvlp in the method's precision. ``trunc_init`` is read as
-    std 0.02. The resize before the center crop is a no-op on the datamodule's square images.
+    The learning-rate factor is BenchX's, not medvlp's clamped schedule: after ``t_total`` it rises
+    again (with warm-up 50 and ``t_total`` 3000: 0 at step 3000, 0.5 at 4475, 1.0 at 5950).
     """
 
     parameters = {
-        "lr": "SGD learning rate of the head (1e-2)", "momentum": "SGD momentum (0.9)",
-        "backbone_lr_mult": "encoder lr multiplier (0.1)", "weight_decay": "SGD weight decay (0)",
-        "batch_size": "batch size (64)", "grad_clip": "max gradient norm (1.0)",
-        "warmup_steps": "linear warm-up steps (50)", "total_steps": "cosine schedule length in steps (3000)",
-        "max_epochs": "epoch budget (200)", "early_stop": "validations without improvement before stopping (10)",
+        "benchx_dataset": "BenchX config folder: nih | rsna | siim | covidx | vindr | chexpert (from the datamodule)",
+        "benchx_model": "BenchX backbone config (mgca_vit)",
+        "optimizer": "sgd | adam (the config's)", "lr": "head learning rate (the config's)",
+        "momentum": "SGD momentum (0.9)", "backbone_lr_mult": "encoder lr multiplier (the config's: 0.1 for ve_only)",
+        "weight_decay": "weight decay (0)", "batch_size": "batch size (the config's)", "grad_clip": "max gradient norm (1.0)",
+        "warmup_steps": "linear warm-up steps (the config's)", "total_steps": "BenchX t_total (the config's)",
+        "max_epochs": "epoch budget (201: BenchX's range(0, epochs + 1))",
+        "early_stop": "validations without improvement before stopping (10)",
         "eval_start": "first validated epoch (10)", "eval_interval": "validate every N epochs (5)",
         "crop": "RandomResizedCrop / center-crop side (224)", "norm": "[mean, std] on [0, 1] intensities ([0.4978, 0.2449])",
         "fraction_source": "file | hash | mgca (file)", "fraction_files": "{label percent: BenchX subset file} ({})",
@@ -84,9 +163,30 @@ class BenchXFinetune(Protocol):
     name = "benchx_finetune"
     variant = "benchx_finetune"
     needs_labels = True
-    selection = "BenchX selects on validation AUROC"
+    selection = "BenchX selects on validation AUROC / F1"
     defaults = FINETUNE_DEFAULTS
     uses_fractions = True
+
+    def resolved(self, ctx: EvalContext) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        """Params with the config's values filled in, the config, and the run-time deviations."""
+        p = self.params(ctx)
+        extra = []
+        dataset = p["benchx_dataset"] or BENCHX_DATASETS.get(getattr(ctx.datamodule, "name", ""), None)
+        if dataset is None:
+            dataset = "nih"
+            extra.append(f"dataset config: NIH's (no BenchX config for {type(ctx.datamodule).__name__})")
+        cfg = benchx_config(str(dataset), str(p["benchx_model"]))
+        official = {"optimizer": cfg["optimizer"], "lr": cfg["lr"], "backbone_lr_mult": cfg["backbone_lr_mult"],
+                    "batch_size": cfg["batch_size"], "warmup_steps": cfg["warmup_steps"], "total_steps": cfg["t_total"]}
+        for key in CONFIG_KEYS:
+            if p[key] is None:
+                p[key] = official[key]
+            elif differs(p[key], official[key]):
+                extra.append(f"{key}={p[key]!r} ({dataset}/{p['benchx_model']}.yml: {official[key]!r})")
+        if cfg["pool"] != "token":
+            extra.append(f"pooling: BenchX {cfg['pool']}, medvlp the encoder's image_representation")
+        cfg["dataset"] = dataset
+        return p, cfg, extra
 
     def view(self, ctx: EvalContext, x: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:
         """BenchX's view of a datamodule batch."""
@@ -103,93 +203,99 @@ class BenchXFinetune(Protocol):
 
     def build(self, ctx: EvalContext, fraction: float, seed: int) -> tuple[HeadTrainer, dict[str, Any]]:
         """The trainer of one (fraction, seed) run and the pieces the test step needs."""
-        p = self.params(ctx)
+        p, cfg, extra = self.resolved(ctx)
         dm = ctx.datamodule
         torch.manual_seed(seed)
         ids = split_ids(dm, "train")
-        rows, subset_hash, how = select_fraction(ids, fraction, seed, p["fraction_source"], p["fraction_files"])
+        rows, subset_hash, how = select_fraction(ids, fraction, ctx.subset_seed_for(seed), p["fraction_source"],
+                                                 p["fraction_files"])
         gen = torch.Generator().manual_seed(seed)
         model = copy.deepcopy(ctx.model).to(ctx.device)
         for q in model.image_backbone().parameters():
             q.requires_grad_(True)
-        probe = next(b for b in subset_loader(dm, "train", rows[:2], 2, False, seed) if b is not None)
+        probe = probe_batch(dm, rows, seed)
         with torch.no_grad():
             dim = model.eval().image_representation(self.view(ctx, probe["image"], False, gen).to(ctx.device)).shape[-1]
-        multiclass = len(dm.label_names) > 1 and is_one_hot(labels_of(probe).numpy())
-        head = FCNormClassifier(dim, len(dm.label_names)).to(ctx.device)
+        n_labels = len(dm.label_names)
+        one_hot = n_labels > 1 and bool(np.all(np.nansum(labels_of(probe).numpy(), 1) == 1))
+        ce = cfg["loss"] == "ce" or one_hot
+        binary = ce and n_labels == 1  # one label (RSNA/SIIM): BenchX's 2-way one-hot CE
+        k = 2 if binary else n_labels
+        if ce and cfg["loss"] != "ce":
+            extra.append(f"loss: cross-entropy for one-hot labels where {cfg['dataset']} uses BCE")
+        if cfg["loss"] == "ce" and not binary and k != cfg["num_classes"]:
+            extra.append(f"classes: {k} where BenchX's {cfg['dataset']} has {cfg['num_classes']}")
+        head = FCNormClassifier(dim, k, bool(cfg["fc_norm"]), bool(cfg["trunc_init"])).to(ctx.device)
         backbone = model.image_backbone()
-        opt = torch.optim.SGD([{"params": list(head.parameters()), "lr": float(p["lr"]), "name": "head"},
-                               {"params": list(backbone.parameters()), "lr": float(p["lr"]) * float(p["backbone_lr_mult"]),
-                                "name": "visual_encoder"}],
-                              lr=float(p["lr"]), momentum=float(p["momentum"]), weight_decay=float(p["weight_decay"]))
-        sched = warmup_cosine(opt, int(p["total_steps"]), int(p["warmup_steps"]))
+        lr, mult = float(p["lr"]), float(p["backbone_lr_mult"])
+        if mult != 1.0:
+            groups = [{"params": list(head.parameters()), "lr": lr, "name": "head"},
+                      {"params": list(backbone.parameters()), "lr": lr * mult, "name": "visual_encoder"}]
+        else:
+            groups = [{"params": list(head.parameters()) + list(backbone.parameters()), "lr": lr, "name": "all"}]
+        if p["optimizer"] == "sgd":
+            opt = torch.optim.SGD(groups, lr=lr, momentum=float(p["momentum"]), weight_decay=float(p["weight_decay"]))
+        elif p["optimizer"] == "adam":
+            opt = torch.optim.Adam(groups, lr=lr, weight_decay=float(p["weight_decay"]))
+        else:
+            raise ValueError(f"{self.name}: optimizer must be sgd|adam, got {p['optimizer']!r}")
+        sched = benchx_warmup_cosine(opt, int(p["total_steps"]), int(p["warmup_steps"]))
+
+        def target(y: torch.Tensor) -> torch.Tensor:
+            return torch.cat([1 - y, y], 1) if binary else y
 
         def logits_of(batch: dict[str, Any], train: bool) -> torch.Tensor:
             return head(model.image_representation(self.view(ctx, batch["image"], train, gen).to(ctx.device)))
 
         def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            y = y.to(logits.device)
-            if multiclass:
+            y = target(y).to(logits.device)
+            if ce:
                 return F.cross_entropy(logits.float(), y.argmax(1))
             known = ~torch.isnan(y)
             return F.binary_cross_entropy_with_logits(logits.float()[known], y[known])
 
-        def scores(split: str, ids: list[str] | None = None) -> tuple[Any, Any]:
-            out, ys = [], []
-            for batch in subset_loader(dm, split, None, int(p["batch_size"]), False, seed):
-                if batch is None:
-                    continue
-                logits = logits_of(batch, False).float().cpu()
-                out.append(torch.softmax(logits, 1) if multiclass else torch.sigmoid(logits))
-                ys.append(labels_of(batch))
-                if ids is not None:
-                    ids.extend(batch_ids(batch, len(ids)))
-            return torch.cat(out).numpy(), torch.cat(ys).numpy()
+        def scores(split: str, ids_: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            s, y = scored_split(dm, split, int(p["batch_size"]), seed, lambda b: logits_of(b, False), ce, ids_)
+            return (s[:, 1:], y) if binary else (s, y)
+
+        monitor = "val_auc" if cfg["monitor"] == "multilabel_auroc" else "val_f1"
 
         def validate() -> dict[str, float]:
             s, y = scores("val")
-            return {"val_auc": macro_auc(y, s)[0]}
+            if monitor == "val_auc":
+                return {"val_auc": macro_auc(y, s)[0]}
+            pred = (s[:, 0] > 0.5).astype(int) if binary else s.argmax(1)
+            true = y[:, 0].astype(int) if binary else y.argmax(1)
+            return {"val_f1": multiclass_f1(true, pred, k)}
 
         trainer = HeadTrainer(
             modules=[head, backbone], optimizer=opt, scheduler=sched, grad_clip=float(p["grad_clip"]),
-            train_batches=lambda epoch: (b for b in subset_loader(dm, "train", rows, int(p["batch_size"]), True,
-                                                                  seed * 1000 + epoch) if b is not None),
+            train_batches=epoch_batches(dm, rows, int(p["batch_size"]), seed),
             train_step=lambda batch: loss_of(logits_of(batch, True), labels_of(batch)),
-            validate=validate, monitor="val_auc", mode="max", max_epochs=int(p["max_epochs"]),
+            validate=validate, monitor=monitor, mode="max", max_epochs=int(p["max_epochs"]),
             patience=int(p["early_stop"]), eval_start=int(p["eval_start"]), eval_interval=int(p["eval_interval"]),
-            info={"rows": rows, "how": how, "multiclass": multiclass})
+            info={"rows": rows, "how": how, "multiclass": ce and not binary, "config": cfg, "extra": extra, "params": p})
         return trainer, {"head": head, "model": model, "scores": scores, "split_hash": subset_hash, "loss_of": loss_of}
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         trainer, parts = self.build(ctx, fraction, seed)
         result = fit(trainer)
-        p = self.params(ctx)
+        p, cfg = trainer.info["params"], trainer.info["config"]
         ids: list[str] = []
         with torch.no_grad():
             s, y = parts["scores"]("test", ids)
-        how = (f"BenchX fine-tune: SGD lr {p['lr']:g} momentum {p['momentum']:g}, encoder lr x{p['backbone_lr_mult']:g}, "
-               f"warm-up {p['warmup_steps']} + cosine to step {p['total_steps']}, grad clip {p['grad_clip']:g}, batch "
-               f"{p['batch_size']}, {result.epochs_run}/{p['max_epochs']} epochs (val AUROC every {p['eval_interval']} "
-               f"from {p['eval_start']}, early stop {p['early_stop']}), best-val epoch {result.best_epoch + 1}; "
-               f"RandomResizedCrop+flip; {trainer.info['how']}")
-        values = [MetricValue("auc", macro_auc(y, s)[0], f"macro ROC-AUC on test (N={len(y)}); {how}")]
-        samples, recipes = label_samples(ids, s, y, ctx.datamodule.label_names), {"auc": auc_recipe()}
-        if trainer.info["multiclass"]:
-            samples["acc_correct"] = (s.argmax(1) == y.argmax(1)).astype(np.float32)
-            recipes["acc"] = mean_recipe("acc_correct", chance=1.0 / y.shape[1])
-            values.append(MetricValue("acc", float(samples["acc_correct"].mean()),
-                                      f"top-1 accuracy on test (N={len(y)}); {how}"))
+        how = "; ".join([
+            f"BenchX fine-tune ({cfg['dataset']}/{p['benchx_model']}.yml): {p['optimizer']} lr {float(p['lr']):g}",
+            f"encoder lr x{float(p['backbone_lr_mult']):g}",
+            f"BenchX warm-up {p['warmup_steps']} + periodic cosine (t_total {p['total_steps']})",
+            f"grad clip {p['grad_clip']:g}, batch {p['batch_size']}, {result.epochs_run}/{p['max_epochs']} epochs",
+            f"{trainer.monitor} every {p['eval_interval']} from {p['eval_start']}, early stop {p['early_stop']}",
+            f"best-val epoch {result.best_epoch + 1}", "RandomResizedCrop+flip", trainer.info["how"]])
+        values, samples, recipes = classification_values(ids, s, y, ctx.datamodule.label_names, trainer.info["multiclass"], how)
         del parts["model"]
-        comp = {"protocol_variant": self.variant, "fraction_source": p["fraction_source"],
-                **selection_fields(result, trainer)}
+        comp = row_comparability(self.variant, p["fraction_source"], result, trainer,
+                                 fidelity(self.fidelity_elements, ctx.params, trainer.info["extra"]))
         return ProtocolResult(values, parts["split_hash"], comp, samples=samples, recipes=recipes)
-
-
-SEG_DEFAULTS: dict[str, Any] = {
-    "lr": 2e-5, "weight_decay": 0.05, "layer_decay": 0.65, "batch_size": 8, "max_iterations": 160000,
-    "warmup_iterations": 1500, "eval_interval": 500, "channels": 768, "aux_channels": 256,
-    "fraction_source": "file", "fraction_files": {}, "norm": [0.4978, 0.2449],
-}
 
 
 def _conv(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -253,87 +359,74 @@ class FCNAuxHead(nn.Module):
         return self.cls(self.dropout(self.conv(x)))
 
 
-def mmseg_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
-    """MMSeg ``FocalLoss`` (``use_sigmoid=True``): sigmoid focal loss on one-hot targets, mean over
-    pixels and classes."""
-    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
-    p = torch.sigmoid(logits)
-    pt = (1 - p) * onehot + p * (1 - onehot)
-    weight = (alpha * onehot + (1 - alpha) * (1 - onehot)) * pt.pow(gamma)
-    return (F.binary_cross_entropy_with_logits(logits, onehot, reduction="none") * weight).mean()
+
+SEG_DEFAULTS: dict[str, Any] = {
+    "lr": None, "weight_decay": 0.05, "batch_size": 8, "max_iterations": 20000, "warmup_iterations": 1500,
+    "eval_interval": 2000, "channels": 768, "aux_channels": 256, "aux_weight": 0.4,
+    "fraction_source": "file", "fraction_files": {}, "norm": [0.4978, 0.2449],
+}
+#: released ``upernet_vit.py`` learning rate per dataset (SIIM, Object-CXR, TBX11K 1e-3; RSNA 1e-4)
+SEG_LR = {"rsna_pneumonia": 1e-4}
+SEG_CFG = "preprocess/mmsegmentation/configs/benchmark/siim/upernet_vit.py"
 
 
-def mmseg_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = 0, eps: float = 1e-3) -> torch.Tensor:
-    """MMSeg 1.x ``DiceLoss`` (``use_sigmoid=True``, ``naive_dice=False``): sigmoid probabilities, the
-    ``ignore_index`` class *channel* dropped, per sample ``1 − 2Σpt / (Σp² + eps + Σt² + eps)``, mean."""
-    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
-    p = torch.sigmoid(logits)
-    if ignore_index is not None:
-        keep = [c for c in range(logits.shape[1]) if c != ignore_index]
-        p, onehot = p[:, keep], onehot[:, keep]
-    p, t = p.flatten(1), onehot.flatten(1)
-    d = 2 * (p * t).sum(1) / ((p * p).sum(1) + eps + (t * t).sum(1) + eps)
-    return (1 - d).mean()
-
-
-def layer_decay_groups(backbone: nn.Module, heads: Sequence[nn.Module], lr: float, weight_decay: float,
-                       decay_rate: float) -> list[dict[str, Any]]:
-    """MMSeg ``LayerDecayOptimizerConstructor`` for ViTs: layer id 0 for the patch/position embeddings
-    and CLS token, ``i + 1`` for block ``i``, ``L + 1`` for everything else (norms after the blocks and
-    the heads); lr × ``decay_rate^(L + 1 − id)``; no weight decay on 1-D parameters, biases and the
-    position embedding / CLS token."""
-    depth = len(getattr(backbone, "blocks", []))
-    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
-
-    def layer_id(name: str) -> int:
-        if name.startswith(("patch_embed", "pos_embed", "cls_token", "mask_token")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return depth + 1
-
-    named = [(n, q) for n, q in backbone.named_parameters()] + [(f"head{i}.{n}", q) for i, h in enumerate(heads)
-                                                                  for n, q in h.named_parameters()]
-    for name, q in named:
-        no_decay = q.ndim == 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
-        groups.setdefault((layer_id(name) if not name.startswith("head") else depth + 1, no_decay), []).append(q)
-    return [{"params": ps, "lr": lr * decay_rate ** (depth + 1 - lid), "weight_decay": 0.0 if nd else weight_decay,
-             "layer_id": lid} for (lid, nd), ps in sorted(groups.items())]
+def _seg_elements() -> list[Element]:
+    base = "preprocess/mmsegmentation/configs/_base_"
+    return [
+        Element("config", "released upernet_vit.py (not the pre-release bf33997 MRM 160k config)", f"{BENCHX} {SEG_CFG}",
+                "the released config"),
+        Element("model", "ViT (frozen_exclude []) → Feature2Pyramid(4, 2, 1, 0.5) → UPerHead(768) + FCN aux(256)",
+                f"{SEG_CFG} L12-33", "the encoder's four feature levels → the same necks/heads",
+                "medvlp's encoder gives its own four levels and drop path (BenchX: out_indices 3/5/7/11, drop_path 0.1)"),
+        Element("optimizer", "AdamW lr 1e-3 (RSNA 1e-4), betas (0.9, 0.999), wd 0.05, no layer decay",
+                f"{SEG_CFG} L38-49 (layer decay commented out L47-48)", "the same",
+                param="weight_decay", value=0.05),
+        Element("schedule", "LinearLR(1e-6, 0→1500) + PolyLR(power 1, eta_min 0, 1500→20000), per iteration",
+                f"{SEG_CFG} L51-54", "the same", param="warmup_iterations", value=1500),
+        Element("iterations", "IterBasedTrainLoop max_iters 20000", f"{SEG_CFG} L66", "20000",
+                param="max_iterations", value=20000),
+        Element("validation", "every 2000 iterations", f"{SEG_CFG} L66", "2000", param="eval_interval", value=2000),
+        Element("loss", "CrossEntropy (1.0) on the decode head + CrossEntropy ×0.4 on the aux head",
+                f"{base}/models/upernet_my_vit.py L34-62", "the same", param="aux_weight", value=0.4),
+        Element("batch", "8 (val/test 1)", f"{SEG_CFG} L69-71", "8", param="batch_size", value=8),
+        Element("augmentation", "Resize(512, keep ratio) + RandomFlip(0.5)", f"{base}/datasets/siim.py L4-11",
+                "the datamodule's resize (image_size 512) + flip p 0.5"),
+        Element("normalisation", "mean 255·0.4978, std 255·0.2449", f"{base}/models/upernet_my_vit.py L3-9", "the same"),
+        Element("selection", "CheckpointHook save_best mDice (dataset-level, background included)", f"{SEG_CFG} L77-79",
+                "best validation dice_mmseg_dataset, test at those weights"),
+        Element("metric", "IoUMetric mDice (areas summed over the set, mean over both classes)", f"{SEG_CFG} L81-84",
+                "dice_mmseg_dataset (and the foreground-only value beside it)"),
+        Element("splits", "train.txt / val.txt / test.txt (1 %/10 %: train_1.txt / train_10.txt by override)",
+                f"{base}/datasets/siim.py L35-79", "train subset from fraction_files; val/test = the datamodule's",
+                "medvlp's val/test are the datamodule's split, not BenchX's val.txt/test.txt"),
+        Element("precision", "AmpOptimWrapper, fp16 dynamic loss scale", f"{SEG_CFG} L56-64", "the method's precision",
+                "medvlp does not run under AMP"),
+        Element("seeds", "42, 0, 1", "preprocess/mmsegmentation/scripts/run_BenchX_SIIM.sh L38-41", "the suite's seeds"),
+    ]
 
 
 @register_benchmark("benchx_segmentation")
+@documented(_seg_elements)
 class BenchXSegmentation(Protocol):
-    """BenchX segmentation (``benchmarks/mmsegmentation`` ``upernet_mrm-base_fp16-160k_siim-512x512``).
+    """BenchX segmentation as released (UperNet on the fine-tuned ViT, MMSegmentation 1.x).
 
-    * model: the encoder fine-tuned (``frozen_exclude: []``) with its four multi-level maps
-      (``image_feature_maps``; BenchX ``out_indices`` 3/5/7/11) → :class:`Feature2Pyramid` →
-      :class:`UPerHead` (768 channels, pool scales 1/2/3/6) + :class:`FCNAuxHead` on level 2 (256);
-    * loss: focal ×1 + Dice ×3 (Dice ignoring class 0) on the decode head, ×0.4 / ×1.2 on the
-      auxiliary head (:func:`mmseg_focal_loss`, :func:`mmseg_dice_loss`);
-    * optimizer: AdamW(lr 2e-5, betas (0.9, 0.999), weight decay 0.05) with layer-wise lr decay 0.65
-      (:func:`layer_decay_groups`); linear warm-up from 1e-6 over 1,500 iterations then poly (power 1)
-      to 0 at 160,000; batch 8; horizontal flip p 0.5 on train;
-    * selection: validation every 500 iterations on MMSeg's dataset-level Dice of the foreground class
-      (``save_best='Dice.front'``); test at the best weights;
-    * metrics: ``dice_mmseg_dataset`` (MMSeg ``mDice``, classes incl. background, areas summed over the
-      test set) and ``dice_mmseg_dataset_foreground``; label fractions from files (``fraction_files``).
-
-    Deviations: BenchX resizes SIIM to 512 (set the datamodule's ``image_size``); no AMP; the
-    encoder's own ``feature_layers`` give the four levels (set them to 3/5/7/11 for BenchX's choice).
+    The pre-release configuration (``bf33997``: AdamW 2e-5 with layer decay 0.65, focal + Dice losses,
+    160k iterations, ``Dice.front``) is no longer followed. ``max_iterations`` / ``eval_interval`` can
+    be lowered for tests (the row then records the deviation).
     """
 
     name = "benchx_segmentation"
     variant = "benchx_segmentation"
-    selection = "BenchX selects on validation Dice"
+    selection = "BenchX selects on validation mDice"
     defaults = SEG_DEFAULTS
     uses_fractions = True
     needs_mask = True
     parameters = {
-        "lr": "AdamW base learning rate (2e-5)", "weight_decay": "AdamW weight decay (0.05)",
-        "layer_decay": "layer-wise lr decay rate (0.65)", "batch_size": "batch size (8)",
-        "max_iterations": "training iterations (160000)", "warmup_iterations": "linear warm-up iterations (1500)",
-        "eval_interval": "iterations between validations (500)", "channels": "UPerHead channels (768)",
-        "aux_channels": "FCN auxiliary head channels (256)", "fraction_source": "file | hash | mgca (file)",
+        "lr": "AdamW learning rate (1e-3; RSNA 1e-4)", "weight_decay": "AdamW weight decay (0.05)",
+        "batch_size": "batch size (8)", "max_iterations": "training iterations (20000)",
+        "warmup_iterations": "linear warm-up iterations (1500)", "eval_interval": "iterations between validations (2000)",
+        "channels": "UPerHead channels (768)", "aux_channels": "FCN auxiliary head channels (256)",
+        "aux_weight": "auxiliary CE weight (0.4)", "fraction_source": "file | hash | mgca (file)",
         "fraction_files": "{label percent: subset file} ({})", "norm": "[mean, std] on [0, 1] intensities",
     }
 
@@ -344,13 +437,15 @@ class BenchXSegmentation(Protocol):
 
     def build(self, ctx: EvalContext, fraction: float, seed: int) -> tuple[HeadTrainer, dict[str, Any]]:
         """The trainer of one (fraction, seed) run and the pieces the test step needs."""
-        from medvlp.benchmarks.metrics.dice import dice_score
-
         p = self.params(ctx)
         dm = ctx.datamodule
+        official_lr = SEG_LR.get(getattr(dm, "name", ""), 1e-3)
+        extra = [] if p["lr"] is None or not differs(p["lr"], official_lr) else [f"lr={p['lr']!r} (official {official_lr:g})"]
+        p["lr"] = official_lr if p["lr"] is None else p["lr"]
         torch.manual_seed(seed)
         ids = split_ids(dm, "train")
-        rows, subset_hash, how = select_fraction(ids, fraction, seed, p["fraction_source"], p["fraction_files"])
+        rows, subset_hash, how = select_fraction(ids, fraction, ctx.subset_seed_for(seed), p["fraction_source"],
+                                                 p["fraction_files"])
         model = copy.deepcopy(ctx.model).to(ctx.device)
         backbone = model.image_backbone()
         gen = torch.Generator().manual_seed(seed)
@@ -359,7 +454,7 @@ class BenchXSegmentation(Protocol):
         def view(x: torch.Tensor) -> torch.Tensor:
             return to_channels(renormalise(x, dm, float(mean), float(std))[0], encoder_channels(model))
 
-        probe = next(b for b in subset_loader(dm, "train", rows[:2], 2, False, seed) if b is not None)
+        probe = probe_batch(dm, rows, seed)
         with torch.no_grad():
             maps = model.eval().image_feature_maps(view(probe["image"]).to(ctx.device))
         if len(maps) < 4:
@@ -369,8 +464,8 @@ class BenchXSegmentation(Protocol):
         neck, head, aux = Feature2Pyramid(dim), UPerHead(dim, int(p["channels"]), k), FCNAuxHead(dim, int(p["aux_channels"]), k)
         for m in (neck, head, aux):
             m.to(ctx.device)
-        opt = torch.optim.AdamW(layer_decay_groups(backbone, [neck, head, aux], float(p["lr"]), float(p["weight_decay"]),
-                                                   float(p["layer_decay"])), betas=(0.9, 0.999))
+        params = [q for m in (backbone, neck, head, aux) for q in m.parameters()]
+        opt = torch.optim.AdamW(params, lr=float(p["lr"]), betas=(0.9, 0.999), weight_decay=float(p["weight_decay"]))
         total, warm = int(p["max_iterations"]), int(p["warmup_iterations"])
 
         def factor(it: int) -> float:
@@ -394,58 +489,46 @@ class BenchXSegmentation(Protocol):
             y = torch.where(flip[:, None, None], y.flip(-1), y)
             out, out_aux = logits(x.to(ctx.device))
             y = y.to(ctx.device)
-            return (mmseg_focal_loss(out, y) + 3 * mmseg_dice_loss(out, y)
-                    + 0.4 * mmseg_focal_loss(out_aux, y) + 1.2 * mmseg_dice_loss(out_aux, y))
+            return (F.cross_entropy(out, y, ignore_index=255)
+                    + float(p["aux_weight"]) * F.cross_entropy(out_aux, y, ignore_index=255))
 
-        def batches(block: int) -> Any:
-            done = 0
-            while done < interval:
-                for batch in subset_loader(dm, "train", rows, int(p["batch_size"]), True, seed * 1000 + block + done):
-                    if batch is None:
-                        continue
-                    yield batch
-                    done += 1
-                    if done >= interval:
-                        return
-
-        def predict(split: str, ids: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        def predict(split: str, ids_: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             preds, targets = [], []
             for batch in subset_loader(dm, split, None, int(p["batch_size"]), False, seed):
                 if batch is None:
                     continue
                 preds.append(logits(view(batch["image"]).to(ctx.device))[0].argmax(1, keepdim=True).cpu())
                 targets.append(batch["mask"].long())
-                if ids is not None:
-                    ids.extend(batch_ids(batch, len(ids)))
+                if ids_ is not None:
+                    ids_.extend(batch_ids(batch, len(ids_)))
             return torch.cat(preds), torch.cat(targets)
 
         def validate() -> dict[str, float]:
             pred, target = predict("val")
-            return {"val_dice_front": dice_score(pred, target, k, "mmseg_dataset_foreground")}
+            return {"val_mdice": dice_score(pred, target, k, "mmseg_dataset")}
 
+        loader_for = lambda n: subset_loader(dm, "train", rows, int(p["batch_size"]), True, seed * 1000 + n)  # noqa: E731
         trainer = HeadTrainer(
-            modules=[backbone, neck, head, aux], optimizer=opt, scheduler=sched, train_batches=batches,
-            train_step=step, validate=validate, monitor="val_dice_front", mode="max",
-            max_epochs=max(1, total // interval), patience=None, info={"rows": rows, "how": how, "k": k})
+            modules=[backbone, neck, head, aux], optimizer=opt, scheduler=sched,
+            train_batches=iteration_blocks(loader_for, interval), train_step=step, validate=validate,
+            monitor="val_mdice", mode="max", max_epochs=max(1, total // interval), patience=None,
+            info={"rows": rows, "how": how, "k": k, "extra": extra, "lr": float(p["lr"])})
         return trainer, {"predict": predict, "model": model, "split_hash": subset_hash, "heads": (neck, head, aux)}
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
-        from medvlp.benchmarks.metrics.dice import DEFINITIONS, dice_score
-
         trainer, parts = self.build(ctx, fraction, seed)
         result = fit(trainer)
         p = self.params(ctx)
         ids: list[str] = []
         with torch.no_grad():
             pred, target = parts["predict"]("test", ids)
-        how = (f"BenchX UperNet fine-tune: AdamW lr {p['lr']:g} wd {p['weight_decay']:g} layer decay {p['layer_decay']:g}, "
-               f"warm-up {p['warmup_iterations']} + poly, {result.steps} iterations, best val Dice.front at validation "
-               f"{result.best_epoch + 1}; {trainer.info['how']}; N_test={len(pred)}")
+        how = (f"BenchX UperNet fine-tune (released config): AdamW lr {trainer.info['lr']:g} wd {p['weight_decay']:g}, "
+               f"warm-up {p['warmup_iterations']} + poly, CE + {p['aux_weight']:g}·aux CE, {result.steps} iterations, "
+               f"best val mDice at validation {result.best_epoch + 1}; {trainer.info['how']}; N_test={len(pred)}")
         values = [MetricValue(f"dice_{d}", dice_score(pred, target, trainer.info["k"], d), f"{DEFINITIONS[d]}; {how}")
                   for d in ("mmseg_dataset", "mmseg_dataset_foreground")]
         del parts["model"]
         samples, recipes = dice_samples(pred, target, trainer.info["k"], {v.metric: v.metric[len("dice_"):] for v in values}, ids)
-        return ProtocolResult(values, parts["split_hash"], {"protocol_variant": self.variant,
-                                                            "fraction_source": p["fraction_source"],
-                                                            **selection_fields(result, trainer)},
-                              samples=samples, recipes=recipes)
+        comp = row_comparability(self.variant, p["fraction_source"], result, trainer,
+                                 fidelity(self.fidelity_elements, ctx.params, trainer.info["extra"]))
+        return ProtocolResult(values, parts["split_hash"], comp, samples=samples, recipes=recipes)

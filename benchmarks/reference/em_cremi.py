@@ -6,51 +6,17 @@ from collections import defaultdict
 import numpy as np
 from scipy import ndimage
 
+from medvlp.benchmarks.kit.fidelity import Element, documented, fidelity
 from medvlp.benchmarks.kit.protocol import EvalContext, MetricValue, ProtocolResult, mean_recipe
+from medvlp.benchmarks.metrics.voi import adapted_rand_error, variation_of_information
 from medvlp.benchmarks.protocols.segmentation import Segmentation
 from medvlp.registry import register_benchmark
 
 
-def contingency(seg: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Overlap counts ``n_ij`` of segment ``i`` and ground-truth id ``j`` over voxels with ``gt > 0``."""
-    ok = gt.ravel() > 0
-    _, si = np.unique(seg.ravel()[ok], return_inverse=True)
-    _, gi = np.unique(gt.ravel()[ok], return_inverse=True)
-    table = np.zeros((si.max() + 1 if si.size else 0, gi.max() + 1 if gi.size else 0))
-    np.add.at(table, (si, gi), 1)
-    return table
-
-
 def cremi_voi(seg: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    """Variation of information ``(split, merge)`` in bits, CREMI's ``voi`` (gala ``split_vi``):
-    split = H(seg | gt) (over-segmentation), merge = H(gt | seg); ground-truth id 0 is ignored.
-
-    Raises:
-        ValueError: when the ground truth has no labelled voxel.
-    """
-    n = contingency(seg, gt)
-    total = n.sum()
-    if total == 0:
-        raise ValueError("VOI undefined: the ground truth has no labelled voxel")
-    p = n / total
-    ps, pg = p.sum(1), p.sum(0)
-    nz = p > 0
-    rows, cols = np.nonzero(nz)
-    split = float(-(p[nz] * np.log2(p[nz] / pg[cols])).sum())
-    merge = float(-(p[nz] * np.log2(p[nz] / ps[rows])).sum())
-    return split, merge
-
-
-def adapted_rand_error(seg: np.ndarray, gt: np.ndarray) -> float:
-    """SNEMI3D/CREMI adapted Rand error ``1 − F`` of Rand precision ``Σn_ij² / Σ_i a_i²`` and recall
-    ``Σn_ij² / Σ_j b_j²`` (``a``: segment sizes, ``b``: ground-truth sizes, over ``gt > 0``)."""
-    n = contingency(seg, gt)
-    if n.sum() == 0:
-        raise ValueError("adapted Rand undefined: the ground truth has no labelled voxel")
-    sum_ab = float((n ** 2).sum())
-    precision = sum_ab / float((n.sum(1) ** 2).sum())
-    recall = sum_ab / float((n.sum(0) ** 2).sum())
-    return 1.0 - 2.0 * precision * recall / (precision + recall)
+    """CREMI's ``voi`` (split, merge) in bits, ground-truth id 0 ignored
+    (:func:`~medvlp.benchmarks.metrics.voi.variation_of_information` with base 2)."""
+    return variation_of_information(seg, gt, base=2.0)
 
 
 def watershed_agglomeration(boundary: np.ndarray, seed_threshold: float = 0.3, min_seed_size: int = 1) -> np.ndarray:
@@ -69,7 +35,27 @@ def watershed_agglomeration(boundary: np.ndarray, seed_threshold: float = 0.3, m
     return ndimage.watershed_ift(levels, seeds.astype(np.int32))
 
 
+def _elements() -> list[Element]:
+    return [
+        Element("test labels", "CREMI's official test labels (withheld by the challenge)", "cremi.org; GTGM+ README "
+                "(ydchen0806/GTGM @ c67004a) EM table", "a test region held out from the training volumes",
+                "the official test labels are not public"),
+        Element("prediction", "GTGM NeuronSeg: affinities + waterz agglomeration", "GTGM+ README @ c67004a (NeuronSeg "
+                "pipeline; file:line not read)", "boundary probabilities + seeded watershed",
+                "the NeuronSeg pipeline is not reproduced"),
+        Element("VOI", "split H(seg|gt) + merge H(gt|seg), gt id 0 ignored (skimage.metrics.variation_of_information)",
+                "CREMI evaluation (voi, bits)", "metrics.voi.variation_of_information, base 2 (the same as "
+                "scikit-image's, also bits)"),
+        Element("adapted Rand", "skimage.metrics.adapted_rand_error (pairs of distinct voxels)",
+                "GTGM NeuronSeg evaluation (scikit-image)", "metrics.voi.adapted_rand_error, pairs=True (tested "
+                "against scikit-image's; CREMI's own form without the pair correction: pairs=False)"),
+        Element("aggregation", "per CREMI sample (A, B, C)", "GTGM+ README @ c67004a EM table",
+                "per stitched source volume, mean over volumes"),
+    ]
+
+
 @register_benchmark("em_cremi")
+@documented(_elements)
 class EMCremi(Segmentation):
     """EM neuron segmentation as CREMI reports it (and GTGM's README table, VOI on CREMI A/B/C).
 
@@ -77,7 +63,7 @@ class EMCremi(Segmentation):
     the test sub-volumes of each source volume are stitched back to the whole test region (its
     contiguous last z-blocks); instances come from :func:`watershed_agglomeration` on the stitched
     boundary probabilities; metrics over the whole region: ``voi_split``, ``voi_merge`` and ``voi`` (bits,
-    :func:`cremi_voi`) and ``arand`` (:func:`adapted_rand_error`), ground-truth id 0 (unlabelled)
+    :func:`cremi_voi`) and ``arand`` (:func:`~medvlp.benchmarks.metrics.voi.adapted_rand_error`), ground-truth id 0 (unlabelled)
     ignored; reported per protocol run as the mean over source volumes (one CREMI sample each).
 
     Selection as the segmentation protocol: the epoch with the best validation Dice of the boundary class
@@ -150,7 +136,8 @@ class EMCremi(Segmentation):
         samples = {"ids": np.asarray([str(v) for v in by_volume]), "voi": split + merge, "voi_split": split,
                    "voi_merge": merge, "arand": np.asarray(arands, np.float64)}  # one CREMI sample per volume
         recipes = {k: mean_recipe(k, higher_is_better=False) for k in ("voi", "voi_split", "voi_merge", "arand")}
-        return ProtocolResult(values, out["split_hash"], {"protocol_variant": self.variant, **out.get("selection", {})},
+        return ProtocolResult(values, out["split_hash"], {"protocol_variant": self.variant, **out.get("selection", {}),
+                                                          "fidelity": fidelity(self.fidelity_elements, {})},
                               samples=samples, recipes=recipes)
 
 

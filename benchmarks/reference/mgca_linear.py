@@ -1,76 +1,80 @@
-"""MGCA's linear classification protocol (``mgca/models/mgca/mgca_finetuner.py`` + ``ssl_finetuner.py``)."""
+"""MGCA's linear classification protocol (``HKU-MedAI/MGCA`` @ 680fe4a: ``mgca/models/mgca/mgca_finetuner.py``,
+``mgca/models/ssl_finetuner.py``, ``mgca/datasets/data_module.py``)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit, selection_fields
-from medvlp.benchmarks.protocols.linear_probe import is_one_hot
-from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, label_samples,
-                                       macro_auc, mean_recipe)
+from medvlp.benchmarks.kit.fidelity import Element, documented, fidelity
+from medvlp.benchmarks.kit.head_loop import HeadTrainer, fit
+from medvlp.benchmarks.kit.head_parts import (ForwardCounter, classification_loss, classification_values, epoch_batches,
+                                              labels_of, probe_batch, row_comparability, splits_folder)
+from medvlp.benchmarks.kit.protocol import EvalContext, Protocol, ProtocolResult
 from medvlp.benchmarks.kit.splits import select_fraction
 from medvlp.benchmarks.kit.views import (batch_ids, center_crop, encoder_channels, random_crop, renormalise, split_ids,
-                                     subset_loader, to_channels)
+                                         subset_loader, to_channels)
+from medvlp.benchmarks.protocols.linear_probe import is_one_hot
 from medvlp.registry import register_benchmark
 
+MGCA = "HKU-MedAI/MGCA @ 680fe4a"
 DEFAULTS: dict[str, Any] = {"lr": 5e-4, "weight_decay": 1e-6, "batch_size": 48, "max_epochs": 50, "patience": 10,
                             "resize": 256, "crop": 224, "fraction_source": "mgca", "fraction_files": {}}
 
 
-def labels_of(batch: dict[str, Any]) -> torch.Tensor:
-    """``batch["labels"]`` as float, with a clear error when the datamodule has none."""
-    if "labels" not in batch:
-        raise KeyError("batch has no 'labels': a classification protocol needs a labelled datamodule")
-    return batch["labels"].float()
+def mgca_encoder_forwards(n_train: int, n_val: int, n_test: int, epochs: int, batch_size: int = 48) -> int:
+    """Images MGCA's finetuner sends through the frozen encoder in ``epochs`` epochs: every epoch the
+    full train batches (``drop_last=True``) and the full val batches (``drop_last=True``), then the test
+    split once (no ``drop_last``). MGCA recomputes the val features every epoch; medvlp caches them."""
+    return epochs * ((n_train // batch_size) * batch_size + (n_val // batch_size) * batch_size) + n_test
+
+
+def _elements() -> list[Element]:
+    ft, ssl, dm = "mgca/models/mgca/mgca_finetuner.py", "mgca/models/ssl_finetuner.py", "mgca/datasets/data_module.py"
+    return [
+        Element("encoder", "frozen, eval mode every train batch", f"{MGCA} {ssl} L44-45, L52-53", "the same"),
+        Element("head", "SSLEvaluator(n_hidden=None): Flatten → Dropout(0) → Linear", f"{ssl} L49-50, L155-160",
+                "nn.Linear (dropout 0)"),
+        Element("optimizer", "AdamW(head) lr 5e-4, betas (0.9, 0.999), wd 1e-6, no schedule", f"{ssl} L18-19, L114-120",
+                "the same", param="lr", value=5e-4),
+        Element("weight decay", "1e-6", f"{ssl} L18-19", "1e-6", param="weight_decay", value=1e-6),
+        Element("batch", "48 for train, val and test", f"{ft} L32", "48", param="batch_size", value=48),
+        Element("epochs", "max_epochs 50", f"{ft} L40", "50", param="max_epochs", value=50),
+        Element("selection", "ModelCheckpoint + EarlyStopping on val_loss (min, patience 10), test ckpt_path best",
+                f"{ft} L89-92, L117", "the same", param="patience", value=10),
+        Element("loaders", "train shuffle + drop_last=True; val drop_last=True; test drop_last=False",
+                f"{dm} L26-67", "the same"),
+        Element("val loss", "self.log('val_loss') per batch → epoch mean of batch means", f"{ssl} L73",
+                "mean of the batch-mean losses over the full val batches"),
+        Element("loss", "BCE-with-logits (CheXpert, RSNA: 1 output) / cross-entropy (COVIDx)", f"{ssl} L105-110",
+                "the same; unknown (NaN) labels masked out of BCE", "MGCA fills blanks with 0 (medvlp's CheXpert "
+                "datamodule does so under uncertainty: mgca, so this only matters for other datamodules)"),
+        Element("train view", "DataTransforms: resize/pad 256, RandomCrop 224, Normalize(0.5, 0.5); CheXpert: "
+                "Moco2Transform (crop, jitter, grey, blur, flip)", f"{ft} L44-63", "random 224 crop of the 256 image",
+                "Moco2Transform's colour jitter/grey/blur/flip for CheXpert are not applied"),
+        Element("eval view", "CenterCrop 224", "mgca/datasets/transforms.py DataTransforms", "the same (features cached "
+                "once: identical every epoch)", param="crop", value=224),
+        Element("image size", "resize_img to 256 (pad)", "mgca/datasets/utils.py L28-74", "the datamodule's image_size 256",
+                param="resize", value=256),
+        Element("label fractions", "df.sample(frac, random_state=42) over the train CSV", "mgca/datasets/classification_dataset.py "
+                "L52-53, L165-166", "fraction_source mgca over the datamodule's records (MGCA order for RSNA)",
+                param="fraction_source", value="mgca"),
+        Element("seed", "seed_everything(42), deterministic", f"{ft} L31, L42, L108", "the suite's seeds"),
+    ]
 
 
 @register_benchmark("mgca_linear")
+@documented(_elements)
 class MGCALinear(Protocol):
     """MGCA/ASG linear classification: a frozen image encoder and one trained ``nn.Linear``.
 
-    As ``SSLFineTuner`` with ``hidden_dim=None`` (``mgca_finetuner.py`` sets the rest):
-
-    * feature: the encoder's global feature (``image_representation``: the ViT CLS token), computed
-      under ``no_grad`` with the encoder in eval mode every step;
-    * head: ``nn.Linear(D, K)`` (dropout 0); AdamW(lr 5e-4, betas (0.9, 0.999), weight decay 1e-6),
-      no schedule; batch 48; at most 50 epochs;
-    * loss: BCE-with-logits for multi-label sets (CheXpert, RSNA), cross-entropy for one-hot
-      multi-class sets (COVIDx);
-    * selection: validation loss every epoch, early stop with patience 10, test at the best-val-loss
-      weights (``ModelCheckpoint(monitor="val_loss")`` + ``trainer.test(ckpt_path="best")``);
-    * images: resized (longest side) and zero-padded to 256 by the datamodule (set its
-      ``image_size: 256``; MGCA ``resize_img``), then a random 224 crop per sample and epoch for
-      training and the central 224 crop for validation and test (``DataTransforms``); normalised
-      ``(v − 0.5)/0.5``; the grey channel replicated to the encoder's input channels (3 for MGCA's
-      RGB ViT weights);
-    * label fractions: ``fraction_source: mgca`` (default) = ``df.sample(frac, random_state=42)`` on the
-      train table, one subset for every seed, written as an id file under ``<output>/splits``;
-      ``hash`` and ``file`` (id or BenchX subset files) as :func:`~medvlp.benchmarks.kit.splits.select_fraction`;
-    * metrics: macro ROC-AUC over classes (multi-label; torchmetrics ``AUROC``), top-1 accuracy for
-      one-hot sets.
-
-    Deviations: CheXpert training in MGCA uses ``Moco2Transform`` (colour jitter, grey-scale, blur,
-    flip on top of the random crop); this protocol applies the random crop only, for every dataset.
-    The encoder's weights are never changed (features under ``no_grad``; only the head is in the
-    optimizer) and the model object is shared with later protocols. Missing (NaN) labels are masked out of BCE where MGCA fills
-    them with 0 (our CheXpert datamodule already maps blanks to 0 under ``uncertainty: mgca``).
-
-    Params: the keys of ``DEFAULTS`` (``lr``, ``weight_decay``, ``batch_size``, ``max_epochs``,
-    ``patience``, ``resize``, ``crop``, ``fraction_source``, ``fraction_files``).
+    The validation and test centre-crop features are computed once per run (the frozen encoder gives the
+    same features every epoch); the training features are recomputed every epoch (fresh random crops).
+    ``ProtocolResult.comparability["encoder_forwards"]`` counts the images sent through the encoder,
+    beside :func:`mgca_encoder_forwards` (what MGCA's loop would send for the same epochs).
+    Metrics: macro ROC-AUC over classes, top-1 accuracy for one-hot sets.
     """
-
-    parameters = {
-        "lr": "AdamW learning rate of the head (5e-4)", "weight_decay": "AdamW weight decay (1e-6)",
-        "batch_size": "batch size (48)", "max_epochs": "epoch budget (50)",
-        "patience": "early-stopping patience in epochs on validation loss (10)",
-        "resize": "padded image side the datamodule must deliver (256)", "crop": "random/center crop side (224)",
-        "fraction_source": "mgca | hash | file (mgca)", "fraction_files": "{label percent: id or BenchX subset file} ({})",
-    }
 
     name = "mgca_linear"
     variant = "mgca_linear"
@@ -78,6 +82,13 @@ class MGCALinear(Protocol):
     selection = "MGCA selects on validation loss"
     defaults = DEFAULTS
     uses_fractions = True
+    parameters = {
+        "lr": "AdamW learning rate of the head (5e-4)", "weight_decay": "AdamW weight decay (1e-6)",
+        "batch_size": "batch size (48)", "max_epochs": "epoch budget (50)",
+        "patience": "early-stopping patience in epochs on validation loss (10)",
+        "resize": "padded image side the datamodule must deliver (256)", "crop": "random/center crop side (224)",
+        "fraction_source": "mgca | hash | file (mgca)", "fraction_files": "{label percent: id or BenchX subset file} ({})",
+    }
 
     def view(self, ctx: EvalContext, x: torch.Tensor, train: bool, generator: torch.Generator) -> torch.Tensor:
         """The MGCA view of a datamodule batch: renormalised, cropped, channel-replicated."""
@@ -95,81 +106,79 @@ class MGCALinear(Protocol):
         dm, model = ctx.datamodule, ctx.model.to(ctx.device).eval()
         torch.manual_seed(seed)
         ids = split_ids(dm, "train")
-        materialise = Path(ctx.work_dir) / "splits" / f"{type(dm).__name__}_{dm.dataset_version}".replace("/", "_").replace(":", "_") \
-            if ctx.work_dir else None
-        rows, subset_hash, how = select_fraction(ids, fraction, seed, p["fraction_source"], p["fraction_files"], materialise)
-        n_classes = len(dm.label_names)
+        rows, subset_hash, how = select_fraction(ids, fraction, ctx.subset_seed_for(seed), p["fraction_source"],
+                                                 p["fraction_files"], splits_folder(ctx))
+        n_classes, bs = len(dm.label_names), int(p["batch_size"])
         gen = torch.Generator().manual_seed(seed)
-        probe = next(b for b in subset_loader(dm, "train", rows[:2], 2, False, seed) if b is not None)
-        with torch.no_grad():
-            dim = model.image_representation(self.view(ctx, probe["image"], False, gen).to(ctx.device)).shape[-1]
+        counter = ForwardCounter()
+
+        def features(batch: dict[str, Any], train: bool) -> torch.Tensor:
+            with torch.no_grad():
+                x = self.view(ctx, batch["image"], train, gen)
+                counter.add(len(x))
+                return model.image_representation(x.to(ctx.device)).flatten(1)
+
+        probe = probe_batch(dm, rows, seed)
+        dim = features(probe, False).shape[-1]
+        counter.images = counter.calls = 0  # the probe only sizes the head
         multiclass = n_classes > 1 and is_one_hot(labels_of(probe).numpy())
         head = nn.Linear(dim, n_classes).to(ctx.device)
         opt = torch.optim.AdamW(head.parameters(), lr=float(p["lr"]), betas=(0.9, 0.999),
                                 weight_decay=float(p["weight_decay"]))
+        loss_of = classification_loss(multiclass)
+        cache: dict[str, list[tuple[torch.Tensor, torch.Tensor, list[str]]]] = {}
 
-        def logits_of(batch: dict[str, Any], train: bool) -> torch.Tensor:
-            with torch.no_grad():
-                feats = model.image_representation(self.view(ctx, batch["image"], train, gen).to(ctx.device))
-            return head(feats.flatten(1))
-
-        def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            y = y.to(logits.device)
-            if multiclass:
-                return F.cross_entropy(logits.float(), y.argmax(1))
-            known = ~torch.isnan(y)
-            return F.binary_cross_entropy_with_logits(logits.float()[known], y[known])
+        def cached(split: str) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+            """Centre-crop features of a split, once per run (val: MGCA's drop_last=True batches)."""
+            if split not in cache:
+                out = []
+                drop = split == "val" and len(dm.dataset("val", augment=False)) >= bs
+                for batch in subset_loader(dm, split, None, bs, False, seed, drop_last=drop):
+                    if batch is not None:
+                        out.append((features(batch, False), labels_of(batch), batch_ids(batch, 0)))
+                cache[split] = out
+            return cache[split]
 
         def validate() -> dict[str, float]:
-            total, n = 0.0, 0
-            for batch in subset_loader(dm, "val", None, int(p["batch_size"]), False, seed):
-                if batch is None:
-                    continue
-                y = labels_of(batch)
-                total += float(loss_of(logits_of(batch, False), y)) * len(y)
-                n += len(y)
-            if n == 0:
-                raise ValueError(f"{self.name}: the validation split yielded no samples")
-            return {"val_loss": total / n}
+            losses = [float(loss_of(head(f), y)) for f, y, _ in cached("val")]
+            if not losses:
+                raise ValueError(f"{self.name}: the validation split yielded no sample")
+            return {"val_loss": sum(losses) / len(losses)}
 
         trainer = HeadTrainer(
-            modules=[head], optimizer=opt,
-            train_batches=lambda epoch: (b for b in subset_loader(dm, "train", rows, int(p["batch_size"]), True,
-                                                                  seed * 1000 + epoch) if b is not None),
-            train_step=lambda batch: loss_of(logits_of(batch, True), labels_of(batch)),
+            modules=[head], optimizer=opt, train_batches=epoch_batches(dm, rows, bs, seed, drop_last=len(rows) >= bs),
+            train_step=lambda batch: loss_of(head(features(batch, True)), labels_of(batch)),
             validate=validate, monitor="val_loss", mode="min", max_epochs=int(p["max_epochs"]),
             patience=int(p["patience"]), set_train_mode=lambda: model.eval(),
-            info={"rows": rows, "how": how, "multiclass": multiclass})
-        return trainer, {"head": head, "logits_of": logits_of, "loss_of": loss_of, "split_hash": subset_hash}
+            info={"rows": rows, "how": how, "multiclass": multiclass, "forwards": counter,
+                  "tail_kept": len(rows) < bs, "val_tail_kept": len(dm.dataset("val", augment=False)) < bs})
+        return trainer, {"head": head, "logits_of": lambda batch, train: head(features(batch, train)), "loss_of": loss_of,
+                         "split_hash": subset_hash, "cached": cached}
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         trainer, parts = self.build(ctx, fraction, seed)
         result = fit(trainer)
-        p = self.params(ctx)
+        p, head = self.params(ctx), parts["head"]
         scores, targets, ids = [], [], []
         with torch.no_grad():
-            for batch in subset_loader(ctx.datamodule, "test", None, int(p["batch_size"]), False, seed):
-                if batch is None:
-                    continue
-                logits = parts["logits_of"](batch, False).float().cpu()
+            for f, y, batch_id in parts["cached"]("test"):
+                logits = head(f).float().cpu()
                 scores.append(torch.softmax(logits, 1) if trainer.info["multiclass"] else torch.sigmoid(logits))
-                targets.append(labels_of(batch))
-                ids.extend(batch_ids(batch, len(ids)))
+                targets.append(y)
+                ids.extend(batch_id)
         s, y = torch.cat(scores).numpy(), torch.cat(targets).numpy()
+        forwards = trainer.info["forwards"].images
+        n_val = len(ctx.datamodule.dataset("val", augment=False))
+        mgca = mgca_encoder_forwards(len(trainer.info["rows"]), n_val, len(y), result.epochs_run, int(p["batch_size"]))
         how = (f"MGCA linear protocol: frozen encoder CLS feature, nn.Linear, AdamW lr {p['lr']:g} wd "
-               f"{p['weight_decay']:g}, batch {p['batch_size']}, {result.epochs_run}/{p['max_epochs']} epochs "
-               f"(early stop on val loss, patience {p['patience']}), best-val epoch {result.best_epoch}; "
-               f"{p['resize']} pad, {p['crop']} random/center crop; {trainer.info['how']}")
-        values, samples = [], label_samples(ids, s, y, ctx.datamodule.label_names)
-        recipes = {"auc": auc_recipe()}
-        if trainer.info["multiclass"]:
-            samples["acc_correct"] = (s.argmax(1) == y.argmax(1)).astype(np.float32)
-            recipes["acc"] = mean_recipe("acc_correct", chance=1.0 / y.shape[1])
-            values.append(MetricValue("acc", float(samples["acc_correct"].mean()),
-                                      f"top-1 accuracy on test (N={len(y)}); cross-entropy head; {how}"))
-        auc, _ = macro_auc(y, s)
-        values.append(MetricValue("auc", auc, f"macro ROC-AUC on test (N={len(y)}); {how}"))
-        comp = {"protocol_variant": self.variant, "fraction_source": p["fraction_source"],
-                **selection_fields(result, trainer)}
+               f"{p['weight_decay']:g}, batch {p['batch_size']} (train/val drop_last), {result.epochs_run}/{p['max_epochs']} "
+               f"epochs (early stop on val loss = mean of batch means, patience {p['patience']}), best-val epoch "
+               f"{result.best_epoch}; {p['resize']} pad, {p['crop']} random/center crop; {trainer.info['how']}; "
+               f"{forwards} encoder image forwards (MGCA's loop: {mgca})")
+        values, samples, recipes = classification_values(ids, s, y, ctx.datamodule.label_names, trainer.info["multiclass"], how)
+        extra = (["train batches keep the tail: the subset is smaller than one batch"] if trainer.info["tail_kept"] else []) + \
+            (["val keeps the tail: the split is smaller than one batch"] if trainer.info["val_tail_kept"] else [])
+        comp = row_comparability(self.variant, p["fraction_source"], result, trainer,
+                                 fidelity(self.fidelity_elements, ctx.params, extra), encoder_forwards=forwards,
+                                 mgca_encoder_forwards=mgca)
         return ProtocolResult(values, parts["split_hash"], comp, samples=samples, recipes=recipes)
-

@@ -122,6 +122,9 @@ def paper_table(df: pd.DataFrame, rows: list[dict[str, Any]] | None = None) -> s
     df["cmpfields"] = [_parse(c) for c in (df["comparability"] if "comparability" in df else [""] * len(df))]
     lines = ["| method | dataset | metric | fraction | paper | reproduced | comparable | source |", "|" + "---|" * 8]
     for r in rows:
+        if r.get("unavailable"):
+            lines += _unavailable_lines(df, r)
+            continue
         for frac, val in r["values"].items():
             cand = df[(df["metric"] == r["metric"]) & (df["fraction"].astype(float) == float(frac)) &
                       ((df["label"] == r["method"]) | (df["method"] == r["method"]) | (df["dataset"] == r["dataset"]))]
@@ -142,3 +145,21 @@ def paper_table(df: pd.DataFrame, rows: list[dict[str, Any]] | None = None) -> s
             lines.append(f"| {r['method']} ({r.get('backbone', '?')}) | {r['dataset']} | {r['metric']} | {float(frac):g} | "
                          f"{val} | {rep} | {comp} | {r['source']} |")
     return "\n".join(lines) + "\n"
+
+
+def _unavailable_lines(df: pd.DataFrame, r: Mapping[str, Any]) -> list[str]:
+    """Lines for a protocol whose source publishes no citable number offline (``unavailable`` rows of
+    ``paper_numbers.yaml``): medvlp's rows of that protocol variant beside "not available offline"."""
+    variant = r["protocol_variant"]
+    mine = df[[c.get("protocol_variant") == variant for c in df["cmpfields"]]] if len(df) else df
+    paper = f"n/a: {r['unavailable']}"
+    if not len(mine):
+        return [f"| {r.get('method', 'any')} | {r.get('dataset', 'any')} | — | — | {paper} | — | no paper number "
+                f"({variant}) | {r['source']} |"]
+    out = []
+    for (label, dataset, metric, frac), g in mine.groupby(["label", "dataset", "metric", "fraction"], sort=True):
+        v = g["value"].astype(float).to_numpy()
+        sd = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+        out.append(f"| {label} | {dataset} | {metric} | {float(frac):g} | {paper} | {100 * v.mean():.1f} ± {100 * sd:.1f} "
+                   f"(n={len(v)}) | no paper number ({variant}) | {r['source']} |")
+    return out

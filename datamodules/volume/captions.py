@@ -7,7 +7,11 @@ BLIP on a random slice. medvlp offers the same three routes:
   only one random slice of the volume; the caption is ``"<name>, <generated text>"`` after the official
   :func:`text_filter` (``pretrain/utils/utils_trainer.py::generate_caption``). Only runs with a model the
   user configures; nothing is downloaded otherwise.
-* :class:`CaptionFile` – a CSV/TSV ``id,caption`` joined on ``meta["id"]`` (pre-generated captions).
+* :class:`CaptionFile` – a CSV/TSV ``id,caption`` joined on ``meta["id"]`` (pre-generated captions). As the
+  official two-view provider (``pretrain/dataloader/data_provider_pretraining_caption_match.py`` L290-305
+  @ e92b287), a file may hold *located* captions (``location_column``: several rows per volume, the one
+  nearest (squared Euclidean) to the sample's crop origin ``meta["crop_origin"]`` is used) and the caption
+  may be prefixed with the volume's name (``prefix_name``: ``"<name>, <caption>"``).
 * :class:`ImageStatsCaptioner` – an offline, label-free stand-in for the captioner: like the ``hf`` path it
   sees only one random slice of the image (never the labels, mask or report) and writes ``"<name>, <text>"``
   where the text says what a captioner could see there (overall brightness; location and size of the most
@@ -85,6 +89,18 @@ class TemplateCaptioner:
         return f"A {modality} showing {', '.join(p.lower() for p in pos)}."
 
 
+def parse_location(text: str, where: str) -> tuple[float, ...]:
+    """``"z,y,x"`` / ``"[z, y, x]"`` / ``"(z y x)"`` → floats.
+
+    Raises:
+        ValueError: naming ``where`` when the text holds no number.
+    """
+    nums = re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", str(text))
+    if not nums:
+        raise ValueError(f"{where}: location {text!r} holds no coordinates")
+    return tuple(float(n) for n in nums)
+
+
 class CaptionFile:
     """Captions joined by sample id from a CSV/TSV file.
 
@@ -93,31 +109,44 @@ class CaptionFile:
         id_column: join key, matched against ``meta["id"]`` (GTGM: volume name).
         caption_column: caption text column.
         strip_suffixes: suffixes removed from ids before the join (``.nii.gz`` …).
+        location_column: optional column of caption locations (``z,y,x`` voxel coordinates of the
+            described region); then an id may have several rows and the one nearest to
+            ``meta["crop_origin"]`` is chosen (GTGM's ``find_nearest_neighbor`` on the crop origin).
+        prefix_name: prefix the caption with the volume name, ``"<name>, <caption>"`` (GTGM L303).
 
     Raises:
-        CaptionError: at lookup, naming the id and the file, when a caption is missing.
+        CaptionError: at lookup, naming the id and the file, when a caption is missing, or when located
+            captions are used and the sample carries no ``meta["crop_origin"]``.
         ValueError: at construction, naming the file and the duplicated ids or missing columns.
     """
 
     def __init__(self, path: str, id_column: str = "id", caption_column: str = "caption",
-                 strip_suffixes: tuple[str, ...] = (".nii.gz", ".nii", ".h5", ".hdf", ".tif")) -> None:
+                 strip_suffixes: tuple[str, ...] = (".nii.gz", ".nii", ".h5", ".hdf", ".tif"),
+                 location_column: str | None = None, prefix_name: bool = False) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"caption file not found: {self.path}")
         sep = "\t" if self.path.suffix in (".tsv", ".txt") else ","
         df = pd.read_csv(self.path, sep=sep, dtype=str, keep_default_na=False)
-        missing = {id_column, caption_column} - set(df.columns)
+        missing = {id_column, caption_column, *([location_column] if location_column else [])} - set(df.columns)
         if missing:
             raise ValueError(f"{self.path}: missing columns {sorted(missing)} (has {list(df.columns)})")
         self.strip_suffixes = strip_suffixes
+        self.prefix_name = prefix_name
+        self.located = location_column is not None
         ids = df[id_column].map(self._key)
-        dup = ids[ids.duplicated()].tolist()
+        keys = pd.Series(list(zip(ids, df[location_column]))) if self.located else ids
+        dup = ids[keys.duplicated().to_numpy()].tolist()
         if dup:
-            raise ValueError(f"{self.path}: duplicate ids {dup[:5]} (rows {list(ids[ids.duplicated()].index[:5] + 2)})")
+            raise ValueError(f"{self.path}: duplicate ids {dup[:5]} (rows {list(ids[keys.duplicated().to_numpy()].index[:5] + 2)})")
         empty = df.index[df[caption_column].str.strip() == ""].tolist()
         if empty:
             raise ValueError(f"{self.path}: empty caption in rows {[i + 2 for i in empty[:5]]}")
         self.captions = dict(zip(ids, df[caption_column]))
+        self.by_location: dict[str, list[tuple[tuple[float, ...], str]]] = {}
+        if self.located:
+            for row, (sid, loc, cap) in enumerate(zip(ids, df[location_column], df[caption_column])):
+                self.by_location.setdefault(sid, []).append((parse_location(loc, f"{self.path} row {row + 2}"), cap))
 
     def _key(self, name: str) -> str:
         name = Path(str(name)).name
@@ -127,10 +156,18 @@ class CaptionFile:
         return name
 
     def __call__(self, sample: Mapping[str, Any]) -> str:
-        sid = self._key(sample.get("meta", {}).get("id", ""))
+        meta = sample.get("meta", {})
+        sid = self._key(meta.get("id", ""))
         if sid not in self.captions:
             raise CaptionError(f"no caption for sample id {sid!r} in {self.path}")
-        return self.captions[sid]
+        caption = self.captions[sid]
+        if self.located:
+            origin = meta.get("crop_origin")
+            if origin is None:
+                raise CaptionError(f"{self.path}: located captions need the sample's meta['crop_origin'] (id {sid!r})")
+            o = np.asarray(origin, np.float64)
+            caption = min(self.by_location[sid], key=lambda lc: float(((np.asarray(lc[0]) - o) ** 2).sum()))[1]
+        return f"{sid}, {caption}" if self.prefix_name else caption
 
 
 class HFImageCaptioner:

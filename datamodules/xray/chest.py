@@ -505,6 +505,9 @@ class RSNAPneumoniaDataModule(XrayDataModule):
             boxes = [[r.x, r.y, r.x + r.width, r.y + r.height] for r in g.itertuples() if r.Target == 1]
             groups.append((str(pid), int(g["Target"].max()), boxes))
         splits = self._splits([g[0] for g in groups])
+        if self.split_convention != "hash":  # MGCA's CSVs keep train_test_split's shuffled order; its df.sample draws over it
+            rank = {pid: i for i, pid in enumerate(splits)}
+            groups.sort(key=lambda g: rank[g[0]])
         return [{"id": pid, "split": splits[pid], "path": self.root / "stage_2_train_images" / f"{pid}.dcm",
                  "labels": np.array([t], np.float32), "boxes": boxes} for pid, t, boxes in groups]
 
