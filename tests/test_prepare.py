@@ -296,3 +296,16 @@ def test_shard_readers_verify_member_hashes(tmp_path: Path) -> None:
         next(iter(shards.eval_dataloader("train", 2)))
     unverified = ShardDataModule(prepared=str(out), image_size=32, batch_size=2, verify_hashes=False)
     assert next(iter(unverified.eval_dataloader("train", 2)))["image"].shape == (2, 1, 32, 32)
+
+
+def test_full_decode_resizes_in_8_bits_and_matches_the_float_reference(tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "cxr.jpg"
+    Image.fromarray(_radiograph(1000, 820)).save(path, quality=95)
+    reference = resize_2d(read_image_2d(path), 224)  # full-resolution float, min-max, antialiased bilinear
+    full = resize_2d(read_image_2d(path, max_side=224, full_decode=True), 224)
+    assert full.shape == reference.shape == (1, 224, 224)
+    assert float((full - reference).abs().max()) <= 2.0 / 255  # the 8-bit rounding of the resize
+    assert float((full - reference).abs().mean()) <= 1.0 / 255
+    assert float(full.min()) >= 0.0 and float(full.max()) <= 1.0

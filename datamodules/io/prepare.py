@@ -517,7 +517,7 @@ class PreparedDecode:
         if self.kind == "image2d":
             h, w = img.shape[-2:]
             if (h, w) == (self.image_size, self.image_size):
-                img = img.reshape(1, h, w)
+                img = img.unsqueeze(0) if img.ndim == 2 else img.reshape(1, h, w)
             else:  # prepared at another size: one resize, in float
                 img = resize_2d(img.reshape(h, w).numpy().astype(np.float32) / 255.0, self.image_size)
         if self.crop is not None:

@@ -19,7 +19,10 @@ import io
 import itertools
 import json
 import logging
+import math
+import os
 import random
+import re
 import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -178,15 +181,15 @@ class ShardStream(IterableDataset):
         for key, parts in _shard_members(path, verify).items():
             if "npy" not in parts and "npz" not in parts:
                 raise DataError(f"{path}: sample {key!r} has no .npy/.npz image")
-            meta = json.loads(parts.get("json", b"{}"))
-            arrays = ({"image": np.load(io.BytesIO(parts["npy"]), allow_pickle=False)} if "npy" in parts else
+            meta = json.loads(bytes(parts.get("json", b"{}")))
+            arrays = ({"image": load_npy(parts["npy"])} if "npy" in parts else
                       dict(np.load(io.BytesIO(parts["npz"]), allow_pickle=False)))  # npz: `medvlp prepare` volumes
             image = arrays.pop("image")
             sample: dict[str, Any] = {"image": torch.from_numpy(image if image.dtype == np.uint8 else image.astype(np.float32)),
                                       "modality": meta.get("modality") or "xray", "meta": meta.get("meta") or {"id": key}}
             sample.update({k: torch.from_numpy(v.astype(np.int64)) for k, v in arrays.items()})  # mask, instances
             if "txt" in parts:
-                sample["text"] = parts["txt"].decode("utf-8")
+                sample["text"] = bytes(parts["txt"]).decode("utf-8")
             if meta.get("labels") is not None:
                 sample["labels"] = torch.tensor([np.nan if v is None else v for v in meta["labels"]], dtype=torch.float32)
                 sample["label_names"] = meta["label_names"]
@@ -229,14 +232,32 @@ def sidecar(path: str | Path) -> dict[str, Any] | None:
         raise DataError(f"{side}: unreadable shard sidecar ({exc})") from exc
 
 
-def _check(path: str | Path, what: str, data: bytes, want: str) -> None:
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|]?[a-z]\d+)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}")
+
+
+def load_npy(data: bytes | memoryview) -> np.ndarray:
+    """``np.load`` of one ``.npy`` member, without copying it: the C-order version-1 headers that ``np.save``
+    writes are parsed directly (the array is then a view of ``data``, writable when ``data`` is), anything
+    else goes through ``np.load``."""
+    mv = memoryview(data)
+    if bytes(mv[:8]) == b"\x93NUMPY\x01\x00":
+        n = int.from_bytes(mv[8:10], "little")
+        m = _NPY_HEADER.match(bytes(mv[10:10 + n]).decode("latin1"))
+        if m is not None:
+            shape = tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)
+            return np.frombuffer(mv, dtype=np.dtype(m.group(1)), offset=10 + n,
+                                 count=math.prod(shape)).reshape(shape)
+    return np.load(io.BytesIO(bytes(mv)), allow_pickle=False)
+
+
+def _check(path: str | Path, what: str, data: bytes | memoryview, want: str) -> None:
     got = hashlib.sha256(data).hexdigest()
     if got != want:
         raise DataError(f"{path}: {what} has sha256 {got[:16]}…, its sidecar records {want[:16]}…; the shard is "
                         "corrupt (re-run `medvlp prepare`, which rewrites shards that fail verification)")
 
 
-def _shard_members(path: str, verify: bool) -> dict[str, dict[str, bytes]]:
+def _shard_members(path: str, verify: bool) -> dict[str, dict[str, bytes | memoryview]]:
     """``key → ext → bytes`` of one shard: by the sidecar's member offsets when it records them (each member
     checked against its sha256 under ``verify``), else by walking the tar headers."""
     side = sidecar(path) if verify or Path(path).with_suffix(".json").is_file() else None
@@ -245,15 +266,18 @@ def _shard_members(path: str, verify: bool) -> dict[str, dict[str, bytes]]:
         raise DataError(f"{path}: no sidecar with recorded sha256 (not written by `medvlp prepare`); "
                         "set verify_hashes=false to read it unverified")
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as fh:  # one writable buffer: members are views of it (no copies)
+            data = bytearray(os.fstat(fh.fileno()).st_size)
+            fh.readinto(data)
     except OSError as exc:
         raise DataError(f"{path}: unreadable shard ({exc})") from exc
-    groups: dict[str, dict[str, bytes]] = {}
+    groups: dict[str, dict[str, bytes | memoryview]] = {}
     if listed:
+        view = memoryview(data)
         for s in side["samples"]:
             parts = groups.setdefault(s["key"], {})
             for ext, (off, size, digest) in s["members"].items():
-                chunk = data[off:off + size]
+                chunk = view[off:off + size]
                 if len(chunk) != size:
                     raise DataError(f"{path}: member {s['key']}.{ext} is truncated ({len(chunk)} of {size} bytes)")
                 if verify:
@@ -263,7 +287,7 @@ def _shard_members(path: str, verify: bool) -> dict[str, dict[str, bytes]]:
     if verify:  # an older sidecar: only the whole tar's sha256 is recorded
         _check(path, "the shard", data, side.get("sha256", ""))
     try:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
             for m in tar.getmembers():
                 key, _, ext = m.name.rpartition(".")
                 groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
