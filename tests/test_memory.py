@@ -93,6 +93,32 @@ def test_phantom_arrays_are_memory_mapped_once_per_split(tmp_path) -> None:
     shutil.rmtree(folder / ARRAYS)
     fresh = PhantomDataModule(num_train=8, num_val=4, num_test=4, image_size=32, cache_dir=str(tmp_path))
     got = fresh.split_arrays("train")
-    assert not (folder / "arrays.npz").exists() and sorted(got) == sorted(want)
+    assert (folder / ARRAYS / "image.npy").is_file() and sorted(got) == sorted(want)
     for k, v in want.items():
         np.testing.assert_array_equal(got[k], v)
+
+
+def test_streamed_instance_voi_equals_the_voi_of_the_whole_test_prediction(tmp_path) -> None:
+    import numpy as np
+
+    from medvlp.benchmarks.kit.features import FeatureCache
+    from medvlp.benchmarks.kit.protocol import EvalContext
+    from medvlp.benchmarks.protocols.segmentation import InstanceVOI, instances_from_boundaries, voi
+    from medvlp.compose import compose
+    from medvlp.config import to_container
+    from medvlp.datamodules.phantom.datamodule import PhantomDataModule
+    from medvlp.train import build_method
+
+    dm = PhantomDataModule(modality="em", num_train=6, num_val=3, num_test=5, volume_size=(8, 16, 16), batch_size=2,
+                           cache_dir=str(tmp_path / "data"))
+    dm.prepare_data()
+    model = build_method(to_container(compose(["method=clip", "preset=tiny"])), dm)
+    params = {"epochs": 1, "width": 8, "max_stages": 1, "batch_size": 2}
+    ctx = EvalContext(model, dm, FeatureCache(tmp_path / "features"), params, "cpu", tmp_path)
+    streamed = InstanceVOI().run(ctx, 1.0, 0)
+    whole = InstanceVOI().fit_predict(ctx, 1.0, 0)  # every test volume's probabilities at once (the former way)
+    instances = np.asarray(whole["instances"])
+    assert isinstance(whole["instances"], np.memmap)  # the cached EM instances are memory-mapped
+    terms = [voi(instances_from_boundaries(p[1].numpy()), inst[0]) for p, inst in zip(whole["prob"], instances)]
+    assert streamed.values[0].value == pytest.approx(float(np.mean([s for s, _ in terms]) + np.mean([m for _, m in terms])))
+    assert len(streamed.samples["voi"]) == 5

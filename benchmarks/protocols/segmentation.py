@@ -369,14 +369,23 @@ class InstanceVOI(Segmentation):
         sample = ctx.datamodule.dataset("test", augment=False)[0]
         return super().applicable(ctx) if sample is not None and "instances" in sample else "dataset has no instance labels"
 
+    def fit_stream(self, ctx: EvalContext, fraction: float, seed: int) -> dict[str, Any]:
+        """Train as :meth:`fit_predict`, but return the test predictions as a stream: ``batches`` yields
+        ``(rows, pred, prob)`` per test batch (computed when iterated), beside ``instances``, ``ids``,
+        ``split_hash``, ``selection`` and ``how``."""
+        trainer, parts = self.build(ctx, fraction, seed)
+        result = fit(trainer)
+        return {"batches": parts["predict_batches"](parts["test_x"]), "instances": parts["test_instances"],
+                "ids": parts["test_ids"], "split_hash": trainer.info["split_hash"],
+                "selection": selection_fields(result, trainer), "how": _how(trainer, result, len(parts["test_ids"]))}
+
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         # streamed: each test batch's boundary probabilities become instances and VOI terms, then are dropped
         # (never the whole test split's probabilities, nor its instance volumes, in memory at once)
-        trainer, parts = self.build(ctx, fraction, seed)
-        result = fit(trainer)
-        instances = parts["test_instances"]
-        splits, merges, trivial, n = [], [], [], 0
-        for idx, _, prob in parts["predict_batches"](parts["test_x"]):
+        out = self.fit_stream(ctx, fraction, seed)
+        instances = out["instances"]
+        splits, merges, trivial = [], [], []
+        for idx, _, prob in out["batches"]:
             for row, i in enumerate(idx):
                 inst = np.asarray(instances[i][0])
                 pred = instances_from_boundaries(prob[row, 1].numpy())
@@ -384,9 +393,6 @@ class InstanceVOI(Segmentation):
                 s, m = voi(pred, inst)
                 splits.append(s)
                 merges.append(m)
-            n += len(idx)
-        out = {"ids": parts["test_ids"], "split_hash": trainer.info["split_hash"],
-               "selection": selection_fields(result, trainer), "how": _how(trainer, result, n)}
         d = f"variation of information (nats) vs ground-truth ids, mean over test volumes; {out['how']}"
         split, merge = np.asarray(splits, np.float64), np.asarray(merges, np.float64)
         samples = {"ids": np.asarray([str(i) for i in out["ids"]]), "voi": split + merge, "voi_split": split,

@@ -143,13 +143,13 @@ def write_arrays(folder: Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def _convert_npz(folder: Path) -> None:
-    """One-time move of a legacy ``arrays.npz`` into the per-array ``.npy`` layout (same arrays)."""
+    """One-time copy of a legacy ``arrays.npz`` into the per-array ``.npy`` layout (same arrays; the ``.npz``
+    is left in place, so a checkout of an earlier version can still read the folder)."""
     legacy = folder / "arrays.npz"
     if (folder / ARRAYS).is_dir() or not legacy.is_file():
         return
     with np.load(legacy) as z:
         write_arrays(folder, {k: z[k] for k in z.files})
-    legacy.unlink()
 
 
 class SplitArrays(Mapping[str, np.ndarray]):
