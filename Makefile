@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvlp-installed
 
-.PHONY: install demo experiments test test-slow test-all lint perf clean
+.PHONY: install demo experiments test test-slow test-all lint perf perf-gpu clean
 
 install: $(STAMP)
 
@@ -51,6 +51,10 @@ lint: install
 
 perf: install
 	$(BIN)/python -m perf
+
+# one GPU, under 5 minutes: paper-size CLIP (ViT-B/16 + BERT-base) and ASG steps, MFU, memory, loader (perf/gpu.py)
+perf-gpu: install
+	$(BIN)/python -m perf --gpu
 
 clean:
 	rm -rf $(VENV) results runs .pytest_cache *.egg-info

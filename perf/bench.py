@@ -124,7 +124,8 @@ def bench_probe(quick: bool) -> dict[str, Any]:
             "cached_s": round(cached, 2), "reencode_s": round(reencode, 2), "speedup": round(reencode / cached, 2),
             "forwards": {"cached": cached_fw, "reencode": mgca_fw, "ratio": round(mgca_fw / cached_fw, 1),
                          "cached_text_forwards": cache.counts["text_forwards"]},
-            "chexpert_extrapolation": chexpert_forward_ratio(seeds=len(seeds))}
+            "chexpert_extrapolation": chexpert_forward_ratio(seeds=len(seeds)),
+            "mgca_linear_vs_mgca": mgca_linear_forward_counts(seeds=len(seeds))}
 
 
 def chexpert_forward_ratio(epochs: int = 50, fractions: tuple[float, ...] = (0.01, 0.1, 1.0), seeds: int = 3,
@@ -138,6 +139,62 @@ def chexpert_forward_ratio(epochs: int = 50, fractions: tuple[float, ...] = (0.0
     mgca = seeds * sum(epochs * (round(f * n_train) + n_val) for f in fractions)
     return {"n_train": n_train, "n_val": n_val, "epochs": epochs, "fractions": list(fractions), "seeds": seeds,
             "mgca_forwards": mgca, "cached_forwards": n_train, "ratio": round(mgca / n_train, 1)}
+
+
+MGCA_LINEAR_FORMULA = ("per (fraction f, seed): MGCA / mgca_linear today = E*(f*N_train + N_val) + N_test "
+                       "(train crops and the val split re-encoded every epoch, test once); with a val/test feature "
+                       "cache = E*f*N_train per unit + (N_val + N_test) once per weights; cached probe = "
+                       "N_train + N_val + N_test once")
+
+
+def mgca_linear_forward_counts(epochs: int = 50, fractions: tuple[float, ...] = (0.01, 0.1, 1.0), seeds: int = 3,
+                               n_train: int = 191027 - 5000 - 1000, n_val: int = 5000, n_test: int = 1000
+                               ) -> dict[str, Any]:
+    """Counted image forwards of the ``mgca_linear`` reference protocol vs MGCA at ``epochs``, computed
+    arithmetically from dataset sizes × epochs (:data:`MGCA_LINEAR_FORMULA`; CheXpert sizes as in
+    :func:`chexpert_forward_ratio`, 1,000 test images = CheXpert 5x200)."""
+    units = [(f, s) for f in fractions for s in range(seeds)]
+    mgca = sum(epochs * (round(f * n_train) + n_val) + n_test for f, _ in units)
+    val_test_cached = sum(epochs * round(f * n_train) for f, _ in units) + n_val + n_test
+    probe = n_train + n_val + n_test
+    return {"formula": MGCA_LINEAR_FORMULA, "epochs": epochs, "fractions": list(fractions), "seeds": seeds,
+            "n_train": n_train, "n_val": n_val, "n_test": n_test, "mgca_forwards": mgca,
+            "mgca_linear_val_test_cached_forwards": val_test_cached, "cached_probe_forwards": probe,
+            "mgca_vs_val_test_cached": round(mgca / val_test_cached, 3), "mgca_vs_cached_probe": round(mgca / probe, 1)}
+
+
+def bench_attention_kernels(token_counts: tuple[int, ...] = (17, 65, 197, 257), batch: int = 16, heads: int = 3,
+                            head_dim: int = 64, reps: int = 3, iters: int = 10) -> dict[str, Any]:
+    """Forward+backward CPU seconds of SDPA's flash kernel vs its math kernel vs explicit attention per token
+    count (interleaved, best of ``reps``): which kernel the ViT's attention should use on this device."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+    def kernel(backend: Any) -> Any:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return run
+
+    fns = {"flash": kernel(SDPBackend.FLASH_ATTENTION), "math": kernel(SDPBackend.MATH), "explicit": naive}
+    out: dict[str, Any] = {}
+    for n in token_counts:
+        best = {k: float("inf") for k in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                q, k, v = (torch.randn(batch, heads, n, head_dim, requires_grad=True) for _ in range(3))
+                t0 = time.process_time()
+                for _ in range(iters):
+                    fn(q, k, v).sum().backward()
+                best[name] = min(best[name], (time.process_time() - t0) / iters)
+        out[str(n)] = {"cpu_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
+                       "flash_vs_math_speedup": round(best["math"] / best["flash"], 3),
+                       "fastest": min(best, key=best.get)}
+    return {"device": "cpu", "threads": torch.get_num_threads(), "shape": f"B={batch}, heads={heads}, d={head_dim}",
+            "tokens": out}
 
 
 def _throughput_one(method: str, steps: int) -> dict[str, Any]:
@@ -202,40 +259,59 @@ def bench_throughput(methods: list[str], steps: int) -> dict[str, Any]:
     return out
 
 
+def _clip_steps_per_s(device: str, impl: str, amp: bool, steps: int, overrides: tuple[str, ...] = ()) -> float:
+    """Demo-CLIP training steps/s on one fixed batch with attention ``impl`` and bf16 autocast ``amp``."""
+    from medvlp.losses import clip_loss
+
+    torch.manual_seed(0)
+    model, dm = _model_and_data("clip", None, overrides=overrides)
+    for blk in model.image_encoder.blocks:
+        blk.attn.impl = impl
+    model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
+    b = next(iter(dm.train_dataloader()))
+    image = b["image"].to(device)
+    for i in range(steps + 2):
+        if i == 2:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            loss = clip_loss(model.encode_image(image, False), model.encode_text(b["text"], False), 0.07)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - t0)
+
+
 def bench_clip_step(steps: int) -> dict[str, Any]:
     """A CLIP training step split into its factors, each at the other factor held equal: attention kernel
     (SDPA vs explicit attention matrix) at fp32 (and at bf16 where bf16 is native), and precision (bf16
-    autocast vs fp32) with SDPA. Same model sizes, data and batch."""
-    from medvlp.losses import clip_loss
-
+    autocast vs fp32) with SDPA. Same model sizes, data and batch. Then, without the prefix cache, the current
+    step vs an explicit-attention, train-mode-text reference (each factor named in its key)."""
     device = _device()
     bf16 = _bf16(device)
     configs = [("sdpa", False), ("naive", False)] + ([("sdpa", True), ("naive", True)] if bf16 else [])
-    results = {}
-    for impl, amp in configs:
-        torch.manual_seed(0)
-        model, dm = _model_and_data("clip", None)
-        for blk in model.image_encoder.blocks:
-            blk.attn.impl = impl
-        model.to(device).train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
-        b = next(iter(dm.train_dataloader()))
-        image = b["image"].to(device)
-        for i in range(steps + 2):
-            if i == 2:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-                loss = clip_loss(model.encode_image(image, False), model.encode_text(b["text"], False), 0.07)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        results[f"{impl}_{'bf16' if amp else 'fp32'}"] = steps / (time.perf_counter() - t0)
+    results = {f"{impl}_{'bf16' if amp else 'fp32'}": _clip_steps_per_s(device, impl, amp, steps)
+               for impl, amp in configs}
+    # like for like without the prefix cache (so the frozen text layers run every step): the current step
+    # (SDPA, frozen text layers in eval mode) vs the reference (explicit attention, whole text tower in train
+    # mode with dropout, as the official ASG/GTGM code runs it), and each factor alone
+    ref_runs = {"current_sdpa_eval_frozen": ("sdpa", False), "text_train_mode_sdpa": ("sdpa", True),
+                "reference_naive_train_mode": ("naive", True)}
+    for name, (impl, dropout) in ref_runs.items():
+        results[name] = _clip_steps_per_s(device, impl, False, steps, (
+            "method.init_args.text_encoder.prefix_cache=0",
+            f"method.init_args.text_encoder.frozen_dropout={str(dropout).lower()}"))
     out: dict[str, Any] = {"steps_per_s": {k: round(v, 3) for k, v in results.items()},
-                           "kernel_sdpa_vs_naive_fp32": round(results["sdpa_fp32"] / results["naive_fp32"], 3)}
+                           "kernel_sdpa_vs_naive_fp32": round(results["sdpa_fp32"] / results["naive_fp32"], 3),
+                           "current_vs_reference_(sdpa+eval-mode frozen text vs explicit attention+train-mode text, "
+                           "fp32, no prefix cache)": round(results["current_sdpa_eval_frozen"]
+                                                          / results["reference_naive_train_mode"], 3),
+                           "frozen_text_eval_vs_train_mode_(sdpa, fp32, no prefix cache)": round(
+                               results["current_sdpa_eval_frozen"] / results["text_train_mode_sdpa"], 3)}
     if bf16:
         out["kernel_sdpa_vs_naive_bf16"] = round(results["sdpa_bf16"] / results["naive_bf16"], 3)
         out["precision_bf16_vs_fp32_sdpa"] = round(results["sdpa_bf16"] / results["sdpa_fp32"], 3)
@@ -409,15 +485,17 @@ def _radiograph(h: int, w: int, seed: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def bench_loader2d(n: int, image_size: int = 224) -> dict[str, Any]:
-    """Images/s of one loader process (``num_workers=0``, i.e. per worker) at the paper image size from
-    real-size (2500×2048) JPEGs in the COVIDx layout: ``decode: full`` (full-resolution float decode,
-    min-max, then resize) vs ``decode: fast`` (JPEG draft, area resize before float conversion) vs the
-    prepared shards read by ``data=shards prepared=…`` and by the datamodule's own ``prepared=…``."""
+def bench_loader2d(n: int, image_size: int = 224, reps: int = 2) -> dict[str, Any]:
+    """Per-core CPU seconds per image of one loader process (``num_workers=0``) at the paper image size from
+    real-size (2500×2048) JPEGs in the COVIDx layout, interleaved over ``reps`` rounds (best kept):
+    ``decode: full`` vs a plain PIL full-decode loop (open, grey, bilinear resize, float) vs ``decode: fast``
+    vs the prepared shards read by ``data=shards prepared=…`` (uint8 at the training size, sha256 verified or
+    not) vs their floor (tar read + ``np.load`` + one batched normalisation), and the datamodule's own
+    ``prepared=…``. Ratios are images per CPU-second relative to each other."""
     from PIL import Image
 
     from medvlp.datamodules import COVIDxDataModule, ShardDataModule
-    from medvlp.datamodules.io.prepare import prepare
+    from medvlp.datamodules.io.prepare import normalise_batch, prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "covidx"
@@ -428,30 +506,71 @@ def bench_loader2d(n: int, image_size: int = 224) -> dict[str, Any]:
                 Image.fromarray(_radiograph(2500, 2048, i)).save(root / split / f"{split}_{i}.jpg", quality=95)
                 lines.append(f"p{i} {split}_{i}.jpg {['normal', 'pneumonia', 'COVID-19'][i % 3]} src")
             (root / f"{split}_COVIDx9A.txt").write_text("\n".join(lines) + "\n")
-
-        def rate(ds: Any) -> float:
-            t0 = time.perf_counter()
-            count = sum(ds[i] is not None for i in range(len(ds)))
-            return count / (time.perf_counter() - t0)
-
         kw = {"image_size": image_size, "split_convention": "hash"}
-        out = {"full": rate(COVIDxDataModule(str(root), decode="full", **kw).dataset("train", augment=False)),
-               "fast": rate(COVIDxDataModule(str(root), decode="fast", **kw).dataset("train", augment=False))}
+        prepared = Path(tmp) / "prepared"
         t0 = time.perf_counter()
-        prepare(COVIDxDataModule(str(root), **kw), Path(tmp) / "prepared", size=256, samples_per_shard=64,
-                progress=False)
+        prepare(COVIDxDataModule(str(root), **kw), prepared, samples_per_shard=64, progress=False)
         prepare_s = time.perf_counter() - t0
-        out["prepared_by_id"] = rate(COVIDxDataModule(str(root), prepared=str(Path(tmp) / "prepared"), **kw)
-                                     .dataset("train", augment=False))
-        shards = ShardDataModule(prepared=str(Path(tmp) / "prepared"), image_size=image_size, batch_size=16)
-        t0 = time.perf_counter()
-        count = sum(b["image"].shape[0] for b in shards.eval_dataloader("train", 16))
-        out["prepared_shards"] = count / (time.perf_counter() - t0)
+        jpgs = sorted((root / "train").glob("*.jpg"))
+        tars = sorted((prepared / "train").glob("*.tar"))
+
+        def dataset(ds: Any) -> int:
+            return sum(ds[i] is not None for i in range(len(ds)))
+
+        def plain_pil() -> int:
+            for p in jpgs:
+                with Image.open(p) as im:
+                    g = im.convert("L")
+                    scale = image_size / max(g.size)
+                    g = g.resize((max(1, round(g.width * scale)), max(1, round(g.height * scale))), Image.BILINEAR)
+                    np.asarray(g, dtype=np.float32) / 255.0
+            return len(jpgs)
+
+        def shards(verify: bool) -> int:
+            dm = ShardDataModule(prepared=str(prepared), image_size=image_size, batch_size=16, verify_hashes=verify)
+            return sum(b["image"].shape[0] for b in dm.eval_dataloader("train", 16))
+
+        def floor() -> int:  # tar read + np.load per sample + one normalisation per batch of 16
+            import io
+            import tarfile
+
+            count, batch = 0, []
+            for t in tars:
+                with tarfile.open(t) as tar:
+                    for m in tar.getmembers():
+                        data = tar.extractfile(m).read()
+                        if m.name.endswith(".npy"):
+                            batch.append(torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False)))
+                            if len(batch) == 16:
+                                normalise_batch(torch.stack(batch))
+                                count, batch = count + len(batch), []
+            if batch:
+                normalise_batch(torch.stack(batch))
+            return count + len(batch)
+
+        runs = {"full": lambda: dataset(COVIDxDataModule(str(root), decode="full", **kw).dataset("train", augment=False)),
+                "plain_pil_full": plain_pil,
+                "fast": lambda: dataset(COVIDxDataModule(str(root), decode="fast", **kw).dataset("train", augment=False)),
+                "prepared_by_id": lambda: dataset(COVIDxDataModule(str(root), prepared=str(prepared), **kw)
+                                                  .dataset("train", augment=False)),
+                "prepared_shards": lambda: shards(True), "prepared_shards_unverified": lambda: shards(False),
+                "shard_floor": floor}
+        best = {k: float("inf") for k in runs}
+        for _ in range(reps):
+            for k, fn in runs.items():
+                t0 = time.process_time()
+                count = fn()
+                best[k] = min(best[k], (time.process_time() - t0) / count)
+    rate = {k: 1.0 / v for k, v in best.items()}
     return {"images": n, "source": "2500x2048 JPEG (quality 95)", "image_size": image_size,
-            "images_per_s_per_worker": {k: round(v, 2) for k, v in out.items()},
-            "fast_vs_full": round(out["fast"] / out["full"], 2),
-            "prepared_shards_vs_full": round(out["prepared_shards"] / out["full"], 1),
-            "prepared_by_id_vs_full": round(out["prepared_by_id"] / out["full"], 1),
+            "images_per_cpu_s": {k: round(v, 2) for k, v in rate.items()},
+            "shards_vs_floor": round(rate["prepared_shards"] / rate["shard_floor"], 3),
+            "shards_unverified_vs_floor": round(rate["prepared_shards_unverified"] / rate["shard_floor"], 3),
+            "sha256_verify_overhead": round(best["prepared_shards"] / best["prepared_shards_unverified"] - 1, 3),
+            "full_vs_plain_pil_full": round(rate["full"] / rate["plain_pil_full"], 3),
+            "fast_vs_full": round(rate["fast"] / rate["full"], 2),
+            "prepared_shards_vs_full": round(rate["prepared_shards"] / rate["full"], 1),
+            "prepared_by_id_vs_full": round(rate["prepared_by_id"] / rate["full"], 1),
             "prepare_s_per_image": round(prepare_s / n, 4)}
 
 
@@ -702,11 +821,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes on 2 CPU cores)")
     ap.add_argument("--out", default="results/perf.json")
     ap.add_argument("--only", nargs="*", default=["probe", "throughput", "clip_step", "text_cache", "loader3d", "mfu",
-                                                  "mimic_index", "loader2d", "memory", "eval", "ddp"])
+                                                  "mimic_index", "loader2d", "memory", "eval", "ddp", "attention"])
+    ap.add_argument("--gpu", action="store_true", help="paper-size CLIP/ASG steps on one GPU (perf/gpu.py)")
+    ap.add_argument("--tiny", action="store_true", help="with --gpu: tiny preset (a CPU-sized check of the path)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.gpu:
+        from perf.gpu import bench_gpu, summary
+
+        gpu = bench_gpu(args.tiny, args.steps)
+        print(summary(gpu), flush=True)
+        out = Path(args.out if args.out != "results/perf.json" else "results/perf_gpu.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(gpu, indent=2))
+        print(f"written {out}")
+        return 0
     if args.one:
         print(json.dumps(_throughput_one(args.one, args.steps or 5)))
         return 0
@@ -723,7 +854,8 @@ def main(argv: list[str] | None = None) -> int:
             "loader2d": lambda: bench_loader2d(16 if args.quick else 48),
             "memory": lambda: bench_memory(["clip", "asg", "umcl", "unimedi", "gtgm"]),
             "eval": lambda: bench_eval(args.quick),
-            "ddp": lambda: bench_ddp(steps)}
+            "ddp": lambda: bench_ddp(steps),
+            "attention": lambda: bench_attention_kernels(reps=2 if args.quick else 3)}
     for key in args.only:
         t0 = time.perf_counter()
         report[key] = jobs[key]()

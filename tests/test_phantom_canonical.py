@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from medvlp.datamodules import PhantomDataModule
-from medvlp.datamodules.phantom.datamodule import generate_split
+from medvlp.datamodules.phantom.datamodule import SplitArrays, generate_split
 from medvlp.datamodules.phantom.render import XRAY_LABELS
 from medvlp.datamodules.phantom.reports import canonical_report
 from medvlp.reports import TripletParser
@@ -21,7 +21,7 @@ def _records(folder) -> list[dict]:
 
 
 def _label_sets(folder) -> list[tuple[int, ...]]:
-    labels = np.load(folder / "arrays.npz")["labels"]
+    labels = SplitArrays(folder)["labels"]
     return [tuple(int(v) for v in row) for row in labels]
 
 
@@ -33,7 +33,7 @@ def _label_sets(folder) -> list[tuple[int, ...]]:
 def test_share_zero_is_bit_identical_to_the_free_text_generator(tmp_path, modality, size, digest) -> None:
     folder = generate_split(modality, "train", 12, size, 3, 0.4, tmp_path, canonical_reports=0.0)
     assert folder.name == {"xray": "xray_train_7ded6c6ef513", "ct": "ct_train_08e7afad4b7c"}[modality]  # same cache key
-    labels = np.load(folder / "arrays.npz")["labels"]
+    labels = SplitArrays(folder)["labels"]
     got = hashlib.sha256(json.dumps(_records(folder), sort_keys=True).encode() + labels.tobytes()).hexdigest()
     assert got == digest
 
@@ -42,7 +42,7 @@ def test_share_one_gives_one_text_per_label_set_and_keeps_labels_and_images(tmp_
     free = generate_split("xray", "train", 48, [32], 0, 0.4, tmp_path)
     canon = generate_split("xray", "train", 48, [32], 0, 0.4, tmp_path, canonical_reports=1.0)
     assert free != canon  # the share enters the cache key
-    a_free, a_canon = np.load(free / "arrays.npz"), np.load(canon / "arrays.npz")
+    a_free, a_canon = SplitArrays(free), SplitArrays(canon)
     for key in ("labels", "image", "boxes", "mask"):
         np.testing.assert_array_equal(a_free[key], a_canon[key])
     texts_by_set: dict[tuple[int, ...], set[str]] = defaultdict(set)

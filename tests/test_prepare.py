@@ -30,7 +30,7 @@ def test_prepare_mimic_counts_corrupt_inputs_and_shards_train(tmp_path: Path) ->
     bad = sorted(root.rglob("*.jpg"))[2]
     bad.write_bytes(b"not a jpeg")
     manifest = _prepare(root, tmp_path / "out", "workers=2")
-    assert manifest["dataset"] == "mimic_cxr" and manifest["spec"]["max_side"] == 256
+    assert manifest["dataset"] == "mimic_cxr" and manifest["spec"]["max_side"] == 224  # the training image_size
     assert manifest["corrupt_count"] == 1 and manifest["corrupt"][0]["path"] == str(bad)
     assert "cannot decode image" in manifest["corrupt"][0]["error"]
     dm = MIMICCXRDataModule(str(root))
@@ -225,3 +225,87 @@ def test_prepare_survives_sigkill(tmp_path: Path) -> None:
     assert manifest["last_run"]["verified_kept"] >= len(done)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # verified shards not rewritten
     assert sum(v["n_samples"] for v in manifest["splits"].values()) == 82 and not list(out.glob("*/.*.tmp"))
+
+
+def test_prepare_of_a_3d_csv_manifest_reads_volumes_and_an_empty_result_fails(tmp_path: Path) -> None:
+    from tests.test_csv_manifest import make_3d_fixture
+
+    manifest = make_3d_fixture(tmp_path / "csv3d", n=8)
+    args = ["prepare", "data=csv", f"data.init_args.manifest={manifest}", "data.init_args.image_column=volume",
+            "data.init_args.text_column=null", "data.init_args.label_columns=[Lesion]", "data.init_args.spatial_dims=3",
+            "data.init_args.volume_size=[8,16,16]", "samples_per_shard=4", "progress=false"]
+    assert main(args + [f"out={tmp_path / 'out'}"]) == 0
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["spec"]["kind"] == "volume" and index["corrupt_count"] == 0
+    assert sum(v["n_samples"] for v in index["splits"].values()) == 8
+    shards = ShardDataModule(prepared=str(tmp_path / "out"), batch_size=2)
+    assert next(iter(shards.eval_dataloader("train", 2)))["image"].shape == (2, 1, 8, 16, 16)
+    # every input unreadable: the prepare fails (non-zero exit) instead of writing empty shards
+    for vol in (tmp_path / "csv3d" / "vols").glob("*.nii.gz"):
+        vol.write_bytes(b"not a volume")
+    assert main(args + [f"out={tmp_path / 'bad'}"]) != 0
+    with pytest.raises(DataError, match="none of the 8 inputs could be read"):
+        from medvlp.datamodules.io.csv_manifest import CSVDataModule
+
+        dm = CSVDataModule(str(manifest), image_column="volume", text_column=None, label_columns=["Lesion"],
+                           spatial_dims=3, volume_size=[8, 16, 16])
+        prep.prepare(dm, tmp_path / "bad2", samples_per_shard=4, progress=False)
+
+
+def test_prepare_of_a_2d_csv_manifest_stores_uint8_at_the_training_size(tmp_path: Path) -> None:
+    from tests.test_csv_manifest import make_2d_fixture
+
+    manifest = make_2d_fixture(tmp_path / "csv2d", n=12)
+    args = ["prepare", "data=csv", f"data.init_args.manifest={manifest}", "data.init_args.image_column=path",
+            "data.init_args.text_column=findings_text", "data.init_args.label_columns=[Effusion,Nodule]",
+            "data.init_args.image_size=32", f"out={tmp_path / 'out'}", "samples_per_shard=4", "progress=false"]
+    assert main(args) == 0
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["spec"]["kind"] == "image2d" and index["spec"]["max_side"] == 32
+    first = index["splits"]["train"]["shards"][0]["name"]
+    sample = next(ShardDataModule.build_dataset.__globals__["ShardStream"].read_shard(str(tmp_path / "out" / "train" / first)))
+    assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (32, 32)
+    # what the 2D datamodule feeds the model, to uint8 rounding
+    from medvlp.datamodules.io.csv_manifest import CSVDataModule
+
+    dm = CSVDataModule(str(manifest), image_column="path", text_column="findings_text",
+                       label_columns=["Effusion", "Nodule"], image_size=32)
+    rec = next(r for r in dm.records("train") if str(r["id"]) == sample["meta"]["id"])
+    want = dm.load(rec, augment=False)["image"]
+    got = prep.normalise_batch(sample["image"][None])
+    assert (got - want).abs().max() <= 0.5 / 255 / 0.25 + 1e-6
+    assert main(args[:-3] + [f"out={tmp_path / 'out64'}", "size=64", "progress=false"]) == 0
+    assert json.loads((tmp_path / "out64" / "index.json").read_text())["spec"]["max_side"] == 64  # size= honoured
+
+
+def test_shard_readers_verify_member_hashes(tmp_path: Path) -> None:
+    root = fx.make_mimic(tmp_path / "mimic", n=6)
+    out = tmp_path / "out"
+    _prepare(root, out, "samples_per_shard=100")
+    tar = out / "train" / "shard-000000.tar"
+    import tarfile
+
+    with tarfile.open(tar) as tf:
+        txt = next(m for m in tf.getmembers() if m.name.endswith(".txt"))
+    off, size = txt.offset_data, txt.size
+    data = bytearray(tar.read_bytes())
+    data[off + size // 2] ^= 0x01  # one flipped bit in a report
+    tar.write_bytes(bytes(data))
+    shards = ShardDataModule(prepared=str(out), image_size=32, batch_size=2)
+    with pytest.raises(DataError, match=r"member .*\.txt .* sha256"):
+        next(iter(shards.eval_dataloader("train", 2)))
+    unverified = ShardDataModule(prepared=str(out), image_size=32, batch_size=2, verify_hashes=False)
+    assert next(iter(unverified.eval_dataloader("train", 2)))["image"].shape == (2, 1, 32, 32)
+
+
+def test_full_decode_resizes_in_8_bits_and_matches_the_float_reference(tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "cxr.jpg"
+    Image.fromarray(_radiograph(1000, 820)).save(path, quality=95)
+    reference = resize_2d(read_image_2d(path), 224)  # full-resolution float, min-max, antialiased bilinear
+    full = resize_2d(read_image_2d(path, max_side=224, full_decode=True), 224)
+    assert full.shape == reference.shape == (1, 224, 224)
+    assert float((full - reference).abs().max()) <= 2.0 / 255  # the 8-bit rounding of the resize
+    assert float((full - reference).abs().mean()) <= 1.0 / 255
+    assert float(full.min()) >= 0.0 and float(full.max()) <= 1.0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from medvlp.cli import main
@@ -63,3 +65,22 @@ def test_every_rank_gets_the_same_batches_with_uneven_shards(tmp_path: Path) -> 
         assert epochs[0] != epochs[1]  # the epoch reaches persistent workers
     assert counts[0] == counts[1] == [12, 12]  # 13 samples per rank: 7 + 6 per worker → 3 + 3 batches of 2
     assert len(set(ids[0][0]) | set(ids[1][0])) >= 20  # ranks read mostly different samples
+
+
+@pytest.mark.parametrize("arr", [np.arange(224 * 200, dtype=np.uint8).reshape(224, 200),
+                                 np.linspace(0, 1, 60, dtype=np.float16).reshape(3, 4, 5),
+                                 np.arange(7, dtype=np.int64), np.array(3.5, dtype=np.float32),
+                                 np.asfortranarray(np.ones((3, 2), np.float32))])
+def test_load_npy_matches_np_load_without_copying(arr) -> None:
+    import io as _io
+
+    from medvlp.datamodules.io.shards import load_npy
+
+    buf = _io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    data = bytearray(buf.getvalue())
+    got = load_npy(memoryview(data))
+    np.testing.assert_array_equal(got, arr)
+    assert got.dtype == arr.dtype and got.shape == arr.shape
+    if arr.flags.c_contiguous and arr.ndim:
+        assert got.flags.writeable and np.shares_memory(got, np.frombuffer(data, np.uint8))  # a view, no copy

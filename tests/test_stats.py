@@ -205,9 +205,9 @@ def test_instance_voi_run_flags_a_decoder_without_boundaries_and_stores_per_volu
     inst = torch.from_numpy(np.repeat(np.arange(1, 5), 16).reshape(1, 1, 4, 4, 4)).repeat(2, 1, 1, 1, 1)
     prob = torch.zeros(2, 2, 4, 4, 4)
     prob[:, 0] = 1.0  # background everywhere: no boundary predicted
-    out = {"prob": prob, "instances": inst, "ids": ["a", "b"], "split_hash": "h", "how": "test"}
+    out = {"instances": inst, "ids": ["a", "b"], "split_hash": "h", "how": "test"}
     proto = InstanceVOI()
-    monkeypatch.setattr(proto, "fit_predict", lambda ctx, f, s: out)
+    monkeypatch.setattr(proto, "fit_stream", lambda ctx, f, s: {**out, "batches": iter([([0, 1], None, prob)])})
     res = proto.run(None)
     assert res.flags and res.flags[0].startswith("degenerate")
     assert res.samples["voi"] == pytest.approx([math.log(4)] * 2)

@@ -42,7 +42,9 @@ def test_prefix_cache_trains_only_the_unfrozen_layers_and_keeps_modes() -> None:
     cached(TEXTS)["pooled"].sum().backward()
     with_grad = {n for n, p in cached.named_parameters() if p.grad is not None}
     assert with_grad and all(n.startswith("model.encoder.layer.1.") for n in with_grad)
-    assert all(m.training for m in cached.modules())  # the prefix ran in eval mode only temporarily
+    frozen = {id(m) for part in (cached.model.embeddings, cached.model.encoder.layer[0]) for m in part.modules()}
+    # modes survive the cached forward: the frozen prefix stays in eval mode (no dropout), the rest trains
+    assert all(m.training != (id(m) in frozen) for m in cached.modules())
 
 
 def test_prefix_cache_evicts_least_recently_used_and_clears_on_load() -> None:
@@ -64,3 +66,30 @@ def test_prefix_cache_of_a_fully_frozen_encoder_and_config_errors() -> None:
         TextEncoder("builtin:tiny", prefix_cache=4)
     with pytest.raises(ValueError, match=">= 0"):
         TextEncoder("builtin:tiny", freeze_layers=1, prefix_cache=-1)
+
+
+def test_frozen_layers_run_without_dropout_in_training_mode() -> None:
+    import torch
+
+    from medvlp.encoders.text import TextEncoder
+
+    torch.manual_seed(0)
+    enc = TextEncoder("builtin:tiny", freeze_layers=1)
+    enc.model.config.hidden_dropout_prob = 0.5
+    for m in enc.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5  # make dropout impossible to miss
+    enc.train()  # as Lightning does before each training epoch
+    assert enc.training and enc.model.encoder.layer[1].training
+    assert not enc.model.embeddings.training and not enc.model.encoder.layer[0].training
+    inputs = enc.tokenize(["mild cardiomegaly", "no pleural effusion"])
+    with enc._swapped(enc.model.embeddings, enc.model.encoder.layer[:1]):  # the frozen prefix alone
+        a = enc.model(**{k: v for k, v in inputs.items() if k != "offset_mapping"}).last_hidden_state
+        b = enc.model(**{k: v for k, v in inputs.items() if k != "offset_mapping"}).last_hidden_state
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # deterministic in training mode
+    full_a, full_b = enc(["mild cardiomegaly"])["pooled"], enc(["mild cardiomegaly"])["pooled"]
+    assert not torch.equal(full_a, full_b)  # the trainable layer still drops out
+    official = TextEncoder("builtin:tiny", freeze_layers=1, frozen_dropout=True).train()
+    assert official.model.encoder.layer[0].training  # the ASG/GTGM behaviour on request
+    frozen_all = TextEncoder("builtin:tiny", freeze=True).train()
+    assert not any(m.training for m in frozen_all.model.modules())

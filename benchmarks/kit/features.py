@@ -1,10 +1,20 @@
-"""Feature extraction once per (checkpoint, dataset, split), cached on disk and reused by every probe."""
+"""Feature extraction once per (checkpoint, dataset, split), cached on disk and reused by every probe.
+
+The in-memory side of the cache holds a model's entries only while the runner evaluates it:
+:meth:`FeatureCache.release` drops them (features and frozen segmentation maps) and the lazy report
+encoders hold the model through a weak reference, so a finished model is freed before the next one
+pretrains; :func:`trim_heap` then hands glibc's freed heap back to the system.
+"""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import io
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -142,6 +152,7 @@ class FeatureCache:
         self.root = Path(root) if root else None
         self._memory: dict[str, Features] = {}
         self._pinned: dict[int, str] = {}  # id(model) -> fingerprint, while the runner evaluates it
+        self._keys_of: dict[int, set[str]] = {}  # id(model) -> in-memory keys it read, until release()
         self.hits = 0
         self.misses = 0
         self.counts: dict[str, int] = {"image_forwards": 0, "text_forwards": 0, "map_forwards": 0}
@@ -151,7 +162,21 @@ class FeatureCache:
         """Frozen segmentation maps of (weights, dataset, split), computed once (see :class:`MapCache`)."""
         if self._maps is None:
             self._maps = MapCache(self.root, self.counts)
-        return self._maps.get(model, datamodule, split, self.key(model, datamodule, split), device)
+        key = self.key(model, datamodule, split)
+        self._keys_of.setdefault(id(model), set()).add(key)
+        return self._maps.get(model, datamodule, split, key, device)
+
+    def release(self, model: Any) -> int:
+        """Drop the in-memory features and segmentation maps that ``model`` read (the disk cache stays).
+
+        The runner calls this when it is done with a model, so neither the model (held by lazy report
+        encoders only weakly) nor its arrays outlive its evaluation. Returns the number of entries dropped.
+        """
+        keys = self._keys_of.pop(id(model), set())
+        dropped = sum(self._memory.pop(k, None) is not None for k in keys)
+        if self._maps is not None:
+            dropped += sum(self._maps.release(k) for k in keys)
+        return dropped
 
     def pin(self, model: Any, fingerprint: str) -> None:
         """Reuse ``fingerprint`` for ``model`` (weights unchanged until :meth:`unpin`): hashed once per model."""
@@ -169,10 +194,15 @@ class FeatureCache:
 
     def _text_fn(self, model: Any, key: str, device: str | torch.device) -> Callable[[Features], np.ndarray]:
         path = self.root / f"{key}.text.npy" if self.root else None
+        ref = weakref.ref(model)  # the cache must not keep an evaluated model alive
 
         def compute(feats: Features) -> np.ndarray:
             if path is not None and path.is_file():
                 return np.load(path, allow_pickle=False)
+            model = ref()
+            if model is None:
+                raise RuntimeError(f"feature cache entry {key}: its model was freed before the report "
+                                   "embeddings were read")
             emb = encode_texts(model, feats.texts, feats.image_embedding.shape[1], device, counter=self.counts)
             if path is not None:
                 buf = io.BytesIO()
@@ -185,6 +215,7 @@ class FeatureCache:
     def get(self, model: Any, datamodule: Any, split: str, device: str | torch.device = "cpu") -> Features:
         """Cached features, extracting them on a miss."""
         key = self.key(model, datamodule, split)
+        self._keys_of.setdefault(id(model), set()).add(key)
         if key in self._memory:
             self.hits += 1
             return self._memory[key]
@@ -215,7 +246,8 @@ class SplitMaps:
     levels: list[np.ndarray]
     masks: torch.Tensor
     ids: list[str]
-    instances: torch.Tensor | None
+    #: ``(N, 1, *size)`` instance ids: a read-only memmap with a cache folder (rows read on access)
+    instances: torch.Tensor | np.ndarray | None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -251,12 +283,16 @@ class MapCache:
             meta = json.loads(done.read_text())
             levels = [np.load(folder / f"level{i}.npy", mmap_mode="r") for i in range(meta["levels"])]
             masks = torch.from_numpy(np.load(folder / "masks.npy"))
-            inst = torch.from_numpy(np.load(folder / "instances.npy")) if meta["instances"] else None
+            inst = np.load(folder / "instances.npy", mmap_mode="r") if meta["instances"] else None
             maps = SplitMaps(levels, masks, meta["ids"], inst)
         else:
             maps = self._compute(model, datamodule, split, device, batch_size, folder)
         self._memory[key] = maps
         return maps
+
+    def release(self, key: str) -> bool:
+        """Forget the in-memory maps of ``key`` (memmaps closed once unreferenced); True if there were any."""
+        return self._memory.pop(key, None) is not None
 
     @torch.no_grad()
     def _compute(self, model: Any, datamodule: Any, split: str, device: str | torch.device, batch_size: int,
@@ -266,6 +302,7 @@ class MapCache:
         n_max = len(datamodule.dataset(split, augment=False))
         levels: list[np.ndarray] = []
         masks, ids, instances = [], [], []
+        inst_map: np.ndarray | None = None  # with a folder, EM instance ids stream into a memmap too
         pos = 0
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -280,40 +317,50 @@ class MapCache:
                           for i, m in enumerate(out)]
             for level, m in zip(levels, out):
                 level[pos:pos + len(m)] = m
-            pos += img.shape[0]
             masks.append(batch["mask"].long())
-            if "instances" in batch:
+            if "instances" in batch and folder is not None:
+                if inst_map is None:
+                    inst_map = np.lib.format.open_memmap(folder / ".instances.npy.tmp", "w+", np.int64,
+                                                         (n_max, *batch["instances"].shape[1:]))
+                inst_map[pos:pos + img.shape[0]] = batch["instances"].numpy()
+            elif "instances" in batch:
                 instances.append(batch["instances"].long())
+            pos += img.shape[0]
             ids.extend(_sample_ids(batch, len(ids)))
             self.counts["map_forwards"] = self.counts.get("map_forwards", 0) + img.shape[0]
         if not levels:
             raise ValueError(f"{type(datamodule).__name__}: no readable sample in split {split!r}")
         mask_t = torch.cat(masks)
-        inst_t = torch.cat(instances) if instances else None
         if folder is None:
-            return SplitMaps([level[:pos] for level in levels], mask_t, ids, inst_t)
-        import os
-
-        for i, level in enumerate(levels):
-            tmp = folder / f".level{i}.npy.tmp"
-            if pos < n_max:  # skipped samples: keep the first `pos` rows
-                small = np.lib.format.open_memmap(folder / f".level{i}.small.tmp", "w+", np.float32, (pos, *level.shape[1:]))
-                small[:] = level[:pos]
-                small.flush()
-                del small
-                os.replace(folder / f".level{i}.small.tmp", tmp)
-            else:
-                level.flush()
-            os.replace(tmp, folder / f"level{i}.npy")
-        n_levels = len(levels)
-        del levels
+            return SplitMaps([level[:pos] for level in levels], mask_t, ids, torch.cat(instances) if instances else None)
+        arrays = [(f"level{i}", level) for i, level in enumerate(levels)]
+        if inst_map is not None:
+            arrays.append(("instances", inst_map))
+        for name, arr in arrays:
+            _finish_memmap(folder, name, arr, pos)
+        n_levels, has_inst = len(levels), inst_map is not None
+        del levels, arrays, inst_map
         _save_npy(folder / "masks.npy", mask_t.numpy())
-        if inst_t is not None:
-            _save_npy(folder / "instances.npy", inst_t.numpy())
         atomic_write_bytes(folder / "meta.json", json.dumps({"levels": n_levels, "ids": ids,
-                                                             "instances": inst_t is not None}).encode())
-        return SplitMaps([np.load(folder / f"level{i}.npy", mmap_mode="r") for i in range(n_levels)],
-                         mask_t, ids, inst_t)
+                                                             "instances": has_inst}).encode())
+        return SplitMaps([np.load(folder / f"level{i}.npy", mmap_mode="r") for i in range(n_levels)], mask_t, ids,
+                         np.load(folder / "instances.npy", mmap_mode="r") if has_inst else None)
+
+
+def _finish_memmap(folder: Path, name: str, arr: np.ndarray, rows: int) -> None:
+    """Rename the streamed ``.<name>.npy.tmp`` memmap to ``<name>.npy``, keeping its first ``rows`` rows."""
+    import os
+
+    tmp = folder / f".{name}.npy.tmp"
+    if rows < len(arr):  # skipped samples: keep the first `rows` rows
+        small = np.lib.format.open_memmap(folder / f".{name}.small.tmp", "w+", arr.dtype, (rows, *arr.shape[1:]))
+        small[:] = arr[:rows]
+        small.flush()
+        del small
+        os.replace(folder / f".{name}.small.tmp", tmp)
+    else:
+        arr.flush()
+    os.replace(tmp, folder / f"{name}.npy")
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -321,3 +368,23 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
     with atomic_target(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, arr, allow_pickle=False)
+
+
+def trim_heap() -> bool:
+    """Collect garbage and return freed heap pages to the system (glibc ``malloc_trim(0)``).
+
+    glibc keeps freed arenas mapped, so without this the process's RSS only ratchets up from one model to
+    the next. A no-op returning False where the C library has no ``malloc_trim`` (musl, macOS, Windows).
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+def _malloc_trim() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
+        return getattr(libc, "malloc_trim", None)
+    except OSError:
+        return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -186,9 +186,9 @@ class Segmentation(Protocol):
         def step(idx: list[int]) -> torch.Tensor:
             return loss_fn(decoder(self._maps(model, train_x, idx, frozen, ctx.device), size), train_y[idx].to(ctx.device))
 
-        def predict(xs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def predict_batches(xs: Any) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+            """``(rows, pred, prob)`` per batch of ``xs`` with the current weights (nothing kept between batches)."""
             model.eval()
-            preds, probs = [], []
             with torch.no_grad():
                 for start in range(0, len(xs), bs):
                     idx = list(range(start, min(start + bs, len(xs))))
@@ -199,8 +199,13 @@ class Segmentation(Protocol):
                         imgs = torch.stack([xs[i] for i in idx]).to(ctx.device)
                         logits = sliding_window_inference(
                             imgs, roi, 2, lambda x: decoder(model.image_feature_maps(x), tuple(x.shape[2:])))
-                    preds.append(logits.argmax(1, keepdim=True).cpu())
-                    probs.append(torch.softmax(logits, 1).cpu())
+                    yield idx, logits.argmax(1, keepdim=True).cpu(), torch.softmax(logits, 1).cpu()
+
+        def predict(xs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            preds, probs = [], []
+            for _, pred, prob in predict_batches(xs):
+                preds.append(pred)
+                probs.append(prob)
             return torch.cat(preds), torch.cat(probs)
 
         # selection on the headline Dice of the validation split; on the mean validation loss when that Dice is
@@ -227,7 +232,7 @@ class Segmentation(Protocol):
             set_train_mode=None if frozen else model.train,
             info={"rows": rows, "split_hash": subset_hash, "num_classes": num_classes, "n_val": len(val_y),
                   "mode": "frozen encoder" if frozen else "full fine-tune"})
-        return trainer, {"predict": predict, "decoder": decoder, "model": model, "test_x": test_x, "test_y": test_y,
+        return trainer, {"predict": predict, "predict_batches": predict_batches, "decoder": decoder, "model": model, "test_x": test_x, "test_y": test_y,
                          "test_ids": test_ids, "test_instances": test_inst}
 
     def fit_predict(self, ctx: EvalContext, fraction: float, seed: int) -> dict[str, Any]:
@@ -239,10 +244,7 @@ class Segmentation(Protocol):
         info = trainer.info
         return {"pred": pred, "prob": prob, "target": parts["test_y"], "instances": parts["test_instances"],
                 "num_classes": info["num_classes"], "split_hash": info["split_hash"], "ids": parts["test_ids"],
-                "selection": selection_fields(result, trainer),
-                "how": (f"{info['mode']}, {result.epochs_run} epochs on {len(info['rows'])} train images, "
-                        f"{selection_text(result, trainer)} on {info['n_val']} validation images, "
-                        f"N_test={len(pred)}")}
+                "selection": selection_fields(result, trainer), "how": _how(trainer, result, len(pred))}
 
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
         out = self.fit_predict(ctx, fraction, seed)
@@ -264,6 +266,13 @@ class Segmentation(Protocol):
         if frozen:
             return xs.rows(idx, device)
         return model.image_feature_maps(torch.stack([xs[i] for i in idx]).to(device))
+
+
+def _how(trainer: HeadTrainer, result: Any, n_test: int) -> str:
+    """The run's description in each metric's definition (mode, epochs, selection, split sizes)."""
+    info = trainer.info
+    return (f"{info['mode']}, {result.epochs_run} epochs on {len(info['rows'])} train images, "
+            f"{selection_text(result, trainer)} on {info['n_val']} validation images, N_test={n_test}")
 
 
 def dice_samples(pred: torch.Tensor, target: torch.Tensor, num_classes: int, metrics: dict[str, str],
@@ -345,15 +354,30 @@ class InstanceVOI(Segmentation):
         sample = ctx.datamodule.dataset("test", augment=False)[0]
         return super().applicable(ctx) if sample is not None and "instances" in sample else "dataset has no instance labels"
 
+    def fit_stream(self, ctx: EvalContext, fraction: float, seed: int) -> dict[str, Any]:
+        """Train as :meth:`fit_predict`, but return the test predictions as a stream: ``batches`` yields
+        ``(rows, pred, prob)`` per test batch (computed when iterated), beside ``instances``, ``ids``,
+        ``split_hash``, ``selection`` and ``how``."""
+        trainer, parts = self.build(ctx, fraction, seed)
+        result = fit(trainer)
+        return {"batches": parts["predict_batches"](parts["test_x"]), "instances": parts["test_instances"],
+                "ids": parts["test_ids"], "split_hash": trainer.info["split_hash"],
+                "selection": selection_fields(result, trainer), "how": _how(trainer, result, len(parts["test_ids"]))}
+
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
-        out = self.fit_predict(ctx, fraction, seed)
+        # streamed: each test batch's boundary probabilities become instances and VOI terms, then are dropped
+        # (never the whole test split's probabilities, nor its instance volumes, in memory at once)
+        out = self.fit_stream(ctx, fraction, seed)
+        instances = out["instances"]
         splits, merges, trivial = [], [], []
-        for prob, inst in zip(out["prob"], out["instances"]):
-            pred = instances_from_boundaries(prob[1].numpy())
-            trivial.append(sum(voi(np.ones_like(inst[0].numpy()), inst[0].numpy())))
-            s, m = voi(pred, inst[0].numpy())
-            splits.append(s)
-            merges.append(m)
+        for idx, _, prob in out["batches"]:
+            for row, i in enumerate(idx):
+                inst = np.asarray(instances[i][0])
+                pred = instances_from_boundaries(prob[row, 1].numpy())
+                trivial.append(sum(voi(np.ones_like(inst), inst)))
+                s, m = voi(pred, inst)
+                splits.append(s)
+                merges.append(m)
         d = f"variation of information (nats) vs ground-truth ids, mean over test volumes; {out['how']}"
         split, merge = np.asarray(splits, np.float64), np.asarray(merges, np.float64)
         samples = {"ids": np.asarray([str(i) for i in out["ids"]]), "voi": split + merge, "voi_split": split,

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medvlp.benchmarks.suite.experiments import write_experiment
-from medvlp.benchmarks.kit.features import FeatureCache, model_fingerprint
+from medvlp.benchmarks.kit.features import FeatureCache, model_fingerprint, trim_heap
 from medvlp.benchmarks.suite.paper_view import model_fields, pretrain_data_of, row_fields
 from medvlp.benchmarks.kit.protocol import RUNNER_KEYS, EvalContext, split_protocol_entry
 from medvlp.benchmarks.suite.results import ResultStore
@@ -214,6 +214,9 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
             _evaluate_model(suite, store, cache, datasets, only, protocols, label, entry, model, ckpt, chash,
                             "" if pseed is None else pseed, device, progress, per_model, prov,
                             data_cfg=None if cfg is None or ckpt == "random-init" else cfg.get("data"))
+            cache.release(model)  # its cached features/maps leave memory; then the model itself, before the next
+            del model  # one pretrains (the disk cache keeps everything for reruns)
+            trim_heap()
     log.info("feature cache: %d hits, %d misses", cache.hits, cache.misses)
     return store.path
 

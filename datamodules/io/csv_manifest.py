@@ -205,7 +205,10 @@ class CSVDataModule(VolumeDataModule):
         return RecordDataModule.build_dataset(self, split, augment)
 
     def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
-        """One 2D sample in the batch schema (3D samples go through the MONAI pipeline)."""
+        """One sample in the batch schema: 2D through the image reader, 3D through the MONAI volume pipeline
+        (:meth:`VolumeDataModule.load <medvlp.datamodules.volume.base.VolumeDataModule.load>`)."""
+        if self.dims == 3:
+            return super().load(record, augment)
         img = resize_2d(read_image_2d(record["image"], nonfinite=self.nonfinite), self.image_size)
         if augment:
             img = img * (1 + 0.1 * (2 * torch.rand(1) - 1)) + 0.1 * (2 * torch.rand(1) - 1)

@@ -6,10 +6,12 @@ Output folder layout::
     <out>/<split>/shard-000000.tar        WebDataset-layout shard (``<key>.npy`` / ``<key>.npz`` + ``<key>.json``)
     <out>/<split>/shard-000000.json       sidecar: sha256 of the tar, the ids it holds, member offsets, corrupt inputs
 
-2D images are decoded once by the optimised reader (:func:`~medvlp.datamodules.io.readers.read_image_2d` with
-``max_side``: JPEG DCT draft, area resize before float conversion), min-max scaled and stored as ``uint8``
-``(H, W)`` with the longer side ``size`` (aspect kept; the datamodule pads/resizes to its ``image_size`` at
-load). 3D volumes are stored after the datamodule's deterministic steps (read, HU rescale, orientation,
+2D images (X-ray layouts and 2D CSV manifests) are decoded once by the optimised reader
+(:func:`~medvlp.datamodules.io.readers.read_image_2d` with ``max_side``: JPEG DCT draft, area resize before
+float conversion), min-max scaled, zero-padded to a square and stored as ``uint8`` ``(size, size)``, ``size``
+being the training ``image_size`` by default: exactly what the datamodules' fast path feeds the model, so a
+reader only stacks them and normalises each batch once (:class:`PreparedCollate`). 3D volumes (including 3D
+CSV manifests, through the MONAI volume pipeline) are stored after the datamodule's deterministic steps (read, HU rescale, orientation,
 spacing, window, resize: everything before the random augmentations) as compressed ``.npz`` (``image``
 float16 ``(C, D, H, W)`` in [0, 1], plus ``mask``/``instances`` where the dataset has them).
 
@@ -40,7 +42,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from medvlp.datamodules.io.csv_manifest import CSVDataModule
 from medvlp.datamodules.io.readers import DataError, image_shape_2d, read_image_2d
+from medvlp.datamodules.tabular import resize_2d
+from medvlp.datamodules.volume.base import VolumeDataModule
+from medvlp.datamodules.xray.chest import XrayDataModule
 from medvlp.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -61,18 +67,34 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare_spec(dm: Any, size: int = 256) -> dict[str, Any]:
+def is_2d(dm: Any) -> bool:
+    """Whether ``dm``'s records are 2D images (X-ray layouts, a 2D CSV manifest) rather than volumes."""
+    return isinstance(dm, XrayDataModule) or (isinstance(dm, CSVDataModule) and dm.spatial_dims == 2)
+
+
+def default_size(dm: Any) -> int:
+    """The stored 2D side: the datamodule's training ``image_size`` (resized once, never again at load)."""
+    return int(getattr(dm, "image_size", 224))
+
+
+def prepare_spec(dm: Any, size: int | None = None) -> dict[str, Any]:
     """The preprocessing spec of ``dm`` (what the stored arrays depend on); its hash names the spec.
+
+    2D images are stored as the datamodule itself makes them at ``image_size = size`` (default: its own
+    ``image_size``), with its own decode kernel (``decode: fast``: JPEG draft + area resize on the 8-bit
+    image; ``full`` and CSV manifests: full decode, then :func:`resize_2d`), min-max scaled, zero-padded to a
+    ``size × size`` square and rounded to ``uint8``.
 
     Raises:
         ValueError: for datamodules without a record index (phantom, mixed, shards).
     """
-    from medvlp.datamodules.volume.base import VolumeDataModule
-    from medvlp.datamodules.xray.chest import XrayDataModule
-
-    if isinstance(dm, XrayDataModule):
-        return {"kind": "image2d", "dtype": "uint8", "max_side": int(size), "intensity": "min-max to 0..255",
-                "resample": "JPEG draft + area (PIL BOX) when shrinking, bilinear when enlarging", "modality": dm.modality}
+    if is_2d(dm):
+        decode = getattr(dm, "decode", "full")  # a CSV manifest's 2D loader decodes in full
+        resample = ("JPEG draft + area (PIL BOX) when shrinking, bilinear when enlarging" if decode == "fast" else
+                    "full decode, min-max, antialiased bilinear (resize_2d)")
+        return {"kind": "image2d", "dtype": "uint8", "max_side": int(size or default_size(dm)), "decode": decode,
+                "layout": "square: longer side max_side, zero-padded (resize_2d)", "intensity": "min-max to 0..255",
+                "resample": resample, "modality": dm.modality}
     if isinstance(dm, VolumeDataModule):
         return {"kind": "volume", "dtype": "float16", "layout": "C,D,H,W in [0,1]", "modality": dm.modality,
                 "volume_size": list(dm.volume_size), "pixdim": list(dm.pixdim) if dm.pixdim else None,
@@ -132,9 +154,11 @@ def encode_record(dm: Any, record: Mapping[str, Any], spec: Mapping[str, Any]) -
     """
     meta: dict[str, Any] = {"id": str(record["id"]), "modality": spec["modality"], "label_names": dm.label_names or None}
     if spec["kind"] == "image2d":
-        path = Path(record["path"])
-        img = read_image_2d(path, max_side=spec["max_side"])
-        arr = np.round(img * 255).astype(np.uint8)
+        path = Path(record["path"] if "path" in record else record["image"])  # X-ray layouts | CSV manifest
+        size = int(spec["max_side"])
+        max_side = size if spec.get("decode", "fast") == "fast" else None
+        img = resize_2d(read_image_2d(path, nonfinite=getattr(dm, "nonfinite", "fail"), max_side=max_side), size)[0]
+        arr = np.round(img.numpy() * 255).astype(np.uint8)
         meta["meta"] = {"id": str(record["id"]), "path": str(path), "orig_shape": list(image_shape_2d(path))}
         meta["labels"] = _labels_json(record.get("labels"))
         if record.get("text"):
@@ -168,9 +192,7 @@ def _deterministic_sample(dm: Any, record: Mapping[str, Any]) -> dict[str, Any]:
     ``resize: random_crop`` (stored padded, cropped at load: random in training, centre otherwise)."""
     from monai.transforms import Compose
 
-    from medvlp.datamodules.volume.base import VolumeDataModule
-
-    if type(dm).load is not VolumeDataModule.load:  # datamodules that cut their own samples (EM)
+    if type(dm).load not in (VolumeDataModule.load, CSVDataModule.load):  # datamodules that cut their own samples (EM)
         return dm.load(record, augment=False)
     item = Compose(dm.deterministic_steps())(dm._monai_input(record))
     sample = dm.to_sample(item, record)
@@ -227,11 +249,16 @@ def write_shard(dm: Any, plan: ShardPlan, out: Path, spec: Mapping[str, Any], sp
     data = buf.getvalue()
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # member offsets for random access
         where = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+    by_key: dict[str, dict[str, list[Any]]] = {}
+    for name, (off, size) in where.items():  # every member's [offset, size, sha256]: readers verify them
+        key, _, ext = name.rpartition(".")
+        by_key.setdefault(key, {})[ext] = [off, size, hashlib.sha256(data[off:off + size]).hexdigest()]
     samples = []
     for sid, key in keys:
         ext = "npy" if f"{key}.npy" in where else "npz"
+        members = by_key[key]
         samples.append({"id": sid, "key": key, "ext": ext, "offset": where[f"{key}.{ext}"][0],
-                        "size": where[f"{key}.{ext}"][1], "json": list(where[f"{key}.json"])})
+                        "size": where[f"{key}.{ext}"][1], "json": list(where[f"{key}.json"]), "members": members})
     folder = out / plan.split
     atomic_write_bytes(folder / f"{plan.name}.tar", data)
     sidecar = {"shard": f"{plan.name}.tar", "split": plan.split, "sha256": hashlib.sha256(data).hexdigest(),
@@ -291,7 +318,31 @@ def _check_existing(out: Path, dataset: str, spec_hash: str, samples_per_shard: 
                         f"not {samples_per_shard}")
 
 
-def prepare(dm: Any, out: str | Path, size: int = 256, samples_per_shard: int = 1000, workers: int = 1,
+def check_outcome(dm: Any, manifest: Mapping[str, Any], out: Path) -> None:
+    """Refuse a prepare that produced nothing usable, after its manifest was written (it names the inputs).
+
+    Raises:
+        DataError: no sample in any split, a split with records but no sample, or more corrupt inputs than
+            the datamodule's skip policy allows (``max_skip_fraction``, or any under ``on_error: fail``).
+    """
+    records = sum(v["n_records"] for v in manifest["splits"].values())
+    samples = sum(v["n_samples"] for v in manifest["splits"].values())
+    first = "; ".join(f"{c['path'] or c['id']}: {c['error']}" for c in manifest["corrupt"][:3])
+    where = f"prepare {manifest['dataset']} into {out}"
+    if records and not samples:
+        raise DataError(f"{where}: none of the {records} inputs could be read (first errors: {first})")
+    empty = [k for k, v in manifest["splits"].items() if v["n_records"] and not v["n_samples"]]
+    if empty:
+        raise DataError(f"{where}: split(s) {empty} hold no readable sample (first errors: {first})")
+    bad, limit = manifest["corrupt_count"], float(getattr(dm, "max_skip_fraction", 0.5))
+    if getattr(dm, "on_error", "skip") == "fail" and bad:
+        raise DataError(f"{where}: {bad} corrupt inputs under on_error=fail (first errors: {first})")
+    if bad > limit * records:
+        raise DataError(f"{where}: {bad} of {records} inputs are corrupt, more than max_skip_fraction={limit} "
+                        f"(named in {out / INDEX}; first errors: {first})")
+
+
+def prepare(dm: Any, out: str | Path, size: int | None = None, samples_per_shard: int = 1000, workers: int = 1,
             splits: Sequence[str] = SPLITS, progress: bool = True, source: Mapping[str, Any] | None = None
             ) -> dict[str, Any]:
     """Convert ``dm``'s splits into shards under ``out`` (resumable); returns the manifest.
@@ -299,7 +350,8 @@ def prepare(dm: Any, out: str | Path, size: int = 256, samples_per_shard: int = 
     Args:
         dm: a record datamodule (X-ray, CT, MRI, EM).
         out: output folder (created; a rerun resumes into it).
-        size: longer side of stored 2D images (256 for 224 crops, as MGCA/ASG resize before cropping).
+        size: side of the stored (square, padded) 2D images; default the datamodule's ``image_size``, the
+            size it trains at (with ``crop_size``, ``image_size`` is the resize before cropping: MGCA/ASG 256).
         samples_per_shard: records per shard.
         workers: encoding processes (1 = in this process).
         splits: splits to convert (empty splits are recorded with no shards).
@@ -307,7 +359,8 @@ def prepare(dm: Any, out: str | Path, size: int = 256, samples_per_shard: int = 
         source: the datamodule config (``name``/``init_args``) recorded in the manifest.
 
     Raises:
-        DataError: when ``out`` holds shards of another spec or dataset, or a listed split index fails.
+        DataError: when ``out`` holds shards of another spec or dataset, a listed split index fails, or the
+            result holds no sample or more corrupt inputs than the skip policy allows (:func:`check_outcome`).
     """
     out = Path(out)
     spec = prepare_spec(dm, size)
@@ -361,6 +414,7 @@ def prepare(dm: Any, out: str | Path, size: int = 256, samples_per_shard: int = 
     atomic_write_text(out / INDEX, json.dumps(manifest, indent=1))
     if manifest["corrupt"]:
         log.warning("prepare: %d corrupt inputs skipped (named in %s)", len(manifest["corrupt"]), out / INDEX)
+    check_outcome(dm, manifest, out)
     return manifest
 
 
@@ -445,10 +499,13 @@ def shard_counts(folder: str | Path, split: str) -> list[tuple[Path, int]]:
 
 
 class PreparedDecode:
-    """Turn a prepared sample (as read from a shard) into the datamodules' tensors: 2D ``uint8`` →
-    [0, 1] → resize/pad to ``image_size`` → ``(x − 0.5) / 0.25``; volumes [0, 1] → ``(x − 0.5) / 0.25``.
+    """Turn a prepared sample (as read from a shard) into the datamodules' tensors, before normalisation.
 
-    Picklable, so it runs in DataLoader workers (inside the collate function)."""
+    2D: the stored ``uint8`` square stays ``uint8`` ``(1, S, S)`` when ``S`` is the ``image_size`` (the
+    default of :func:`prepare`); another stored size is resized to ``image_size`` (float in [0, 1]). Volumes
+    ([0, 1]) get the centre crop of ``resize: random_crop``. :class:`PreparedCollate` normalises the batch
+    (``(x − 0.5) / 0.25``) once. Picklable, so it runs in DataLoader workers (inside the collate function).
+    """
 
     def __init__(self, spec: Mapping[str, Any], image_size: int) -> None:
         self.kind, self.image_size = spec["kind"], image_size
@@ -456,29 +513,41 @@ class PreparedDecode:
         self.crop = list(spec["volume_size"]) if spec.get("resize") == "random_crop" else None
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        from medvlp.datamodules.tabular import resize_2d
-
         img = sample["image"]
         if self.kind == "image2d":
-            arr = img.numpy().reshape(img.shape[-2:]) / 255.0
-            img = resize_2d(arr.astype(np.float32), self.image_size)
+            h, w = img.shape[-2:]
+            if (h, w) == (self.image_size, self.image_size):
+                img = img.unsqueeze(0) if img.ndim == 2 else img.reshape(1, h, w)
+            else:  # prepared at another size: one resize, in float
+                img = resize_2d(img.reshape(h, w).numpy().astype(np.float32) / 255.0, self.image_size)
         if self.crop is not None:
             img = _center_crop(img, self.crop)
             for k in ("mask", "instances"):
                 if k in sample:
                     sample[k] = _center_crop(sample[k], self.crop)
-        sample["image"] = (img.float() - 0.5) / 0.25
+        sample["image"] = img
         return sample
 
 
+def normalise_batch(image: torch.Tensor) -> torch.Tensor:
+    """``(x − 0.5) / 0.25`` of a batch in [0, 1] units: ``uint8`` (0..255) in one fused pass, or float."""
+    if image.dtype == torch.uint8:
+        return image.float().mul_(1.0 / (255.0 * 0.25)).sub_(0.5 / 0.25)
+    return image.float().sub_(0.5).div_(0.25)
+
+
 class PreparedCollate:
-    """``collate(decode(sample) for sample in batch)``, picklable for DataLoader workers."""
+    """``collate(decode(sample) for sample in batch)``, then one normalisation of the batch's images;
+    picklable for DataLoader workers."""
 
     def __init__(self, decode: PreparedDecode, collate: Any) -> None:
         self.decode, self.collate = decode, collate
 
     def __call__(self, samples: list[dict[str, Any]]) -> Any:
-        return self.collate([self.decode(s) for s in samples if s is not None])
+        batch = self.collate([self.decode(s) for s in samples if s is not None])
+        if isinstance(batch, dict) and "image" in batch:
+            batch["image"] = normalise_batch(batch["image"])
+        return batch
 
 
 class PreparedStore:
@@ -553,5 +622,3 @@ class PreparedStore:
             return {"image": np.load(io.BytesIO(data), allow_pickle=False)}, meta
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}, meta
-
-

@@ -28,7 +28,8 @@ def _check_finite(arr: np.ndarray, path: Path, policy: str = "fail") -> np.ndarr
     return arr
 
 
-def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | None = None) -> np.ndarray:
+def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | None = None,
+                  full_decode: bool = False) -> np.ndarray:
     """Read a 2D image as float32 ``(H, W)`` scaled to [0, 1] (min-max).
 
     DICOM: applies RescaleSlope/Intercept, inverts MONOCHROME1 (as MGCA's RSNA/SIIM loaders), then
@@ -39,6 +40,11 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | Non
     resize is area-averaging (PIL ``BOX``, the analogue of OpenCV's ``INTER_AREA``; bilinear when
     enlarging) and runs on the 8-bit image before any float conversion; min-max then runs on the small
     image. Without it the full-resolution pixels are converted (the reference behaviour).
+
+    ``full_decode`` with ``max_side`` (``decode: full``): every pixel is decoded (no DCT draft) and the
+    min-max bounds come from the full-resolution image, but the resize (antialiased bilinear, PIL's
+    ``BILINEAR`` widens its support when shrinking, as ``F.interpolate(antialias=True)``) runs on the 8-bit
+    image before the float conversion; the result equals the reference to the 8-bit rounding of the resize.
 
     Raises:
         DataError: missing, unreadable or non-2D file.
@@ -57,16 +63,27 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | Non
                 arr = arr.mean(-1)
             if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
                 arr = arr.max() - arr
+            bounds = (float(arr.min()), float(arr.max())) if full_decode and arr.size else None
             if max_side is not None and arr.ndim == 2:
-                arr = _resize_float(arr, max_side)
+                arr = _resize_float(arr, max_side, bilinear=full_decode)
         else:
             from PIL import Image
 
             with Image.open(p) as im:
                 if max_side is None:
                     arr = np.asarray(im.convert("L"), dtype=np.float32)
+                    bounds = None
+                elif full_decode:
+                    grey = im.convert("L")
+                    lo, hi = grey.getextrema()
+                    bounds = (float(lo), float(hi))
+                    th, tw = target_shape(grey.height, grey.width, max_side)
+                    if (th, tw) != (grey.height, grey.width):
+                        grey = grey.resize((tw, th), Image.Resampling.BILINEAR)
+                    arr = np.asarray(grey, dtype=np.float32)
                 else:
                     arr = np.asarray(_reduce_pil(im, max_side), dtype=np.float32)
+                    bounds = None
     except DataError:
         raise
     except Exception as exc:
@@ -74,7 +91,9 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | Non
     if arr.ndim != 2:
         raise DataError(f"{p}: expected a 2D image, got shape {arr.shape}")
     arr = _check_finite(arr, p, nonfinite)
-    lo, hi = float(arr.min()), float(arr.max())
+    lo, hi = bounds if bounds is not None and np.isfinite(bounds).all() else (float(arr.min()), float(arr.max()))
+    if bounds is not None:
+        arr = np.clip(arr, lo, hi)
     return ((arr - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(arr, dtype=np.float32)
 
 
@@ -98,15 +117,16 @@ def _reduce_pil(im: Any, max_side: int) -> Any:
     return im.resize((tw, th), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
 
 
-def _resize_float(arr: np.ndarray, max_side: int) -> np.ndarray:
-    """Area (shrink) or bilinear (enlarge) resize of a float image to a longer side of ``max_side``."""
+def _resize_float(arr: np.ndarray, max_side: int, bilinear: bool = False) -> np.ndarray:
+    """Area (shrink; antialiased bilinear with ``bilinear``) or bilinear (enlarge) resize of a float image to a
+    longer side of ``max_side``."""
     from PIL import Image
 
     th, tw = target_shape(*arr.shape, max_side)
     if (th, tw) == arr.shape:
         return arr
     im = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), mode="F")
-    shrink = th < arr.shape[0]
+    shrink = th < arr.shape[0] and not bilinear
     return np.asarray(im.resize((tw, th), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR), np.float32)
 
 

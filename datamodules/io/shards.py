@@ -6,15 +6,23 @@ optional ``caption``). This is the WebDataset layout, so shards written here are
 ``webdataset`` and vice versa for these extensions. Shards are split across distributed ranks and
 DataLoader workers (each shard read by exactly one worker of one rank per epoch), shuffled per epoch
 with a seeded RNG, and samples are shuffled within a bounded buffer.
+
+Shards written by ``medvlp prepare`` have a sidecar (``shard-000000.json``) recording every member's offset,
+size and sha256; with ``verify`` (on by default for them) each member is checked when its shard is opened,
+and a mismatch is a :class:`~medvlp.datamodules.io.readers.DataError` naming the shard, sample and member.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import itertools
 import json
 import logging
+import math
+import os
 import random
+import re
 import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -107,13 +115,14 @@ class ShardStream(IterableDataset):
     workers; a worker whose own shards run out continues with the next shards of the epoch order
     (wrapping around), so uneven shard counts or sizes never give one rank more batches than another
     (which would deadlock DDP). Without it (evaluation) each shard is read by exactly one worker of one
-    rank. ``rank``/``world_size`` default to the initialised process group.
+    rank. ``rank``/``world_size`` default to the initialised process group. ``verify`` checks each member
+    of a shard against its sidecar's sha256 when the shard is opened (see :meth:`read_shard`).
     """
 
     def __init__(self, shards: Sequence[str], shuffle_buffer: int = 256, seed: int = 0, equalize: bool = False,
-                 samples_per_epoch: int | None = None) -> None:
+                 samples_per_epoch: int | None = None, verify: bool = False) -> None:
         self.shards = sorted(str(s) for s in shards)
-        self.shuffle_buffer, self.seed, self.equalize = shuffle_buffer, seed, equalize
+        self.shuffle_buffer, self.seed, self.equalize, self.verify = shuffle_buffer, seed, equalize, verify
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
         self.rank: int | None = None
         self.world_size: int | None = None
@@ -158,31 +167,29 @@ class ShardStream(IterableDataset):
             yield order[(slot + k * slots) % len(order)]
 
     @staticmethod
-    def read_shard(path: str) -> Iterator[dict[str, Any]]:
-        """Samples of one shard in the batch schema.
+    def read_shard(path: str, verify: bool = False) -> Iterator[dict[str, Any]]:
+        """Samples of one shard in the batch schema (``uint8`` images stay ``uint8``; others float32).
+
+        Args:
+            path: the ``.tar`` shard.
+            verify: check every member against the sha256 its sidecar records (``medvlp prepare`` shards).
 
         Raises:
-            DataError: naming the shard and key for corrupt members or a sample without ``.npy``.
+            DataError: naming the shard and key for corrupt members (or a sha256 mismatch under ``verify``),
+                a sample without ``.npy``, or ``verify`` on a shard without recorded hashes.
         """
-        groups: dict[str, dict[str, bytes]] = {}
-        try:
-            with tarfile.open(path) as tar:
-                for m in tar.getmembers():
-                    key, _, ext = m.name.rpartition(".")
-                    groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        except (tarfile.TarError, OSError) as exc:
-            raise DataError(f"{path}: unreadable shard ({exc})") from exc
-        for key, parts in groups.items():
+        for key, parts in _shard_members(path, verify).items():
             if "npy" not in parts and "npz" not in parts:
                 raise DataError(f"{path}: sample {key!r} has no .npy/.npz image")
-            meta = json.loads(parts.get("json", b"{}"))
-            arrays = ({"image": np.load(io.BytesIO(parts["npy"]), allow_pickle=False)} if "npy" in parts else
+            meta = json.loads(bytes(parts.get("json", b"{}")))
+            arrays = ({"image": load_npy(parts["npy"])} if "npy" in parts else
                       dict(np.load(io.BytesIO(parts["npz"]), allow_pickle=False)))  # npz: `medvlp prepare` volumes
-            sample: dict[str, Any] = {"image": torch.from_numpy(arrays.pop("image").astype(np.float32)),
+            image = arrays.pop("image")
+            sample: dict[str, Any] = {"image": torch.from_numpy(image if image.dtype == np.uint8 else image.astype(np.float32)),
                                       "modality": meta.get("modality") or "xray", "meta": meta.get("meta") or {"id": key}}
             sample.update({k: torch.from_numpy(v.astype(np.int64)) for k, v in arrays.items()})  # mask, instances
             if "txt" in parts:
-                sample["text"] = parts["txt"].decode("utf-8")
+                sample["text"] = bytes(parts["txt"]).decode("utf-8")
             if meta.get("labels") is not None:
                 sample["labels"] = torch.tensor([np.nan if v is None else v for v in meta["labels"]], dtype=torch.float32)
                 sample["label_names"] = meta["label_names"]
@@ -201,7 +208,7 @@ class ShardStream(IterableDataset):
 
         def samples() -> Iterator[dict[str, Any]]:
             for shard in self._my_shards():
-                yield from self.read_shard(shard)
+                yield from self.read_shard(shard, self.verify)
 
         for s in samples():
             buffer.append(s)
@@ -212,6 +219,81 @@ class ShardStream(IterableDataset):
                 emitted += 1
         rng.shuffle(buffer)
         yield from buffer
+
+
+def sidecar(path: str | Path) -> dict[str, Any] | None:
+    """The ``medvlp prepare`` sidecar (``<shard>.json``) of a shard, ``None`` when there is none."""
+    side = Path(path).with_suffix(".json")
+    if not side.is_file():
+        return None
+    try:
+        return json.loads(side.read_text())
+    except ValueError as exc:
+        raise DataError(f"{side}: unreadable shard sidecar ({exc})") from exc
+
+
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|]?[a-z]\d+)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}")
+
+
+def load_npy(data: bytes | memoryview) -> np.ndarray:
+    """``np.load`` of one ``.npy`` member, without copying it: the C-order version-1 headers that ``np.save``
+    writes are parsed directly (the array is then a view of ``data``, writable when ``data`` is), anything
+    else goes through ``np.load``."""
+    mv = memoryview(data)
+    if bytes(mv[:8]) == b"\x93NUMPY\x01\x00":
+        n = int.from_bytes(mv[8:10], "little")
+        m = _NPY_HEADER.match(bytes(mv[10:10 + n]).decode("latin1"))
+        if m is not None:
+            shape = tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)
+            return np.frombuffer(mv, dtype=np.dtype(m.group(1)), offset=10 + n,
+                                 count=math.prod(shape)).reshape(shape)
+    return np.load(io.BytesIO(bytes(mv)), allow_pickle=False)
+
+
+def _check(path: str | Path, what: str, data: bytes | memoryview, want: str) -> None:
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise DataError(f"{path}: {what} has sha256 {got[:16]}…, its sidecar records {want[:16]}…; the shard is "
+                        "corrupt (re-run `medvlp prepare`, which rewrites shards that fail verification)")
+
+
+def _shard_members(path: str, verify: bool) -> dict[str, dict[str, bytes | memoryview]]:
+    """``key → ext → bytes`` of one shard: by the sidecar's member offsets when it records them (each member
+    checked against its sha256 under ``verify``), else by walking the tar headers."""
+    side = sidecar(path) if verify or Path(path).with_suffix(".json").is_file() else None
+    listed = side is not None and all("members" in s for s in side.get("samples", []))
+    if verify and side is None:
+        raise DataError(f"{path}: no sidecar with recorded sha256 (not written by `medvlp prepare`); "
+                        "set verify_hashes=false to read it unverified")
+    try:
+        with open(path, "rb") as fh:  # one writable buffer: members are views of it (no copies)
+            data = bytearray(os.fstat(fh.fileno()).st_size)
+            fh.readinto(data)
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable shard ({exc})") from exc
+    groups: dict[str, dict[str, bytes | memoryview]] = {}
+    if listed:
+        view = memoryview(data)
+        for s in side["samples"]:
+            parts = groups.setdefault(s["key"], {})
+            for ext, (off, size, digest) in s["members"].items():
+                chunk = view[off:off + size]
+                if len(chunk) != size:
+                    raise DataError(f"{path}: member {s['key']}.{ext} is truncated ({len(chunk)} of {size} bytes)")
+                if verify:
+                    _check(path, f"member {s['key']}.{ext} (sample {s['id']!r})", chunk, digest)
+                parts[ext] = chunk
+        return groups
+    if verify:  # an older sidecar: only the whole tar's sha256 is recorded
+        _check(path, "the shard", data, side.get("sha256", ""))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.rpartition(".")
+                groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"{path}: unreadable shard ({exc})") from exc
+    return groups
 
 
 @register_datamodule("shards")
@@ -228,6 +310,9 @@ class ShardDataModule(VLPDataModule):
             ``image_size`` at load. Sources of different prepare specs are refused.
         samples_per_epoch: samples per epoch over all ranks (default: every sample in the train shards);
             each rank yields ``samples_per_epoch // world_size`` (see :class:`ShardStream`).
+        verify_hashes: check every member against the sha256 its ``medvlp prepare`` sidecar records when a
+            shard is opened (a mismatch stops with an error naming shard, sample and member). Default: on for
+            prepared shards, off for others (which record no hashes).
     """
 
     name = "shards"
@@ -236,7 +321,7 @@ class ShardDataModule(VLPDataModule):
                  shuffle_buffer: int = 256, seed: int = 0, spatial_dims: int = 2, image_size: int = 224,
                  volume_size: Sequence[int] = (32, 128, 128), label_names: Sequence[str] | None = None,
                  prepared: str | None = None, samples_per_epoch: int | None = None,
-                 **loader_kwargs: Any) -> None:
+                 verify_hashes: bool | None = None, **loader_kwargs: Any) -> None:
         super().__init__(**loader_kwargs)
         self.samples_per_epoch = samples_per_epoch
         from medvlp.datamodules.io.prepare import PreparedCollate, PreparedDecode, check_same_spec, read_manifest
@@ -259,6 +344,7 @@ class ShardDataModule(VLPDataModule):
         if self.manifest is not None:
             self.collate_fn = PreparedCollate(PreparedDecode(self.manifest["spec"], image_size), collate)
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.verify_hashes = self.manifest is not None if verify_hashes is None else bool(verify_hashes)
         self._spatial_dims, self.image_size, self.volume_size = spatial_dims, image_size, list(volume_size)
         self._label_names = list(label_names or [])
 
@@ -288,7 +374,8 @@ class ShardDataModule(VLPDataModule):
     def build_dataset(self, split: str, augment: bool) -> ShardStream:
         # train/val: equal samples per rank (DDP); eval_dataloader: every sample once
         return ShardStream(self.shards(split), self.shuffle_buffer if split == "train" else 0, self.seed,
-                           equalize=True, samples_per_epoch=self.samples_per_epoch if split == "train" else None)
+                           equalize=True, samples_per_epoch=self.samples_per_epoch if split == "train" else None,
+                           verify=self.verify_hashes)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -302,5 +389,5 @@ class ShardDataModule(VLPDataModule):
                            persistent_workers=self.persistent_workers)
 
     def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
-        return DataLoader(ShardStream(self.shards(split), 0, self.seed), batch_size=batch_size or self.batch_size,
+        return DataLoader(ShardStream(self.shards(split), 0, self.seed, verify=self.verify_hashes), batch_size=batch_size or self.batch_size,
                           num_workers=self.num_workers, collate_fn=self.collate_fn, pin_memory=self.pin_memory)

@@ -3,8 +3,9 @@
 Modalities: chest X-ray (2D), chest CT, brain MRI (from the real MNI152 template nilearn ships) and EM
 (3D). Findings change the image and the report (see :mod:`medvlp.datamodules.phantom.render` and
 :mod:`medvlp.datamodules.phantom.reports`). Samples are generated once per (modality, split, size,
-seed, generator version, canonical-report share) into ``cache_dir`` as ``.npz`` + ``.json`` and
-memory-mapped afterwards; they are never committed.
+seed, generator version, canonical-report share) into ``cache_dir`` as one ``.npy`` per array
+(``arrays/image.npy`` …) + ``records.json`` and memory-mapped afterwards (one mapping per split, shared by
+its augmented and plain datasets and paged in on demand); they are never committed.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from medvlp.datamodules.phantom.render import (
     CT_LABELS, EM_LABELS, MRI_LABELS, XRAY_LABELS, XRAY_REGIONS, render_ct, render_em, render_mri, render_xray,
 )
 from medvlp.datamodules.phantom.reports import canonical_report, write_report
-from medvlp.io import atomic_write_bytes, atomic_write_text
+from medvlp.io import atomic_write_text
 from medvlp.registry import register_datamodule
 from medvlp.progress import track
 
@@ -93,7 +95,7 @@ def _render_one(args: tuple[str, int, int, Sequence[int], float, float]) -> dict
 
 def generate_split(modality: str, split: str, n: int, size: Sequence[int], seed: int, prevalence: float,
                    cache_dir: Path, workers: int = 0, canonical_reports: float = 0.0) -> Path:
-    """Generate (or reuse) one split; returns the folder holding ``arrays.npz`` and ``records.json``.
+    """Generate (or reuse) one split; returns the folder holding ``arrays/*.npy`` and ``records.json``.
 
     ``canonical_reports`` (share of samples given their label set's canonical report) enters the cache key
     when it is non-zero; at 0 the key, and the data, are those of earlier versions.
@@ -104,6 +106,7 @@ def generate_split(modality: str, split: str, n: int, size: Sequence[int], seed:
     key = json.dumps(parts)
     folder = Path(cache_dir) / "phantom" / f"{modality}_{split}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (folder / "records.json").is_file():
+        _convert_npz(folder)  # folders written before the per-array layout
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(modality, seed, SPLIT_OFFSET[split] + i, list(size), prevalence, float(canonical_reports))
@@ -119,14 +122,64 @@ def generate_split(modality: str, split: str, n: int, size: Sequence[int], seed:
         arrays["boxes"] = np.stack([c["boxes"] for c in cases])
     if cases[0]["instances"] is not None:
         arrays["instances"] = np.stack([c["instances"] for c in cases]).astype(np.int32)
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(folder / "arrays.npz", buf.getvalue())
+    write_arrays(folder, arrays)
     atomic_write_text(folder / "records.json", json.dumps([c["record"] for c in cases]))  # written last
     log.info("generated %d phantom %s/%s samples in %s", n, modality, split, folder)
     return folder
+
+
+ARRAYS = "arrays"  # folder of one ``<name>.npy`` per array of a split
+
+
+def write_arrays(folder: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` as ``folder/arrays/<name>.npy`` (into a temporary folder renamed at the end)."""
+    tmp = folder / f".{ARRAYS}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, arr in arrays.items():
+        np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+    shutil.rmtree(folder / ARRAYS, ignore_errors=True)
+    os.replace(tmp, folder / ARRAYS)
+
+
+def _convert_npz(folder: Path) -> None:
+    """One-time copy of a legacy ``arrays.npz`` into the per-array ``.npy`` layout (same arrays; the ``.npz``
+    is left in place, so a checkout of an earlier version can still read the folder)."""
+    legacy = folder / "arrays.npz"
+    if (folder / ARRAYS).is_dir() or not legacy.is_file():
+        return
+    with np.load(legacy) as z:
+        write_arrays(folder, {k: z[k] for k in z.files})
+
+
+class SplitArrays(Mapping[str, np.ndarray]):
+    """The arrays of one generated split, memory-mapped read-only on first access.
+
+    Pickles as its folder (DataLoader workers map the files themselves instead of receiving copies).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._maps: dict[str, np.ndarray] | None = None
+
+    def _load(self) -> dict[str, np.ndarray]:
+        if self._maps is None:
+            _convert_npz(self.folder)
+            self._maps = {p.stem: np.load(p, mmap_mode="r", allow_pickle=False)
+                          for p in sorted((self.folder / ARRAYS).glob("*.npy"))}
+        return self._maps
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._load()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"folder": self.folder, "_maps": None}
 
 
 @register_datamodule("phantom")
@@ -190,6 +243,14 @@ class PhantomDataModule(VLPDataModule):
         if not 0.0 <= float(canonical_reports) <= 1.0:
             raise ValueError(f"phantom canonical_reports is a share in [0, 1], got {canonical_reports!r}")
         self.canonical_reports = float(canonical_reports)
+        self._arrays: dict[Path, SplitArrays] = {}  # one mapping per split folder
+
+    def split_arrays(self, split: str) -> SplitArrays:
+        """The memory-mapped arrays of ``split`` (generated on first use), shared by every dataset of it."""
+        folder = self._folder(split)
+        if folder not in self._arrays:
+            self._arrays[folder] = SplitArrays(folder)
+        return self._arrays[folder]
 
     @property
     def label_names(self) -> list[str]:
@@ -225,7 +286,7 @@ class PhantomDataModule(VLPDataModule):
 
     def build_dataset(self, split: str, augment: bool) -> RecordDataset:
         folder = self._folder(split)
-        arrays = dict(np.load(folder / "arrays.npz"))
+        arrays = self.split_arrays(split)
         records = json.loads((folder / "records.json").read_text())
         transform = None
         if self.augment and augment:
@@ -244,13 +305,13 @@ class PhantomDataModule(VLPDataModule):
                 "text": (rec["text"] if text_sections is None
                          else " ".join(rec["sections"][k] for k in text_sections if rec["sections"][k])),
                 "sections": rec["sections"],
-                "labels": torch.from_numpy(arrays["labels"][i]),
+                "labels": torch.from_numpy(np.array(arrays["labels"][i])),
                 "label_names": label_names,
                 "mask": torch.from_numpy(arrays["mask"][i].astype(np.int64)).unsqueeze(0),
                 "meta": {"id": rec["id"], "findings": rec["findings"]},
             }
             if "boxes" in arrays:
-                sample["regions"] = torch.from_numpy(arrays["boxes"][i])
+                sample["regions"] = torch.from_numpy(np.array(arrays["boxes"][i]))
                 sample["region_present"] = torch.ones(len(XRAY_REGIONS), dtype=torch.bool)
             if "instances" in arrays:
                 sample["instances"] = torch.from_numpy(arrays["instances"][i].astype(np.int64)).unsqueeze(0)

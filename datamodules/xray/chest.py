@@ -161,8 +161,8 @@ class XrayDataModule(RecordDataModule):
         """The image in [0, 1]; its longer side is ``image_size`` (fast), the prepared size, or the source's."""
         if self.store is not None:
             return self.store.read(record["id"])[0]["image"].astype(np.float32) / 255.0
-        if self.decode == "full":
-            return read_image_2d(record["path"])
+        if self.decode == "full":  # every pixel decoded and in the min-max; resized in 8 bits before float
+            return read_image_2d(record["path"], max_side=self.image_size, full_decode=True)
         return read_image_2d(record["path"], max_side=self.image_size)
 
     def image_tensor(self, record: Mapping[str, Any] | str | Path, augment: bool,

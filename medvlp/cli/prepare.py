@@ -12,7 +12,7 @@ a rerun keeps verified shards and rewrites only the rest; corrupt inputs are cou
 data.init_args.* and -c files compose as for `medvlp pretrain`."""
 KEYS = {
     "out": Key(str, required=True, help="the folder the shards and index.json are written to"),
-    "size": Key(int, 256, help="stored image size (2D)"),
+    "size": Key(int, help="stored 2D image size (default: the datamodule's training size)"),
     "samples_per_shard": Key(int, 1000, help="samples per tar shard"),
     "workers": Key(int, 1, help="decoding processes"),
     "splits": Key(list, ["train", "val", "test"], help="splits to convert"),

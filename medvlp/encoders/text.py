@@ -93,6 +93,14 @@ class TextEncoder(nn.Module):
         freeze_embeddings: also freeze the embeddings under ``freeze_layers`` (GTGM's code freezes only
             ``encoder.layer[0:6]``: set False).
         freeze: freeze the whole text model.
+        frozen_dropout: keep dropout active in the frozen layers during training. Default False: the
+            frozen part (the layers under ``freeze_layers``, the embeddings when frozen with them, or the
+            whole model under ``freeze``) stays in eval mode across ``.train()`` calls, so its output is a
+            deterministic function of the text (as under ``prefix_cache``) and no dropout masks are drawn
+            for layers that learn nothing. This deviates from the official ASG (MGCA lineage,
+            ``models/encoder.py``) and GTGM (``pretrain/main.py``) code, which freeze by
+            ``requires_grad = False`` only and so leave the frozen BERT layers in train mode with dropout;
+            ``frozen_dropout=True`` reproduces that.
         tiny_hidden_size: width of ``builtin:tiny``.
         local_files_only: never contact a hub when loading (default); set False to allow downloads of
             a configured hub model.
@@ -110,7 +118,8 @@ class TextEncoder(nn.Module):
     def __init__(self, model: str = "builtin:minilm", max_length: int = 128, pooling: str = "cls",
                  freeze_layers: int = 0, freeze: bool = False, tiny_hidden_size: int = 64,
                  local_files_only: bool = True, prefix_cache: int = 0, num_layers: int | None = None,
-                 freeze_embeddings: bool = True, grad_checkpointing: bool = False) -> None:
+                 freeze_embeddings: bool = True, grad_checkpointing: bool = False,
+                 frozen_dropout: bool = False) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -132,11 +141,15 @@ class TextEncoder(nn.Module):
             # outside the loss, which DDP rejects without find_unused_parameters
             self.model.pooler = None
         self.embed_dim = int(self.model.config.hidden_size)
-        self.model.train()  # from_pretrained returns eval mode; Lightning keeps per-module modes
+        self._frozen: list[nn.Module] = []  # modules kept in eval mode while training (see frozen_dropout)
         if freeze:
             self.model.requires_grad_(False)
+            self._frozen = [self.model]
         elif freeze_layers:
-            self._freeze_first(freeze_layers, freeze_embeddings)
+            self._frozen = self._freeze_first(freeze_layers, freeze_embeddings)
+        if frozen_dropout:
+            self._frozen = []
+        self.train()  # from_pretrained returns eval mode; Lightning keeps per-module modes
         if grad_checkpointing:  # recompute transformer layers in backward (training only; saves activations)
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if prefix_cache < 0:
@@ -179,12 +192,22 @@ class TextEncoder(nn.Module):
         """Forget cached prefix outputs (done automatically when weights are loaded)."""
         self._prefix_cache.clear()
 
-    def _freeze_first(self, n: int, embeddings: bool = True) -> None:
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """Set training mode; the frozen layers stay in eval mode (no dropout) unless ``frozen_dropout``."""
+        super().train(mode)
+        if mode:
+            for module in getattr(self, "_frozen", ()):
+                module.eval()
+        return self
+
+    def _freeze_first(self, n: int, embeddings: bool = True) -> list[nn.Module]:
+        """Freeze the first ``n`` layers (and the embeddings); returns the frozen modules."""
         layers = self._layers()
-        if embeddings:
-            self.model.embeddings.requires_grad_(False)
-        for layer in list(layers)[:n]:
-            layer.requires_grad_(False)
+        frozen: list[nn.Module] = [self.model.embeddings] if embeddings else []
+        frozen += list(layers)[:n]
+        for module in frozen:
+            module.requires_grad_(False)
+        return frozen
 
     def input_embeddings(self) -> nn.Module:
         """The word-embedding layer (for continuous prompts)."""
