@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medvlp.batch import collate
 from medvlp.datamodules.base import RecordDataset, VLPDataModule
-from medvlp.datamodules.io.readers import DataError
+from medvlp.datamodules.io.readers import DataError, resize_2d  # noqa: F401  (resize_2d: re-exported)
+from medvlp.datamodules.io.store import PreparedStore
 from medvlp.checks import check_choice
 from medvlp.datamodules.base import POLICIES
 
@@ -61,24 +60,6 @@ def hash_split(key: str, seed: int, val: float, test: float) -> str:
     """Deterministic split of one id by sha1 rank (train/val/test fractions)."""
     u = int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if u < test else ("val" if u < test + val else "train")
-
-
-def resize_2d(img: np.ndarray, size: int, mode: str = "bilinear") -> torch.Tensor:
-    """Resize the longer side to ``size`` and zero-pad to a square (ASG/MGCA 'resize + pad').
-
-    Bilinear shrinking is antialiased (``F.interpolate(antialias=True)``); an image whose longer side
-    already is ``size`` is only padded."""
-    t = torch.from_numpy(np.ascontiguousarray(img)).float()[None, None]
-    h, w = t.shape[-2:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if (nh, nw) != (h, w):
-        t = F.interpolate(t, size=(nh, nw), mode=mode, align_corners=False if mode != "nearest" else None,
-                          antialias=mode == "bilinear" and scale < 1)
-    out = torch.zeros(1, 1, size, size, dtype=t.dtype)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[..., top:top + nh, left:left + nw] = t
-    return out[0]
 
 
 def duplicate_ids(ids: Iterable[Any]) -> list[Any]:
@@ -131,6 +112,19 @@ class RecordDataModule(VLPDataModule):
     def load(self, record: Mapping[str, Any], augment: bool) -> dict[str, Any]:
         """One sample in the batch schema."""
         raise NotImplementedError
+
+    def prepared_spec(self, size: int | None = None) -> dict[str, Any]:
+        """What ``medvlp prepare`` stores for this datamodule (its kind's spec from
+        :mod:`medvlp.datamodules.io.store`); the X-ray and volume bases define it."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what `medvlp prepare` stores for it")
+
+    @property
+    def store(self) -> PreparedStore | None:
+        """The :class:`~medvlp.datamodules.io.store.PreparedStore` of ``prepared`` (``None`` without it)."""
+        prepared = getattr(self, "prepared", None)
+        if prepared and getattr(self, "_store", None) is None:
+            self._store = PreparedStore(prepared, self.name, self.prepared_spec())
+        return getattr(self, "_store", None)
 
     def check_split(self, split: str, recs: Sequence[Any]) -> None:
         """An empty train/test split is an error; an empty val split only disables validation."""

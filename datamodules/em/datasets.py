@@ -18,6 +18,7 @@ class EMDataModule(VolumeDataModule):
     grid (no reorientation); intensities by percentiles; instance labels kept in ``instances``."""
 
     modality = "em"
+    prepare_from_pipeline = False  # load() cuts its own samples from each volume
 
     def __init__(self, root: str, volume_size: Sequence[int] = (16, 128, 128), val_fraction: float = 0.1,
                  test_fraction: float = 0.2, **kwargs: Any) -> None:

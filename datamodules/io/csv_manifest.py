@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medvlp.checks import check_choice
+from medvlp.datamodules.io.store import image2d_spec, volume_spec
 from medvlp.datamodules.io.readers import DataError, read_image_2d
 from medvlp.datamodules.tabular import UNCERTAINTY_POLICIES, RecordDataModule, apply_uncertainty, hash_split, resize_2d
 from medvlp.datamodules.volume.base import VolumeDataModule, add_record_targets
@@ -123,6 +124,10 @@ class CSVDataModule(VolumeDataModule):
     @property
     def spatial_dims(self) -> int:
         return self.dims
+
+    def prepared_spec(self, size: int | None = None) -> dict[str, Any]:
+        """2D manifests are stored as 2D images, 3D ones as volumes (see :mod:`medvlp.datamodules.io.store`)."""
+        return image2d_spec(self, size) if self.dims == 2 else volume_spec(self)
 
     @property
     def label_names(self) -> list[str]:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 class DataError(ValueError):
@@ -243,3 +245,21 @@ def rle_decode_siim(rle: str, height: int = 1024, width: int = 1024) -> np.ndarr
         mask[pos: pos + length] = 1
         pos += length
     return mask.reshape(width, height).T
+
+
+def resize_2d(img: np.ndarray, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Resize the longer side to ``size`` and zero-pad to a square (ASG/MGCA 'resize + pad').
+
+    Bilinear shrinking is antialiased (``F.interpolate(antialias=True)``); an image whose longer side
+    already is ``size`` is only padded."""
+    t = torch.from_numpy(np.ascontiguousarray(img)).float()[None, None]
+    h, w = t.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) != (h, w):
+        t = F.interpolate(t, size=(nh, nw), mode=mode, align_corners=False if mode != "nearest" else None,
+                          antialias=mode == "bilinear" and scale < 1)
+    out = torch.zeros(1, 1, size, size, dtype=t.dtype)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[..., top:top + nh, left:left + nw] = t
+    return out[0]

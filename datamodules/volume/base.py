@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from medvlp.checks import check_choice
 from medvlp.datamodules.base import SkippingDataset
 from medvlp.datamodules.io.readers import NONFINITE_POLICIES, DataError, read_volume
+from medvlp.datamodules.io.store import _sha1, volume_spec
 from medvlp.datamodules.tabular import RecordDataModule
 from medvlp.progress import bars_enabled
 
@@ -94,6 +95,9 @@ class VolumeDataModule(RecordDataModule):
     """Base of 3D datamodules; subclasses provide :meth:`index` records with ``image`` (path/paths),
     optional ``label`` (mask path), ``labels`` (array), ``text``.
 
+    ``medvlp prepare`` stores each record's deterministic pipeline output (:attr:`prepare_from_pipeline`);
+    a datamodule that cuts its own samples from a record (EM) sets it False and is stored as it loads.
+
     Args:
         volume_size: output ``(D, H, W)``.
         pixdim: target spacing (mm, in RAS x, y, z order) or None to keep the native grid.
@@ -118,6 +122,8 @@ class VolumeDataModule(RecordDataModule):
     """
 
     modality = "ct"
+    #: ``medvlp prepare`` stores the deterministic pipeline output of each record (False: as :meth:`load` cuts it)
+    prepare_from_pipeline = True
 
     def __init__(self, root: str, volume_size: Sequence[int] = (32, 96, 96), pixdim: Sequence[float] | None = None,
                  window: Sequence[float] | None = None, resize: str = "resize", cache: str = "none",
@@ -197,20 +203,14 @@ class VolumeDataModule(RecordDataModule):
     def transforms(self, augment: bool) -> Compose:
         return Compose(self.deterministic_steps() + self.crop_steps(augment) + (self.random_steps() if augment else []))
 
-    @property
-    def store(self) -> Any:
-        """The :class:`~medvlp.datamodules.io.prepare.PreparedStore` of ``prepared`` (``None`` without it)."""
-        if self.prepared and self._store is None:
-            from medvlp.datamodules.io.prepare import PreparedStore, prepare_spec
-
-            self._store = PreparedStore(self.prepared, self.name, prepare_spec(self))
-        return self._store
+    def prepared_spec(self, size: int | None = None) -> dict[str, Any]:
+        """What ``medvlp prepare`` stores for this datamodule: volumes after the deterministic steps
+        (:func:`~medvlp.datamodules.io.store.volume_spec`; ``size`` is for 2D images only)."""
+        return volume_spec(self)
 
     def spec_hash(self) -> str:
         """Hash of the deterministic preprocessing (names the disk cache folder)."""
-        from medvlp.datamodules.io.prepare import _sha1, prepare_spec
-
-        return _sha1(prepare_spec(self))
+        return _sha1(self.prepared_spec())
 
     @staticmethod
     def _monai_input(record: Mapping[str, Any]) -> dict[str, Any]:

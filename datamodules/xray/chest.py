@@ -18,6 +18,7 @@ import torch
 from medvlp.pretrained.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported for callers)
 from medvlp.checks import check_choice
 from medvlp.datamodules.io.readers import DataError, image_shape_2d, read_image_2d, rle_decode_siim
+from medvlp.datamodules.io.store import image2d_spec
 from medvlp.datamodules.tabular import (
     UNCERTAINTY_POLICIES, RecordDataModule, apply_uncertainty, hash_split, resize_2d,
 )
@@ -148,14 +149,9 @@ class XrayDataModule(RecordDataModule):
         top, left = offset
         return t[..., top:top + self.crop_size, left:left + self.crop_size]
 
-    @property
-    def store(self) -> Any:
-        """The :class:`~medvlp.datamodules.io.prepare.PreparedStore` of ``prepared`` (``None`` without it)."""
-        if self.prepared and self._store is None:
-            from medvlp.datamodules.io.prepare import PreparedStore, prepare_spec  # lazy: prepare.py imports this module (cycle to break: prepare should dispatch on the datamodule)
-
-            self._store = PreparedStore(self.prepared, self.name, prepare_spec(self))
-        return self._store
+    def prepared_spec(self, size: int | None = None) -> dict[str, Any]:
+        """What ``medvlp prepare`` stores for this datamodule: 2D images (:func:`~medvlp.datamodules.io.store.image2d_spec`)."""
+        return image2d_spec(self, size)
 
     def image_array(self, record: Mapping[str, Any]) -> np.ndarray:
         """The image in [0, 1]; its longer side is ``image_size`` (fast), the prepared size, or the source's."""
