@@ -402,3 +402,28 @@ def test_unimedi_cls_distill_is_an_option_off_by_default() -> None:
     cls_terms = [v for k, v in terms.items() if k.endswith("cls_distill_loss")]
     assert cls_terms and all(torch.isfinite(v) and v > 0 for v in cls_terms)
     assert float(model.cls_center.abs().sum()) > 0  # its own running center moved
+
+
+# ----------------------------------------------------------------------------- BenchX per-dataset configs
+def test_benchx_finetune_reads_the_datasets_config(tiny_xray, tmp_path) -> None:
+    """RSNA/mgca_vit.yml @ b874fa6: SGD 1e-2 (encoder ×0.1), batch 32, 2-way one-hot cross-entropy,
+    early stop on multiclass F1; COVIDx/mgca_vit.yml: Adam 5e-4."""
+    from medvlp.benchmarks.reference.benchx import BenchXFinetune, benchx_config
+    from medvlp.datamodules.xray.chest import RSNAPneumoniaDataModule
+    from tests.fixtures import make_rsna
+
+    assert benchx_config("covidx", "mgca_vit")["optimizer"] == "adam" and benchx_config("covidx", "mgca_vit")["lr"] == 5e-4
+    assert benchx_config("nih", "mrm")["lr"] == 0.03 and benchx_config("siim", "mgca_vit")["batch_size"] == 128
+    model, _ = tiny_xray
+    dm = RSNAPneumoniaDataModule(str(make_rsna(tmp_path / "rsna", n=40)), image_size=32, batch_size=8)
+    trainer, parts = BenchXFinetune().build(_ctx(model, dm, tmp_path, crop=24, fraction_source="hash"), 1.0, 0)
+    p = trainer.info["params"]
+    assert (p["optimizer"], p["lr"], p["backbone_lr_mult"], p["batch_size"]) == ("sgd", 0.01, 0.1, 32)
+    assert trainer.monitor == "val_f1" and parts["head"].fc.out_features == 2
+    batch = next(iter(dm.eval_dataloader("train", 4)))
+    logits = parts["head"](torch.randn(len(batch["labels"]), parts["head"].fc.in_features))
+    y = batch["labels"].float()
+    want = torch.nn.functional.cross_entropy(logits, y[:, 0].long())  # one-hot [1 − y, y] → class index y
+    assert float(parts["loss_of"](logits, y)) == pytest.approx(float(want), rel=1e-6)
+    with pytest.raises(KeyError, match="no BenchX classification config"):
+        BenchXFinetune().build(_ctx(model, dm, tmp_path, crop=24, benchx_dataset="tbx11k"), 1.0, 0)

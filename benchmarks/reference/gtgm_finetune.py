@@ -95,7 +95,8 @@ def _elements() -> list[Element]:
     t1 = "finetune/task1.py"
     return [
         Element("recipe", "run_task{1..10}.sh all run task1.py (batch 2, lr 1e-5); train.py is run by no launcher",
-                f"{GTGM} finetune/run/run_task*.sh L1-5", "recipe: task1 (default); gtgm_plus = GTGM+ train.py @ c67004a"),
+                f"{GTGM} finetune/run/run_task*.sh L1-5", "recipe: task1 (default); gtgm_plus = GTGM+ train.py @ c67004a "
+                "(then every task1 setting below is replaced by train.py's)", param="recipe", value="task1"),
         Element("split", "random.seed(42) shuffle of dataset.json training, first int(0.8·N) train, last 20 % val",
                 f"{t1} L179-185", "the same over the volumes left after medvlp's test hold-out",
                 "the suite holds out a test split first (GTGM has none); fractions map to train_rate = 0.8·f "
