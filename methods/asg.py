@@ -24,6 +24,7 @@ from medvlp.method import VLPMethod
 from medvlp.registry import register_method
 from medvlp.reports import TripletParser, split_sentences
 from medvlp.roi import roi_align
+import yaml
 
 
 class ASGAnnotator:
@@ -58,7 +59,6 @@ def load_tag_vocabulary(tags: Mapping[str, Sequence[str]] | str | None) -> dict[
     Raises:
         ValueError: naming the source when an entry is not ``name: [form, ...]``.
     """
-    import yaml
 
     if tags is None:
         source = "medvlp.methods/asg_tags.yaml"

@@ -11,6 +11,8 @@ import hashlib
 import math
 from pathlib import Path
 from typing import Any, Sequence
+from medvlp.io import atomic_write_text
+import pandas as pd
 
 
 def _rank(seed: int, sid: str) -> str:
@@ -41,7 +43,6 @@ def split_hash(ids: Sequence[str]) -> str:
 
 def write_split_file(path: Path, ids: Sequence[str]) -> str:
     """Write one id per line (sorted); returns the split hash."""
-    from medvlp.io import atomic_write_text
 
     atomic_write_text(Path(path), "\n".join(sorted(map(str, ids))) + "\n")
     return split_hash(ids)
@@ -82,7 +83,6 @@ def mgca_fraction_ids(ids: Sequence[str], fraction: float, random_state: int = 4
       validation disjoint (train = every frontal row not drawn for validation). The table ``df.sample``
       runs over therefore has other rows and another length, and the drawn subset differs.
     """
-    import pandas as pd
 
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")

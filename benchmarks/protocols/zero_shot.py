@@ -11,6 +11,8 @@ from medvlp.benchmarks.protocols.linear_probe import is_one_hot
 from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
                                        label_samples, macro_auc, mean_recipe)
 from medvlp.registry import register_benchmark
+import yaml
+import random
 
 
 @register_benchmark("zero_shot")
@@ -62,7 +64,6 @@ class ZeroShot(Protocol):
         if mode == "learned":
             pos, neg = model.learned_zero_shot_classifier(dm.label_names)
         elif ctx.params.get("prompts_file"):
-            import yaml
 
             table = yaml.safe_load(open(ctx.params["prompts_file"], encoding="utf-8"))
             missing = [n for n in dm.label_names if n not in table]
@@ -103,7 +104,7 @@ class ZeroShot(Protocol):
 def max_f1(y: np.ndarray, scores: np.ndarray) -> float:
     """Mean over classes (with both labels) of the best F1 over all score thresholds, one-vs-rest
     (BenchX's zero-shot F1)."""
-    from sklearn.metrics import precision_recall_curve
+    from sklearn.metrics import precision_recall_curve  # lazy: heavy import (scikit-learn), only this path needs it
 
     out = []
     for k in range(y.shape[1]):
@@ -183,15 +184,13 @@ class ZeroShotArgmax(ZeroShot):
 
     @torch.no_grad()
     def run(self, ctx: EvalContext, fraction: float = 1.0, seed: int = 0) -> ProtocolResult:
-        import random
 
-        from sklearn.metrics import f1_score
+        from sklearn.metrics import f1_score  # lazy: heavy import (scikit-learn), only this path needs it
 
         dm, model = ctx.datamodule, ctx.model
         feats = ctx.features.get(model, dm, "test", ctx.device)
         img = F.normalize(torch.from_numpy(feats.image_embedding).float(), dim=-1)
         if ctx.params.get("prompts_file"):
-            import yaml
 
             table = yaml.safe_load(open(ctx.params["prompts_file"], encoding="utf-8"))
             missing = [n for n in dm.label_names if n not in table]

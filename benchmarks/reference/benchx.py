@@ -24,6 +24,7 @@ from medvlp.benchmarks.kit.views import (batch_ids, center_crop, encoder_channel
 from medvlp.benchmarks.metrics.dice import DEFINITIONS, dice_score
 from medvlp.benchmarks.protocols.segmentation import dice_samples
 from medvlp.registry import register_benchmark
+import yaml
 
 BENCHX = "yangzhou12/BenchX @ b874fa6"
 #: medvlp datamodule name → BenchX classification config folder (``benchmarks/benchx_configs.yaml`` keys)
@@ -34,7 +35,6 @@ BENCHX_DATASETS = {"nih_chestxray14": "nih", "rsna_pneumonia": "rsna", "siim_pne
 @lru_cache(maxsize=1)
 def benchx_configs() -> dict[str, dict[str, dict[str, Any]]]:
     """BenchX's per-dataset, per-backbone classification settings (packaged ``benchx_configs.yaml``)."""
-    import yaml
 
     return yaml.safe_load(resources.files("medvlp.benchmarks").joinpath("benchx_configs.yaml").read_text())
 
@@ -82,7 +82,7 @@ class FCNormClassifier(nn.Module):
 
 def multiclass_f1(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> float:
     """torchmetrics ``MulticlassF1Score(num_classes=k)`` default (macro over classes of the arg-max)."""
-    from sklearn.metrics import f1_score
+    from sklearn.metrics import f1_score  # lazy: heavy import (scikit-learn), only this path needs it
 
     return float(f1_score(y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0))
 

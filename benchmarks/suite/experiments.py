@@ -44,6 +44,7 @@ from medvlp.benchmarks.metrics import stats
 from medvlp.benchmarks.suite.results import ResultStore
 from medvlp.benchmarks.suite.schema import load_suite
 from medvlp.io import atomic_write_text
+from importlib import resources
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,6 @@ def summary_lines(outcomes: pd.DataFrame) -> list[str]:
 
 def packaged_experiments() -> list[str]:
     """Names of the packaged experiment suites (``exp_*``), sorted."""
-    from importlib import resources
 
     folder = resources.files("medvlp.benchmarks") / "suites"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.startswith(PREFIX) and p.name.endswith(".yaml"))

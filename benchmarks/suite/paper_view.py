@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+from medvlp.datamodules.volume.captions import uses_label_derived_captions
+import yaml
 
 #: the fields a paper row and a result row must share to be set side by side
 FIELDS = ("protocol_variant", "split_convention", "fraction_source", "dataset_class", "method_class", "backbone",
@@ -54,7 +56,6 @@ def pretrain_data_of(entry: Mapping[str, Any], cfg_data: Mapping[str, Any] | Non
     if ckpt == "random-init":
         return "none"
     if cfg_data:
-        from medvlp.datamodules.volume.captions import uses_label_derived_captions
 
         name = cfg_data.get("name", "unknown")
         sub = (cfg_data.get("init_args") or {}).get("datamodules")
@@ -78,7 +79,6 @@ def row_fields(proto: Any, params: Mapping[str, Any], datamodule: Any, result: A
 
 def paper_numbers() -> list[dict[str, Any]]:
     """Rows of the packaged ``paper_numbers.yaml``."""
-    import yaml
 
     return yaml.safe_load(resources.files("medvlp.benchmarks").joinpath("paper_numbers.yaml").read_text())
 

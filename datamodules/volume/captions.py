@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+from PIL import Image
 
 MODALITY_WORDS = {"xray": "chest radiograph", "ct": "chest CT volume", "mri": "brain MRI volume",
                   "em": "electron microscopy volume"}
@@ -193,7 +194,7 @@ class HFImageCaptioner:
         if pipe is None:
             if not model:
                 raise ValueError("captions type hf needs model: <image-to-text model path or hub name>")
-            from transformers import pipeline
+            from transformers import pipeline  # lazy: heavy optional import (transformers)
 
             pipe = pipeline("image-to-text", model=model, device=device)
         self.pipe = pipe
@@ -201,7 +202,6 @@ class HFImageCaptioner:
         self.rng = random.Random(seed)
 
     def __call__(self, sample: Mapping[str, Any]) -> str:
-        from PIL import Image
 
         img = sample["image"]
         arr = img[0, self.rng.randint(0, img.shape[1] - 1)] if img.ndim == 4 else img[0]
@@ -269,7 +269,7 @@ class ImageStatsCaptioner:
 
     def describe(self, sl: np.ndarray) -> str:
         """Description of one 2D slice (see the class docstring)."""
-        from scipy import ndimage
+        from scipy import ndimage  # lazy: heavy import (scipy), only this path needs it
 
         lo, hi = float(sl.min()), float(sl.max())
         if not np.isfinite([lo, hi]).all():
