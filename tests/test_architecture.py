@@ -93,3 +93,36 @@ def test_every_module_opens_with_a_docstring(folder: str) -> None:
     missing = [str(p.relative_to(ROOT)) for p in sorted((ROOT / folder).rglob("*.py"))
                if "__pycache__" not in p.parts and not ast.get_docstring(ast.parse(p.read_text()))]
     assert missing == []
+
+
+#: third-party packages a function may import lazily (heavy to import, optional, or only needed on one path)
+LAZY_OK = {"transformers", "sklearn", "matplotlib", "monai", "scipy", "h5py", "pydicom", "nibabel", "tifffile",
+           "nilearn", "safetensors", "huggingface_hub", "tqdm", "wandb", "tensorboard", "tensorboardX", "submitit",
+           "skimage", "open_clip", "timm", "torchvision"}
+
+
+def _function_level_imports() -> list[tuple[str, int, str, str]]:
+    rows = []
+    for folder in FOLDERS[:-1]:  # the installed package (perf/ is a script)
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            src = path.read_text()
+            lines = src.splitlines()
+            for fn in ast.walk(ast.parse(src)):
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)):
+                        mod = node.module or "" if isinstance(node, ast.ImportFrom) else node.names[0].name
+                        text = "\n".join(lines[node.lineno - 1:node.end_lineno])
+                        rows.append((str(path.relative_to(ROOT)), node.lineno, mod, text))
+    return rows
+
+
+def test_function_level_imports_are_heavy_optional_or_give_their_reason() -> None:
+    """An import inside a function is for a heavy or optional dependency, or says why it is lazy
+    (``# lazy: <reason>``); never a way around an import cycle."""
+    bad = [f"{path}:{line} imports {mod}" for path, line, mod, text in _function_level_imports()
+           if mod.split(".")[0] not in LAZY_OK and "# lazy:" not in text and "noqa" not in text]
+    assert bad == []

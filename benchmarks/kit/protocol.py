@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -202,17 +202,27 @@ def label_samples(ids: Sequence[str], scores: np.ndarray, labels: np.ndarray, na
             "labels": np.asarray(labels, np.float32), "class_names": np.asarray([str(n) for n in names])}
 
 
-def macro_auc(y: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:
-    """Mean ROC-AUC over classes that have both a positive and a negative (NaN labels ignored)."""
-    from sklearn.metrics import roc_auc_score
+def per_class(y: np.ndarray, scores: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
+              name: str) -> list[float]:
+    """``metric(labels, scores)`` of each class that has both a positive and a negative (NaN labels ignored).
 
-    aucs = []
+    Raises:
+        ValueError: no class has both labels (``name`` is then undefined).
+    """
+    out = []
     for k in range(y.shape[1]):
         ok = ~np.isnan(y[:, k])
         yk = y[ok, k]
-        if len(np.unique(yk)) < 2:
-            continue
-        aucs.append(float(roc_auc_score(yk, scores[ok, k])))
-    if not aucs:
-        raise ValueError("no class has both positive and negative test labels: AUC undefined")
+        if len(np.unique(yk)) >= 2:
+            out.append(float(metric(yk, scores[ok, k])))
+    if not out:
+        raise ValueError(f"no class has both positive and negative test labels: {name} undefined")
+    return out
+
+
+def macro_auc(y: np.ndarray, scores: np.ndarray) -> tuple[float, list[float]]:
+    """Mean ROC-AUC over classes that have both a positive and a negative (NaN labels ignored)."""
+    from sklearn.metrics import roc_auc_score  # lazy: heavy import (scikit-learn), only scoring needs it
+
+    aucs = per_class(y, scores, roc_auc_score, "AUC")
     return float(np.mean(aucs)), aucs

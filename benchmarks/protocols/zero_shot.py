@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from medvlp.benchmarks.kit.fidelity import Element, documented, fidelity
 from medvlp.benchmarks.protocols.linear_probe import is_one_hot
 from medvlp.benchmarks.kit.protocol import (EvalContext, MetricValue, Protocol, ProtocolResult, auc_recipe, constant_class_flags,
-                                       label_samples, macro_auc, mean_recipe)
+                                       label_samples, macro_auc, mean_recipe, per_class)
 from medvlp.registry import register_benchmark
 import yaml
 import random
@@ -106,18 +106,11 @@ def max_f1(y: np.ndarray, scores: np.ndarray) -> float:
     (BenchX's zero-shot F1)."""
     from sklearn.metrics import precision_recall_curve  # lazy: heavy import (scikit-learn), only this path needs it
 
-    out = []
-    for k in range(y.shape[1]):
-        ok = ~np.isnan(y[:, k])
-        yk = y[ok, k]
-        if len(np.unique(yk)) < 2:
-            continue
-        prec, rec, _ = precision_recall_curve(yk, scores[ok, k])
-        f1 = 2 * prec * rec / np.clip(prec + rec, 1e-12, None)
-        out.append(float(f1.max()))
-    if not out:
-        raise ValueError("no class has both positive and negative test labels: F1 undefined")
-    return float(np.mean(out))
+    def best_f1(yk: np.ndarray, sk: np.ndarray) -> float:
+        prec, rec, _ = precision_recall_curve(yk, sk)
+        return float((2 * prec * rec / np.clip(prec + rec, 1e-12, None)).max())
+
+    return float(np.mean(per_class(y, scores, best_f1, "F1")))
 
 
 BENCHX = "yangzhou12/BenchX @ b874fa6"
