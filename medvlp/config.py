@@ -6,6 +6,7 @@ execute code are never registered.
 """
 from __future__ import annotations
 
+import inspect
 import re
 import secrets
 import threading
@@ -110,8 +111,6 @@ def method_defaults(name: str) -> DictConfig:
     cfg = packaged_yaml("medvlp.methods", name) if "." not in name else OmegaConf.create({})
     if cfg:
         return cfg
-    import inspect
-
     from medvlp.registry import METHODS
 
     try:
@@ -247,10 +246,11 @@ def _env_resolvers_replaced(fn: Any) -> Iterator[None]:
         saved = {name: BaseContainer._resolvers[name] for name in ENV_RESOLVERS if name in BaseContainer._resolvers}
         try:
             register = getattr(OmegaConf, "register_resolver", None)
+            modern = register is not None and "replace" in inspect.signature(register).parameters
             for name in ENV_RESOLVERS:
-                if register is not None:
-                    register(name, fn, replace=True, annotation_validation="off")
-                else:  # OmegaConf releases without register_resolver
+                if modern:
+                    register(name, fn, replace=True, annotation_validation="off")  # type: ignore[misc]
+                else:  # OmegaConf releases whose register_resolver is the legacy one (or absent)
                     OmegaConf.register_new_resolver(name, fn, replace=True)
             yield
         finally:

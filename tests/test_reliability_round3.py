@@ -184,7 +184,7 @@ def test_report_figures_of_hostile_dataset_names_stay_in_the_output_folder(tmp_p
             for metric in ("auroc", "acc"):
                 for frac in (0.1, 1.0):
                     for seed in (0, 1):
-                        rows.append({"dataset": ds, "label": lab, "protocol": "linear_probe", "params": "{}",
+                        rows.append({"dataset": ds, "label": lab, "protocol": ds, "params": "{}",  # key from data too
                                      "fraction": frac, "metric": metric, "value": 0.7 + 0.01 * seed})
     paths = plot(add_columns(summarize(pd.DataFrame(rows))), out)
     assert paths
