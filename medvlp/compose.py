@@ -51,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "run": {
         "dir": None,
         "root": "runs",
+        "name": None,
+        "overwrite": False,
         "seed": 42,
         "resume": True,
         "checkpoint_every_n_steps": 50,
@@ -157,8 +159,10 @@ def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None 
     extra = list(layers)
     files, overrides = split_args(args)
     base = OmegaConf.create(defaults or DEFAULTS)
-    user = merge(*[load_yaml(f) for f in files], overrides=overrides) if (files or overrides) else OmegaConf.create({})
+    loaded = [(f, load_yaml(f)) for f in files]
     later = [OmegaConf.create(layer or {}) for _, layer in extra]
+    refuse_unsafe([(f"config file {f}", c) for f, c in loaded] + [(src, c) for (src, _), c in zip(extra, later)])
+    user = merge(*[c for _, c in loaded], overrides=overrides) if (files or overrides) else OmegaConf.create({})
     method = OmegaConf.select(user, "method.name", default=base.method.name)
     data = next((OmegaConf.select(c, "data.name") for c in reversed(later) if OmegaConf.select(c, "data.name")),
                 OmegaConf.select(user, "data.name", default=None))
@@ -191,6 +195,28 @@ def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None 
     cfg = _merge_layers([layer for _, layer, _ in stack])
     validate.check_config(cfg, defaults or DEFAULTS)  # unknown keys / wrong types: one ConfigError before any work
     return mark_checked(cfg), _overrides(stack)
+
+
+#: safety switches only a ``key=value`` on the command line may turn off (a ``-c`` file or a suite cannot)
+COMMAND_LINE_ONLY = ("run.weights_only_resume",)
+
+
+def refuse_unsafe(layers: Sequence[tuple[str, DictConfig]]) -> None:
+    """Refuse a layer other than the command line's ``key=value`` overrides that sets a
+    :data:`COMMAND_LINE_ONLY` key to anything but ``true``.
+
+    Raises:
+        ValueError: one line naming the layer (file or suite block) and the key.
+    """
+    for source, layer in layers:
+        plain = OmegaConf.to_container(layer, resolve=False)
+        for key in COMMAND_LINE_ONLY:
+            raw: Any = plain
+            for part in key.split("."):  # the raw value: an interpolation counts as not ``true``
+                raw = raw.get(part) if isinstance(raw, dict) else None
+            if raw is not None and raw is not True:
+                raise ValueError(f"{source} sets {key}={raw!r}: refused; only the command line can turn weights-only "
+                                 f"resume off ({key}=false)")
 
 
 def _merge_layers(layers: Sequence[DictConfig]) -> DictConfig:

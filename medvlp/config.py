@@ -6,12 +6,18 @@ execute code are never registered.
 """
 from __future__ import annotations
 
+import inspect
 import re
+import secrets
+import threading
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import yaml  # type: ignore[import-untyped]
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from medvlp.registry import import_class_path
 
@@ -26,10 +32,67 @@ def load_yaml(path: str | Path) -> DictConfig:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    cfg = OmegaConf.load(p)
+    try:
+        cfg = OmegaConf.load(p)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{p}: not a plain YAML config: {_yaml_problem(exc)} (YAML is loaded as data only; "
+                         f"tags such as !!python/... are refused)") from None
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"{p}: {_one_line(exc)}") from None
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"config {p} must hold a mapping at the top level")
+    check_interpolations(cfg, str(p))
     return cfg
+
+
+def _yaml_problem(exc: Exception) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("full_key:")[0].split()) or type(exc).__name__
+
+
+#: ``${name:...}`` resolver calls in a string (the name is checked against the registered resolvers)
+_RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
+
+
+def check_interpolations(cfg: Any, source: str) -> None:
+    """Check every string of ``cfg`` that holds an interpolation, before anything resolves it: the
+    interpolation must parse, and every resolver it calls must be registered (medvlp registers none that
+    runs code, so ``${python:...}`` is refused here).
+
+    Raises:
+        ValueError: one line naming ``source``, the key, the value and the problem.
+    """
+    from omegaconf import grammar_parser
+
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    for key, value in _string_leaves(raw):
+        if "${" not in value:
+            continue
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        try:
+            grammar_parser.parse(value)
+        except OmegaConfBaseException as exc:
+            raise ValueError(f"{source}: {key}={shown!r} is not a valid interpolation ({_one_line(exc)})") from None
+        unknown = [n for n in _RESOLVER_CALL.findall(value) if not OmegaConf.has_resolver(n)]
+        if unknown:
+            raise ValueError(f"{source}: {key}={shown!r} calls the unknown resolver {unknown[0]!r} (registered: "
+                             f"oc.env, oc.decode, oc.create, oc.select, ...; none runs code)")
+
+
+def _string_leaves(x: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _string_leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _string_leaves(v, f"{prefix}[{i}]")
+    elif isinstance(x, str):
+        yield prefix, x
 
 
 def packaged_yaml(package: str, name: str) -> DictConfig:
@@ -48,8 +111,6 @@ def method_defaults(name: str) -> DictConfig:
     cfg = packaged_yaml("medvlp.methods", name) if "." not in name else OmegaConf.create({})
     if cfg:
         return cfg
-    import inspect
-
     from medvlp.registry import METHODS
 
     try:
@@ -70,7 +131,15 @@ def merge(*cfgs: Mapping[str, Any] | DictConfig, overrides: Sequence[str] = ()) 
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ValueError(f"overrides must look like key=value, got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        for o in overrides:
+            try:
+                layer = OmegaConf.from_dotlist([o])
+            except yaml.YAMLError as exc:
+                raise ValueError(f"override {o!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+            except OmegaConfBaseException as exc:
+                raise ValueError(f"override {o!r}: {_one_line(exc)}") from None
+            check_interpolations(layer, "command-line override")
+            merged = OmegaConf.merge(merged, layer)
     assert isinstance(merged, DictConfig)
     return merged
 
@@ -102,32 +171,124 @@ def instantiate(spec: Mapping[str, Any] | DictConfig, *, expected: type | tuple[
     return cls(**kwargs)
 
 
-_ENV_INTERPOLATION = re.compile(r"(?<!\\)\$\{(oc\.env|env):")
+#: resolvers that read the process environment (``env`` is OmegaConf's legacy name)
+ENV_RESOLVERS = ("oc.env", "env")
+_ENV_INTERPOLATION = re.compile(r"\$\{\s*(?:oc\.env|env)\s*:")
+_SWAP_LOCK = threading.Lock()
 
 
 def persistable(cfg: Any) -> Any:
     """Plain containers for writing to disk: interpolations resolved, except environment reads.
 
-    Every ``${oc.env:NAME}`` stays the literal text ``${oc.env:NAME}``, also where another key
-    interpolates it, so a secret passed through the environment never reaches ``config.yaml``, a run
-    folder name or a results row.
+    The config is resolved with the environment resolvers (:data:`ENV_RESOLVERS`) replaced by a stand-in
+    that returns a placeholder and never reads the environment. A value that reads the environment keeps its
+    raw text (``${oc.env:NAME}``, ``${oc.decode:${oc.env:NAME}}``, ...); where a placeholder reached another
+    key through an interpolation it becomes the literal text ``${oc.env:NAME}`` (``${oc.env:NAME,DEFAULT}``). So an environment value cannot reach
+    ``config.yaml``, a run folder name, saved hyperparameters or a results row by any route: directly, where
+    another key interpolates it, or through ``oc.decode`` / ``oc.create`` / ``oc.select``.
     """
     if not isinstance(cfg, (DictConfig, ListConfig)):
         cfg = OmegaConf.create(dict(cfg) if isinstance(cfg, Mapping) else cfg) if isinstance(cfg, (Mapping, list)) else cfg
         if not isinstance(cfg, (DictConfig, ListConfig)):
             return cfg
-    raw = OmegaConf.to_container(cfg, resolve=False)
-    return OmegaConf.to_container(OmegaConf.create(_escape_env(raw)), resolve=True)
+    copy: Any = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    nonce = secrets.token_hex(6)
+    texts: list[str] = []
+
+    def stand_in(key: Any, default: Any = _NO_DEFAULT) -> str:
+        texts.append(f"${{oc.env:{key}}}" if default is _NO_DEFAULT else f"${{oc.env:{key},{_literal(default)}}}")
+        return f"medvlpenv{nonce}x{len(texts) - 1}x"
+
+    with _env_resolvers_replaced(stand_in):
+        plain = OmegaConf.to_container(copy, resolve=True)
+    pattern = re.compile(rf"medvlpenv{nonce}x(\d+)x")
+    return _restore(plain, OmegaConf.to_container(copy, resolve=False), pattern, texts)
 
 
-def _escape_env(x: Any) -> Any:
+def _restore(value: Any, raw: Any, pattern: re.Pattern, texts: list[str]) -> Any:
+    """Undo the stand-in: a value that reads the environment itself keeps its raw text (``${oc.decode:
+    ${oc.env:N}}`` stays that); one that got an environment value through another key gets ``${oc.env:NAME}``
+    in place of it."""
+    if isinstance(raw, str) and _ENV_INTERPOLATION.search(raw) and _mentions(value, pattern):
+        return raw
+    if isinstance(value, dict) and isinstance(raw, dict):
+        return {(pattern.sub(lambda m: texts[int(m.group(1))], k) if isinstance(k, str) else k):
+                _restore(v, raw.get(k), pattern, texts) for k, v in value.items()}
+    if isinstance(value, list) and isinstance(raw, list) and len(raw) == len(value):
+        return [_restore(v, r, pattern, texts) for v, r in zip(value, raw)]
+    return _map_strings(value, lambda t: pattern.sub(lambda m: texts[int(m.group(1))], t))
+
+
+def _mentions(value: Any, pattern: re.Pattern) -> bool:
+    if isinstance(value, dict):
+        return any(_mentions(k, pattern) or _mentions(v, pattern) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_mentions(v, pattern) for v in value)
+    return isinstance(value, str) and bool(pattern.search(value))
+
+
+_NO_DEFAULT = object()
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = str(value)
+    return text if re.fullmatch(r"[A-Za-z0-9_./-]*", text) else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@contextmanager
+def _env_resolvers_replaced(fn: Any) -> Iterator[None]:
+    """Within the block, every :data:`ENV_RESOLVERS` resolver is ``fn`` (restored afterwards)."""
+    from omegaconf.basecontainer import BaseContainer
+
+    with _SWAP_LOCK:
+        saved = {name: BaseContainer._resolvers[name] for name in ENV_RESOLVERS if name in BaseContainer._resolvers}
+        try:
+            register = getattr(OmegaConf, "register_resolver", None)
+            modern = register is not None and "replace" in inspect.signature(register).parameters
+            for name in ENV_RESOLVERS:
+                if modern:
+                    register(name, fn, replace=True, annotation_validation="off")  # type: ignore[misc]
+                else:  # OmegaConf releases whose register_resolver is the legacy one (or absent)
+                    OmegaConf.register_new_resolver(name, fn, replace=True)
+            yield
+        finally:
+            for name in ENV_RESOLVERS:
+                if name in saved:
+                    BaseContainer._resolvers[name] = saved[name]
+                else:
+                    BaseContainer._resolvers.pop(name, None)
+
+
+def _map_strings(x: Any, fn: Any) -> Any:
     if isinstance(x, dict):
-        return {k: _escape_env(v) for k, v in x.items()}
+        return {(fn(k) if isinstance(k, str) else k): _map_strings(v, fn) for k, v in x.items()}
     if isinstance(x, list):
-        return [_escape_env(v) for v in x]
-    if isinstance(x, str):
-        return _ENV_INTERPOLATION.sub(lambda m: "\\${" + m.group(1) + ":", x)
-    return x
+        return [_map_strings(v, fn) for v in x]
+    return fn(x) if isinstance(x, str) else x
+
+
+def reads_environment(value: Any) -> bool:
+    """Whether a raw (unresolved) config value or container contains an environment read."""
+    if isinstance(value, Mapping):
+        return any(reads_environment(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(reads_environment(v) for v in value)
+    return isinstance(value, str) and bool(_ENV_INTERPOLATION.search(value))
+
+
+def resolve_environment(value: Any) -> Any:
+    """``value`` with each string holding an environment read resolved on its own (no other key can be
+    referenced); everything else as is. Used for hyperparameters stored as ``${oc.env:NAME}``."""
+    if isinstance(value, Mapping):
+        return {k: resolve_environment(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_environment(v) for v in value]
+    if isinstance(value, str) and _ENV_INTERPOLATION.search(value):
+        resolved: Any = OmegaConf.to_container(OmegaConf.create({"v": value}), resolve=True)
+        return resolved["v"]
+    return value
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

@@ -10,12 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-
-class WriteError(OSError):
-    """A file could not be written; the message names the path and the cause (e.g. no space left)."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
+from medvlp.errors import DISK_FULL_ERRNOS, WriteError  # noqa: F401  (public here too)
 
 
 def current_umask() -> int:
@@ -87,10 +82,43 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+class _WriteRecorder:
+    """A binary file wrapper that remembers the first ``OSError`` its writes raised.
+
+    ``torch.save`` reports a failed write of its zip writer as ``RuntimeError: [enforce fail at
+    inline_container.cc] ... unexpected pos``; the recorded error says what really happened.
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fh, name)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """``torch.save`` through a temp file and rename, so a crash never leaves a truncated file."""
+    """``torch.save`` through a temp file and rename, so a crash never leaves a truncated file.
+
+    Raises:
+        WriteError: naming ``path`` and the cause (e.g. no space left on device), also where torch reports
+            the failed write as its own ``RuntimeError``; the previous file is kept.
+    """
     with atomic_target(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)  # through a Python file, so a full disk raises OSError(ENOSPC), not RuntimeError
+        rec = _WriteRecorder(fh)
+        try:
+            torch.save(obj, rec)  # type: ignore[arg-type]  # a file-like object: the OS error is seen here
+        except RuntimeError as exc:
+            if rec.error is not None:
+                raise rec.error from exc
+            raise
         fh.flush()
         os.fsync(fh.fileno())
     return Path(path)

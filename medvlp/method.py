@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvlp.batch import batch_size, check_required_keys, is_multimodal
-from medvlp.config import to_container
+from medvlp.config import reads_environment, resolve_environment, to_container
 from medvlp.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, ProjectionHead, build_encoder
 from medvlp.encoders.vit import ImageFeatures, tokens_to_map
 
@@ -389,8 +389,18 @@ class VLPMethod(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
+    def persist_hparams(self, values: Mapping[str, Any]) -> None:
+        """Store ``values`` instead of the built-with values of those hyperparameters wherever they are
+        written (Lightning's ``hparams.yaml``, checkpoints): the literal ``${oc.env:NAME}`` of arguments read
+        from the environment, so no environment value is persisted."""
+        self._persisted_hparams = {**getattr(self, "_persisted_hparams", {}), **dict(values)}
+        initial = getattr(self, "_hparams_initial", None)
+        if initial is not None:  # what loggers write to hparams.yaml
+            for k, v in values.items():
+                initial[k] = v
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        hparams = _plain(dict(self.hparams))
+        hparams = _plain({**dict(self.hparams), **getattr(self, "_persisted_hparams", {})})
         checkpoint["hyper_parameters"] = hparams
         checkpoint["medvlp"] = {
             "method": self.name,
@@ -497,7 +507,9 @@ def load_method(path: str, map_location: str = "cpu", allow_class_path: bool = F
     hparams = meta.get("hparams") or {}
     if not isinstance(hparams, Mapping):
         raise ValueError(f"{path}: checkpoint hparams must be a mapping, got {type(hparams).__name__}")
-    model = cls(**hparams)  # building reads no file: the checkpoint's weights replace any init_from
+    env_keys = {k: v for k, v in hparams.items() if reads_environment(v)}  # stored as ${oc.env:NAME}
+    model = cls(**{**hparams, **resolve_environment(env_keys)})  # reads no file: the weights replace any init_from
+    model.persist_hparams(env_keys)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: state dict mismatch for {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,9 +1,12 @@
 """Build a datamodule + method from a config and pretrain with resumable, atomic checkpoints."""
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
+import os
+import pickle
 import re
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from medvlp.compose import DEFAULTS, is_checked
 from medvlp.config import instantiate, persistable, save_config, to_container
 from medvlp.io import atomic_torch_save, atomic_write_text
 from medvlp.method import VLPMethod
+from medvlp.paths import check_name
 from medvlp.pretrained.init import load_initial_weights
 from medvlp.provenance import provenance
 from medvlp.scale import build_strategy
@@ -136,11 +140,23 @@ def build_datamodule_from_config(cfg: Mapping[str, Any]) -> Any:
 def build_method(cfg: Mapping[str, Any], datamodule: Any | None = None) -> VLPMethod:
     """Instantiate ``cfg.method`` for training, filling unset image-encoder keys from the datamodule's
     ``encoder_hints()`` and unset method arguments from its ``method_hints()`` (e.g. ``class_names``), then
-    load the encoders' ``init_from`` files (:func:`medvlp.pretrained.init.load_initial_weights`)."""
-    spec = to_container(cfg["method"])
-    cls = METHODS.get(spec["name"])
+    load the encoders' ``init_from`` files (:func:`medvlp.pretrained.init.load_initial_weights`).
+
+    Arguments whose value reads the environment are stored in the method's hyperparameters (``hparams.yaml``,
+    checkpoints) as the literal ``${oc.env:NAME}`` (:meth:`VLPMethod.persist_hparams`), never resolved.
+    """
+    cls = METHODS.get(to_container(cfg["method"])["name"])
+    kwargs = _method_kwargs(to_container(cfg["method"]), cls, datamodule)
+    method = cls(**kwargs)
+    stored = _method_kwargs(persistable(cfg)["method"], cls, datamodule)
+    method.persist_hparams({k: stored.get(k) for k, v in kwargs.items() if stored.get(k) != v})
+    load_initial_weights(method)
+    return method
+
+
+def _method_kwargs(spec: Mapping[str, Any], cls: Any, datamodule: Any | None) -> dict[str, Any]:
     kwargs = dict(spec.get("init_args") or {})
-    if datamodule is not None:
+    if datamodule is not None and isinstance(kwargs.get("image_encoder") or {}, Mapping):  # str: ${oc.env:...}
         enc = dict(kwargs.get("image_encoder") or {})
         target = enc.get("init_args", enc) if "class_path" in enc else enc
         for k, v in datamodule.encoder_hints().items():
@@ -150,9 +166,7 @@ def build_method(cfg: Mapping[str, Any], datamodule: Any | None = None) -> VLPMe
         for k, v in datamodule.method_hints().items():
             if k in accepted and kwargs.get(k) is None:
                 kwargs[k] = v
-    method = cls(**kwargs)
-    load_initial_weights(method)
-    return method
+    return kwargs
 
 
 def cpu_has_native_bf16() -> bool:
@@ -182,25 +196,44 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
 
 
 def run_dir(cfg: Mapping[str, Any]) -> Path:
-    """``run.dir`` as given, or ``<run.root>/<method>_<data>[-<modality>]``.
+    """``run.dir`` as given, else ``<run.root>/<run.name>``, else ``<run.root>/<method>_<data>[-<modality>]-<hash>``.
 
     The derived name uses only the method and datamodule names (and a known modality), read from the
     config with environment reads unresolved (:func:`~medvlp.config.persistable`) and reduced to
-    ``[A-Za-z0-9._-]``, so no environment value can become part of a folder name.
+    ``[A-Za-z0-9._-]``, so no environment value can become part of a folder name; ``<hash>`` is a short
+    hash of the whole ``data`` block, so the same method on two manifests of one datamodule gets two
+    folders. ``run.name`` must be a safe path component (:func:`medvlp.paths.check_name`).
     """
     r = cfg["run"]
     if r.get("dir"):
         return Path(str(to_container(r["dir"])))
+    root = Path(str(to_container(r.get("root", "runs"))))
+    if r.get("name"):
+        return root / check_name(persistable(cfg)["run"]["name"], "run.name")
     names = persistable(cfg)
     data = names["data"]
     tag = _safe_name(data["name"])
     modality = (data.get("init_args") or {}).get("modality")
     if modality in KNOWN_MODALITIES:
         tag = f"{tag}-{modality}"
-    return Path(str(to_container(r.get("root", "runs")))) / f"{_safe_name(str(names['method']['name']).split('.')[-1])}_{tag}"
+    spec = hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:RUN_HASH_LENGTH]
+    return root / f"{_safe_name(str(names['method']['name']).split('.')[-1])}_{tag}-{spec}"
 
 
 KNOWN_MODALITIES = ("xray", "ct", "mri", "em", "mixed")
+#: hex digits of the data-spec hash in a derived run folder name
+RUN_HASH_LENGTH = 8
+#: config keys (and key prefixes) a resumed run may change: how long it trains, logging, devices and the run
+#: folder's own bookkeeping. Any other difference from the stored ``config.yaml`` refuses to resume.
+RESUME_EXEMPT_KEYS = (
+    "trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "trainer.log_every_n_steps", "trainer.logger",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.profiler", "trainer.devices",
+    "trainer.num_nodes", "trainer.accelerator", "trainer.strategy", "trainer.callbacks",
+    "run.dir", "run.root", "run.name", "run.resume", "run.overwrite", "run.weights_only_resume", "run.lr_monitor",
+    "run.checkpoint_every_n_steps", "run.checkpoint_every_n_minutes", "run.checkpoint_every_n_epochs",
+)
+#: the files of a run that ``run.overwrite=true`` (or ``run.resume=false``) moves aside before a fresh start
+RUN_FILES = ("config.yaml", "summary.json", "checkpoints", "logs", "tensorboard", "wandb")
 
 
 def _safe_name(name: Any) -> str:
@@ -208,6 +241,131 @@ def _safe_name(name: Any) -> str:
     if "${" in text:
         return "env"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"
+
+
+def _exempt(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_EXEMPT_KEYS)
+
+
+def _flat(x: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(x, Mapping) and x:
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: x}
+
+
+def resume_view(cfg: Any) -> dict[str, Any]:
+    """The keys of a run config that must match for a resume (dotted key → value, environment reads
+    unresolved, :data:`RESUME_EXEMPT_KEYS` left out)."""
+    return {k: v for k, v in _flat(persistable(cfg)).items() if not _exempt(k)}
+
+
+def resume_hash(cfg: Any) -> str:
+    """Hash of :func:`resume_view`: equal for two configs exactly when one run may resume the other."""
+    return hashlib.sha1(json.dumps(resume_view(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def resume_mismatch(out: Path, cfg: Any) -> str | None:
+    """Why the run in ``out`` cannot be resumed with ``cfg`` (the differing keys, both values), or ``None``
+    when it can (no stored config, or the same :func:`resume_hash`)."""
+    stored_path = out / "config.yaml"
+    if not stored_path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(stored_path), resolve=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged config.yaml never resumes blindly
+        return f"its config.yaml cannot be read ({type(exc).__name__})"
+    old, new = resume_view(stored), resume_view(cfg)
+    if resume_hash(stored) == resume_hash(cfg):
+        return None
+    diff = sorted((k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>")),
+                  key=lambda k: (k.count(".") > 1, k))  # data.name / method.name first
+    shown = "; ".join(f"{k}: {_short(old.get(k, '<unset>'))} (stored) vs {_short(new.get(k, '<unset>'))} (new)"
+                      for k in diff[:3])
+    rest = diff[3:]
+    return shown + (f"; also {', '.join(rest[:12])}" + (f" and {len(rest) - 12} more" if len(rest) > 12 else "")
+                    if rest else "")
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_rank_zero() -> bool:
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def prepare_run_dir(cfg: Any, out: Path) -> bool:
+    """Decide what happens to an existing run in ``out``; returns whether ``last.ckpt`` is resumed.
+
+    ``run.resume`` (default) resumes only a run whose stored ``config.yaml`` matches ``cfg``
+    (:func:`resume_mismatch`); a different run stops with one line naming both configs' differing keys and
+    the ways out. ``run.overwrite=true`` or ``run.resume=false`` start fresh: the old run's files are moved
+    into ``<out>/replaced-<UTC time>/`` (nothing is deleted) and a warning names that folder.
+
+    Raises:
+        ValueError: the stored run was made with a different config and neither option is given.
+    """
+    r = cfg["run"]
+    last = out / "checkpoints" / "last.ckpt"
+    existing = [out / n for n in RUN_FILES if (out / n).exists()]
+    if not existing:
+        return False
+    fresh = bool(r.get("overwrite")) or not r.get("resume", True)
+    if not fresh:
+        why = resume_mismatch(out, cfg)
+        if why is None:
+            return last.is_file()
+        if not last.is_file() and not (out / "summary.json").exists():
+            fresh = True  # a config.yaml without a checkpoint (the run never got going): nothing to lose
+        else:
+            raise ValueError(
+                f"{out} holds a run of a different config ({out / 'config.yaml'} vs this one: {why}); "
+                f"pick another folder (run.name=NAME or run.dir=PATH), start over there keeping the old run "
+                f"in {out}/replaced-* (run.overwrite=true), or do not resume (run.resume=false)")
+    if fresh and _is_rank_zero():
+        aside = out / time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime())
+        n = 1
+        while aside.exists():
+            aside, n = out / f"{aside.name.split('.')[0]}.{n}", n + 1
+        aside.mkdir(parents=True)
+        for p in existing:
+            os.replace(p, aside / p.name)
+        why = "run.overwrite=true" if r.get("overwrite") else ("run.resume=false" if not r.get("resume", True)
+                                                               else "an unfinished run of another config")
+        log.warning("%s: starting a fresh run; the previous run's %s moved to %s", why,
+                    ", ".join(p.name for p in existing), aside)
+    return False
+
+
+def finished_run(cfg: Any) -> Path | None:
+    """``last.ckpt`` of a run of ``cfg`` that already trained ``trainer.max_steps`` steps, under the resume
+    rule of :func:`prepare_run_dir`: ``None`` when there is none (or ``run.overwrite`` / ``run.resume=false``
+    ask for a fresh run).
+
+    Raises:
+        ValueError: the folder holds a finished run of a different config (as :func:`prepare_run_dir`).
+    """
+    out = run_dir(cfg)
+    r = cfg["run"]
+    summary, last = out / "summary.json", out / "checkpoints" / "last.ckpt"
+    if r.get("overwrite") or not r.get("resume", True) or not (summary.is_file() and last.is_file()):
+        return None
+    try:
+        steps = int(json.loads(summary.read_text()).get("steps", 0))
+    except (ValueError, AttributeError):
+        return None
+    if steps < int(cfg["trainer"]["max_steps"]):
+        return None
+    why = resume_mismatch(out, cfg)
+    if why is not None:
+        prepare_run_dir(cfg, out)  # raises the one-line error naming the differing keys
+    return last
 
 
 def pretrain(cfg: DictConfig) -> Path:
@@ -222,16 +380,21 @@ def pretrain(cfg: DictConfig) -> Path:
     c = to_container(cfg)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    resume = prepare_run_dir(cfg, out)  # before config.yaml is rewritten: it is what a resume compares with
     save_config(cfg, out / "config.yaml")  # environment reads stay unresolved on disk
     if not c["run"].get("weights_only_resume", True):
         log.warning("run.weights_only_resume=false: resuming will unpickle %s/checkpoints/last.ckpt, which can "
                     "run code; use this only for checkpoints you wrote yourself", out)
     L.seed_everything(int(c["run"]["seed"]), workers=True)
     dm = build_datamodule_from_config(c)
-    method = build_method(c, dm)
+    method = build_method(cfg, dm)  # the config itself: its environment reads are stored unresolved
     ckpt_dir = out / "checkpoints"
     trainer_kwargs = {k: v for k, v in c["trainer"].items() if v is not None and k not in ("logger", "callbacks", "plugins")}
     trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"))  # FSDP/DDP from YAML
+    if isinstance(trainer_kwargs.get("profiler"), Mapping):  # a {class_path, init_args} spec, checked first
+        from lightning.pytorch.profilers import Profiler
+
+        trainer_kwargs["profiler"] = instantiate(trainer_kwargs["profiler"], expected=Profiler)
     if "precision" in trainer_kwargs:
         trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"], trainer_kwargs.get("accelerator"))
         log.info("precision: %s", trainer_kwargs["precision"])
@@ -240,12 +403,19 @@ def pretrain(cfg: DictConfig) -> Path:
                         callbacks=build_callbacks(c["trainer"], c["run"], ckpt_dir, bool(loggers)),
                         plugins=build_plugins(c["trainer"]), **trainer_kwargs)
     last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if (c["run"]["resume"] and last.is_file()) else None
+    ckpt_path = str(last) if resume else None
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     start = time.time()
-    trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path,
-                weights_only=bool(c["run"].get("weights_only_resume", True)) if ckpt_path else None)
+    weights_only = bool(c["run"].get("weights_only_resume", True))
+    try:
+        trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path, weights_only=weights_only if ckpt_path else None)
+    except pickle.UnpicklingError as exc:
+        if not ckpt_path:
+            raise
+        raise ValueError(f"refusing to resume from {ckpt_path}: it is not a weights-only checkpoint (its pickle "
+                         f"names {_unpickle_culprit(exc)}; nothing of it ran); move it away, or pass "
+                         "run.weights_only_resume=false on the command line if you wrote it yourself") from None
     trainer.save_checkpoint(str(last), weights_only=False)  # full state: a rerun resumes from it
     skipped = dm.skip_report() if hasattr(dm, "skip_report") else {}
     if skipped:
@@ -259,6 +429,12 @@ def pretrain(cfg: DictConfig) -> Path:
     if trainer.is_global_zero:  # under DDP every rank returns here; one writes the summary
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return last
+
+
+def _unpickle_culprit(exc: BaseException) -> str:
+    """What a refused pickle asked for (e.g. ``posix.system``), from torch's weights-only message."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return m.group(1) if m else "objects that are not tensors or plain containers"
 
 
 def _metric(trainer: L.Trainer, key: str) -> float | None:

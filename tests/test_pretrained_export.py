@@ -60,19 +60,31 @@ def test_export_round_trip_in_fresh_process(trained_ckpt: Path, tmp_path: Path) 
     np.save(tmp_path / "x.npy", x.numpy())
     with torch.no_grad():
         ref_img, ref_txt = model.encode_image(x).numpy(), model.encode_text(TEXTS).numpy()
+    threads = torch.get_num_threads()
     script = (
         "import sys, numpy as np, torch, medvlp\n"
+        f"torch.set_num_threads({threads})\n"
         f"model, pre = medvlp.from_pretrained({str(out)!r})\n"
         f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
         "with torch.no_grad():\n"
         f"    np.save({str(tmp_path / 'img.npy')!r}, model.encode_image(x).numpy())\n"
         f"    np.save({str(tmp_path / 'txt.npy')!r}, model.encode_text({TEXTS!r}).numpy())\n"
+        "    torch.set_num_threads(1)\n"
+        f"    np.save({str(tmp_path / 'img1.npy')!r}, model.encode_image(x).numpy())\n"
+        f"    np.save({str(tmp_path / 'txt1.npy')!r}, model.encode_text({TEXTS!r}).numpy())\n"
         "    assert pre.image(np.full((40, 40), 128, dtype=np.uint8)).shape == (1, 1, 32, 32)\n"
     )
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(threads)}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env, timeout=300)
+    # the same thread count: the same kernels and reduction order, so the export must reproduce every bit
     np.testing.assert_array_equal(np.load(tmp_path / "img.npy"), ref_img)
     np.testing.assert_array_equal(np.load(tmp_path / "txt.npy"), ref_txt)
+    # another thread count splits the float32 reductions differently: each sum of n products may round
+    # differently by up to about n·eps·Σ|terms|; for these unit-norm embeddings (widths ≤ 128, a few layers)
+    # 1e-5 bounds that with margin (measured: 8.9e-8 between 2 threads and 1), while a wrong weight or a
+    # wrong preprocessing moves entries by ~1e-2
+    np.testing.assert_allclose(np.load(tmp_path / "img1.npy"), ref_img, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "txt1.npy"), ref_txt, rtol=0, atol=1e-5)
 
 
 def test_export_timm_format(trained_ckpt: Path, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import pandas as pd
 from medvlp.benchmarks.metrics import stats
 from medvlp.benchmarks.suite.results import ResultStore
 from medvlp.io import atomic_write_text
+from medvlp.paths import slug
 
 log = logging.getLogger(__name__)
 
@@ -386,9 +387,9 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
         c = g["chance"].dropna() if "chance" in g else pd.Series(dtype=float)
         return float(c.iloc[0]) if len(c) else None
 
-    def save(fig: Any, name: str) -> None:
+    def save(fig: Any, stem: str) -> None:
         fig.tight_layout()
-        path = out / name
+        path = out / f"{slug(stem)}.png"  # dataset names and protocol keys come from the data: never a path
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -413,7 +414,7 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
             ax.set_xticks(x, c["label"], rotation=35, ha="right", fontsize=8)
             ax.set_title(col, fontsize=9)
         fig.suptitle(f"{ds}: headline metrics (bars: mean, whiskers: 95 % bootstrap CI)", fontsize=9)
-        save(fig, f"{ds}_headline.png")
+        save(fig, f"{ds}_headline")
 
     for (ds, col0, proto), g in s.groupby(["dataset", "column", "protocol"], sort=False):
         metrics = list(dict.fromkeys(g["metric"]))
@@ -434,7 +435,7 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_xticks(np.arange(len(metrics)), metrics, fontsize=8, rotation=30, ha="right")
         ax.set_title(f"{ds} {col0} (dashed: chance, whiskers: 95 % CI)", fontsize=9)
         ax.legend(fontsize=7, ncol=min(len(labels), 3))
-        save(fig, f"{ds}_{col0.replace('@', '_at_')}.png")
+        save(fig, f"{ds}_{col0.replace('@', '_at_')}")
 
     for (ds, proto, params), g in s.groupby(["dataset", "protocol", "params"], sort=False):
         if len(set(g["fraction"])) < 2:
@@ -458,7 +459,7 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
             ax.set_xlabel("label fraction")
             ax.set_title(f"{ds} {m['column'].iloc[0].split('@')[0]} {metric}\n(bands: 95 % CI, x: degenerate)", fontsize=9)
             ax.legend(fontsize=7)
-        save(fig, f"{ds}_{proto}_fractions.png")
+        save(fig, f"{ds}_{proto}_fractions")
     return paths
 
 

@@ -23,20 +23,22 @@ from medvlp.benchmarks.kit.protocol import RUNNER_KEYS, EvalContext, split_proto
 from medvlp.benchmarks.suite.results import ResultStore
 from medvlp.benchmarks.suite.schema import check_suite, load_suite  # noqa: F401  (load_suite: public here too)
 from medvlp.compose import compose, derive
-from medvlp.config import to_container
+from medvlp.config import persistable, to_container
 from medvlp.method import load_method
+from medvlp.paths import check_name
 from medvlp.pretrained.formats import load_ckpt_spec
 from medvlp.progress import UnitProgress
 from medvlp.provenance import provenance
 from medvlp.registry import BENCHMARKS
-from medvlp.train import build_datamodule_from_config, build_method, pretrain
+from medvlp.train import build_datamodule_from_config, build_method, finished_run, pretrain
 from medvlp.validate import ConfigError, raise_if
 
 log = logging.getLogger(__name__)
 
 
 def _config_hash(cfg: Any) -> str:
-    return hashlib.sha1(json.dumps(to_container(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """Hash of the run config as persisted (environment reads unresolved: no secret reaches a results row)."""
+    return hashlib.sha1(json.dumps(persistable(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any]) -> DictConfig:
@@ -60,7 +62,8 @@ def method_config(suite: Mapping[str, Any], label: str, entry: Mapping[str, Any]
         layers.append((f"methods.{label}.init_args", {"method": {"init_args": entry["init_args"]}}))
     if entry.get("trainer"):
         layers.append((f"methods.{label}.trainer", {"trainer": entry["trainer"]}))
-    layers.append(("suite", {"run": {"dir": str(Path(suite["output"]) / "runs" / label),
+    folder = check_name(label, "suite method label")  # a path component of <output>/runs/
+    layers.append(("suite", {"run": {"dir": str(Path(suite["output"]) / "runs" / folder),
                                      "seed": int(suite.get("seed", 42))}}))
     try:
         cfg = compose(args + list(entry.get("overrides", [])), layers=layers)
@@ -103,10 +106,9 @@ def obtain_model(entry: Mapping[str, Any], label: str, cfg: DictConfig | None) -
         L.seed_everything(int(cfg.run.seed))
         dm = build_datamodule_from_config(to_container(cfg))
         return build_method(to_container(cfg), dm).eval(), "random-init", chash
-    out = Path(cfg.run.dir)
-    summary = out / "summary.json"
-    ckpt = out / "checkpoints" / "last.ckpt"
-    if summary.is_file() and ckpt.is_file() and json.loads(summary.read_text()).get("steps", 0) >= int(cfg.trainer.max_steps):
+    done = finished_run(cfg)  # the same resume rule as pretrain(): a run of another config is an error
+    if done is not None:
+        ckpt = done
         log.info("%s: pretraining already finished (%s)", label, ckpt)
     else:
         log.info("%s: pretraining (%s steps)", label, cfg.trainer.max_steps)

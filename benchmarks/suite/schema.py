@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from medvlp.benchmarks.kit.protocol import RUNNER_KEYS, split_protocol_entry
 from medvlp.config import load_yaml, merge, packaged_yaml, to_container
+from medvlp.paths import name_problem
 from medvlp.validate import _keys, _resolve, check_data, raise_if, unknown_key
 
 SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed", "pretrain_seeds",
@@ -61,6 +62,20 @@ def check_protocol(key: str, params: Any, errors: list[str], where: str = "proto
         errors.append(unknown_key(f"{where}.{key}", str(k), set(known or ()) | set(RUNNER_KEYS)))
 
 
+#: suite mappings whose keys become folder or file names (runs/<label>, figures per dataset, protocol keys)
+PATH_NAME_KEYS = {"methods": "method label", "datasets": "dataset name", "protocols": "protocol key"}
+
+
+def check_path_names(suite: Mapping[str, Any], errors: list[str]) -> None:
+    """Method labels, dataset names and protocol keys are path components: each must pass
+    :func:`medvlp.paths.name_problem` (``[A-Za-z0-9._-]``, no leading dot, not over-long)."""
+    for section, what in PATH_NAME_KEYS.items():
+        for name in suite.get(section) or {}:
+            problem = name_problem(name)
+            if problem:
+                errors.append(f"{section}: {what} {str(name)[:60]!r} {problem}")
+
+
 def check_suite(suite: Mapping[str, Any]) -> None:
     """Validate a loaded suite's own keys: top level, method entries, datasets and protocol parameters.
 
@@ -71,6 +86,7 @@ def check_suite(suite: Mapping[str, Any]) -> None:
     """
     errors: list[str] = []
     _keys(suite, SUITE_KEYS, "suite", errors)
+    check_path_names(suite, errors)
     for label, entry in (suite.get("methods") or {}).items():
         _keys(entry or {}, SUITE_METHOD_KEYS, f"methods.{label}", errors)
         unknown = set((entry or {}).get("protocols") or ()) - set(suite.get("protocols") or {})

@@ -19,6 +19,25 @@ class DataError(ValueError):
 
 #: what a reader does with NaN/Inf voxels: ``fail`` (DataError naming the file) or ``zero``
 NONFINITE_POLICIES = ("fail", "zero")
+#: largest 3D volume read (voxels, channels included; 512³ ≈ 134 M voxels = 537 MB as float32); the shape is read
+#: from the header (NIfTI, HDF5, TIFF) before anything is decompressed. Datamodule option ``max_voxels``.
+MAX_VOLUME_VOXELS = 512 ** 3
+#: largest 2D image decoded (pixels, frames and samples included; the largest real chest radiographs are about
+#: 4,300 × 3,500 = 15 Mpx); checked from the PNG/JPEG/DICOM header before decoding. Argument ``max_pixels``.
+MAX_IMAGE_PIXELS = 50_000_000
+#: largest NIfTI header + extensions (``vox_offset``, bytes) read before the data; real headers are 352 bytes plus
+#: at most a few KB of extensions
+MAX_HEADER_BYTES = 16 * 2 ** 20
+
+
+def check_size(path: Path, shape: Any, limit: int | None, unit: str, option: str) -> None:
+    """Raise :class:`DataError` naming ``path``, its header ``shape`` and ``limit`` when the shape holds more
+    than ``limit`` elements (``None``: no limit)."""
+    dims = tuple(int(d) for d in shape)
+    n = int(np.prod(dims, dtype=np.float64)) if dims else 0
+    if limit is not None and n > limit:
+        raise DataError(f"{path}: header shape {dims} is {n:,} {unit}, over the limit of {int(limit):,} ({option}; "
+                        f"checked before decompressing)")
 
 
 def _check_finite(arr: np.ndarray, path: Path, policy: str = "fail") -> np.ndarray:
@@ -31,7 +50,7 @@ def _check_finite(arr: np.ndarray, path: Path, policy: str = "fail") -> np.ndarr
 
 
 def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | None = None,
-                  full_decode: bool = False) -> np.ndarray:
+                  full_decode: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read a 2D image as float32 ``(H, W)`` scaled to [0, 1] (min-max).
 
     DICOM: applies RescaleSlope/Intercept, inverts MONOCHROME1 (as MGCA's RSNA/SIIM loaders), then
@@ -48,8 +67,11 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | Non
     ``BILINEAR`` widens its support when shrinking, as ``F.interpolate(antialias=True)``) runs on the 8-bit
     image before the float conversion; the result equals the reference to the 8-bit rounding of the resize.
 
+    ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`; ``None``: no limit) is checked against the header's
+    size before any pixel is decoded.
+
     Raises:
-        DataError: missing, unreadable or non-2D file.
+        DataError: missing, unreadable or non-2D file, or an image over ``max_pixels``.
     """
     p = Path(path)
     if not p.is_file():
@@ -58,7 +80,8 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | Non
         if p.suffix.lower() in (".dcm", ".dicom") or _is_dicom(p):
             import pydicom
 
-            ds = pydicom.dcmread(str(p))
+            ds = pydicom.dcmread(str(p))  # the pixel data stays encoded until pixel_array
+            check_size(p, _dicom_shape(ds), max_pixels, "pixels", "max_pixels")
             arr = ds.pixel_array.astype(np.float32)
             arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
             if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 3:
@@ -71,7 +94,8 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | Non
         else:
             from PIL import Image
 
-            with Image.open(p) as im:
+            with Image.open(p) as im:  # reads the header only
+                check_size(p, (im.height, im.width), max_pixels, "pixels", "max_pixels")
                 if max_side is None:
                     arr = np.asarray(im.convert("L"), dtype=np.float32)
                     bounds = None
@@ -155,6 +179,12 @@ def image_shape_2d(path: str | Path) -> tuple[int, int]:
         raise DataError(f"{p}: cannot read image header ({type(exc).__name__}: {exc})") from exc
 
 
+def _dicom_shape(ds: Any) -> tuple[int, ...]:
+    """Frames × rows × columns of a DICOM dataset, from its header."""
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    return frames, int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+
+
 def _is_dicom(p: Path) -> bool:
     try:
         with open(p, "rb") as fh:
@@ -164,14 +194,18 @@ def _is_dicom(p: Path) -> bool:
         return False
 
 
-def read_volume(path: str | Path, key: str | None = None, nonfinite: str = "fail") -> tuple[np.ndarray, np.ndarray]:
+def read_volume(path: str | Path, key: str | None = None, nonfinite: str = "fail",
+                max_voxels: int | None = MAX_VOLUME_VOXELS) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D volume as ``(array, affine)``.
 
     NIfTI returns the stored array (x, y, z) and its affine; HDF5 reads ``key`` (or ``path.h5:key``);
-    TIFF stacks are (z, y, x) with an identity affine.
+    TIFF stacks are (z, y, x) with an identity affine. The header's shape is checked against
+    ``max_voxels`` (default :data:`MAX_VOLUME_VOXELS`; ``None``: no limit) before any data is decompressed,
+    so a small file that expands to gigabytes is refused without reading it.
 
     Raises:
-        DataError: missing/corrupt file, missing HDF5 key, non-3D data, NaN/Inf voxels (policy ``fail``).
+        DataError: missing/corrupt file, missing HDF5 key, non-3D data, a volume over ``max_voxels``,
+            NaN/Inf voxels (policy ``fail``).
     """
     sp = str(path)
     if key is None and ":" in sp and not Path(sp).exists():
@@ -184,7 +218,9 @@ def read_volume(path: str | Path, key: str | None = None, nonfinite: str = "fail
         if name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
-            img = nib.load(str(p))
+            check_nifti_header(p)
+            img = nib.load(str(p))  # the header; the data stays on disk until read
+            check_size(p, img.shape, max_voxels, "voxels", "max_voxels")
             arr, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine
         elif name.endswith((".h5", ".hdf", ".hdf5")):
             import h5py
@@ -192,11 +228,15 @@ def read_volume(path: str | Path, key: str | None = None, nonfinite: str = "fail
             with h5py.File(p, "r") as f:
                 if key is None or key not in f:
                     raise DataError(f"{p}: HDF5 key {key!r} not found (keys: {_h5_keys(f)})")
+                check_size(p, f[key].shape, max_voxels, "voxels", "max_voxels")
                 arr, affine = np.asarray(f[key], dtype=np.float32), np.eye(4)
         elif name.endswith((".tif", ".tiff")):
             import tifffile
 
-            arr, affine = tifffile.imread(str(p)).astype(np.float32), np.eye(4)
+            with tifffile.TiffFile(str(p)) as tif:
+                series = tif.series[0]
+                check_size(p, series.shape, max_voxels, "voxels", "max_voxels")
+                arr, affine = series.asarray().astype(np.float32), np.eye(4)
         else:
             raise DataError(f"{p}: unsupported volume format (expected .nii(.gz), .h5/.hdf, .tif)")
     except DataError:
@@ -208,6 +248,30 @@ def read_volume(path: str | Path, key: str | None = None, nonfinite: str = "fail
     if arr.ndim not in (3, 4):
         raise DataError(f"{p}: expected a 3D (or 4D multi-channel) volume, got shape {arr.shape}")
     return _check_finite(arr, p, nonfinite), np.asarray(affine)
+
+
+def check_nifti_header(path: Path, limit: int = MAX_HEADER_BYTES) -> None:
+    """Refuse a NIfTI-1 file whose header declares more than ``limit`` bytes before the data (``vox_offset``:
+    header plus extensions), read from its first 348 bytes before the extensions are loaded.
+
+    Raises:
+        DataError: naming the file, the declared size and the limit.
+    """
+    import gzip
+    import struct
+
+    opener: Any = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(348)
+    if len(head) < 348:
+        return  # too short for NIfTI-1: nibabel names the problem
+    for order in ("<", ">"):
+        if struct.unpack(f"{order}i", head[:4])[0] == 348:
+            offset = struct.unpack(f"{order}f", head[108:112])[0]
+            if offset > limit:
+                raise DataError(f"{path}: header declares {int(offset):,} bytes before the data (vox_offset), over "
+                                f"the limit of {limit:,} (checked before reading the extensions)")
+            return
 
 
 def _h5_keys(f: Any) -> list[str]:

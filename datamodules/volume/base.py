@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from medvlp.checks import check_choice
 from medvlp.datamodules.base import SkippingDataset
-from medvlp.datamodules.io.readers import NONFINITE_POLICIES, DataError, read_volume
+from medvlp.datamodules.io.readers import MAX_VOLUME_VOXELS, NONFINITE_POLICIES, DataError, read_volume
 from medvlp.datamodules.io.store import _sha1, volume_spec
 from medvlp.datamodules.tabular import RecordDataModule
 from medvlp.progress import bars_enabled
@@ -38,12 +38,15 @@ class ReadVolumed(MapTransform):
 
     A 4D volume (e.g. NIfTI ``(x, y, z, c)``) needs an explicit ``channels`` selection (indices of the
     last axis, or ``"all"``); with ``channels=None`` it is a :class:`DataError` naming the file and its
-    shape, never a silent first channel.
+    shape, never a silent first channel. A volume whose header shape exceeds ``max_voxels`` is a
+    :class:`DataError` naming the file, the shape and the limit, raised before it is decompressed.
     """
 
     def __init__(self, keys: Sequence[str], channels: Sequence[int] | str | None = None,
-                 allow_missing_keys: bool = True, nonfinite: str = "fail") -> None:
+                 allow_missing_keys: bool = True, nonfinite: str = "fail",
+                 max_voxels: int | None = MAX_VOLUME_VOXELS) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.max_voxels = max_voxels
         if isinstance(channels, str):
             check_choice("channels", channels, ("all",), type(self).__name__)
         self.channels = channels
@@ -55,7 +58,7 @@ class ReadVolumed(MapTransform):
             paths = d[key] if isinstance(d[key], (list, tuple)) else [d[key]]
             arrays, affine = [], np.eye(4)
             for p in paths:
-                arr, affine = read_volume(p, nonfinite=self.nonfinite)
+                arr, affine = read_volume(p, nonfinite=self.nonfinite, max_voxels=self.max_voxels)
                 if arr.ndim == 4:
                     if self.channels is None:
                         raise DataError(f"{p}: 4D volume of shape {tuple(arr.shape)} where a 3D volume is expected; "
@@ -111,6 +114,8 @@ class VolumeDataModule(RecordDataModule):
         channels: channels kept from 4D volumes (indices of the last axis, or ``all``); ``None``: a 4D
             volume is an error naming the file.
         nonfinite: ``fail`` (NaN/Inf is an error naming the file) or ``zero`` (replaced by 0).
+        max_voxels: largest volume read (voxels, checked from the file header before decompressing; default
+            :data:`~medvlp.datamodules.io.readers.MAX_VOLUME_VOXELS` = 512³; ``null``: no limit).
         orientation: RAS reorientation (off for EM stacks without a meaningful affine).
         captions: caption source spec for GTGM (see :mod:`medvlp.datamodules.volume.captions`).
         prepared: a folder written by ``medvlp prepare`` for this dataset and spec: the deterministic steps
@@ -129,9 +134,10 @@ class VolumeDataModule(RecordDataModule):
                  window: Sequence[float] | None = None, resize: str = "resize", cache: str = "none",
                  cache_dir: str | None = None, channels: Sequence[int] | str | None = None, orientation: bool = True,
                  captions: Mapping[str, Any] | None = None, nonfinite: str = "fail", prepared: str | None = None,
-                 **kwargs: Any) -> None:
+                 max_voxels: int | None = MAX_VOLUME_VOXELS, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.prepared = prepared
+        self.max_voxels = max_voxels
         self._store: Any = None
         self.cache_built: dict[str, int] = {}  # items this process wrote to the disk cache before training
         if prepared and type(self).load is not VolumeDataModule.load:
@@ -166,7 +172,7 @@ class VolumeDataModule(RecordDataModule):
         """Read → HU rescale (CT) → RAS → spacing → intensity window → size (cached / prepared part)."""
         keys = ["image", "label"]
         xyz = list(reversed(self.volume_size))  # MONAI works in (x, y, z)
-        steps: list[Any] = [ReadVolumed(keys, self.channels, nonfinite=self.nonfinite)]
+        steps: list[Any] = [ReadVolumed(keys, self.channels, nonfinite=self.nonfinite, max_voxels=self.max_voxels)]
         if self.modality == "ct":
             steps.append(RescaleHUd(["image"]))
         if self.orientation:

@@ -5,15 +5,20 @@ commands that run a config, ``-c FILE`` files and config overrides passed on to 
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pickle
 import sys
-import importlib
 from types import ModuleType
 from typing import Sequence
 
+import yaml  # type: ignore[import-untyped]
+from omegaconf.errors import OmegaConfBaseException
+
 from medvlp.cli.args import keys_help, parse
 from medvlp.checks import did_you_mean
+from medvlp.errors import DISK_FULL_ERRNOS, WRITE_ERRNOS, WriteError
 
 #: command name → the module that defines it (NAME, SUMMARY, HELP, KEYS, PASSTHROUGH, run); imported lazily
 COMMANDS = {
@@ -93,15 +98,35 @@ def run_command(command: str, rest: list[str]) -> int:
     return int(mod.run(parse(command, rest, mod.KEYS, passthrough=mod.PASSTHROUGH)))
 
 
-#: user errors: one line, exit 2 (config, usage, missing files or classes)
-USER_ERRORS: tuple[type[BaseException], ...] = (KeyError, ValueError, TypeError, FileNotFoundError, ImportError)
+#: user errors: one line, exit 2 (config, usage, missing files or classes, a refused file: YAML tags, pickles,
+#: bad interpolations; a file that cannot be written: no space, quota, read-only, permission)
+USER_ERRORS: tuple[type[BaseException], ...] = (KeyError, ValueError, TypeError, FileNotFoundError, ImportError,
+                                                WriteError, OmegaConfBaseException, yaml.YAMLError,
+                                                pickle.UnpicklingError)
 #: errors while running a user's action (I/O, a failing run): one line, exit 1
 RUN_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, ArithmeticError)
+#: exit codes: a user error (including a write that failed), a failed run
+EXIT_USER_ERROR, EXIT_RUN_ERROR = 2, 1
 
 
 def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, WriteError) and exc.errno in DISK_FULL_ERRNOS:
+        cause = os.strerror(exc.errno).lower()
+        return f"cannot write {exc.filename}: {cause}" if exc.filename else f"cannot write: {cause}"
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, OmegaConfBaseException):
+        text = str(text).split("full_key:")[0]
     return " ".join(str(text).split()) or type(exc).__name__
+
+
+def exit_code(exc: BaseException) -> int:
+    """:data:`EXIT_USER_ERROR` for a user error or any failed write (the disk is full, read-only, over quota
+    or not writable), :data:`EXIT_RUN_ERROR` for a run that failed."""
+    if isinstance(exc, USER_ERRORS):
+        return EXIT_USER_ERROR
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return EXIT_USER_ERROR
+    return EXIT_RUN_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"medvlp {command}: error: {_message(exc)} (--debug shows the traceback)", file=sys.stderr)
-        return 2 if isinstance(exc, USER_ERRORS) else 1
+        return exit_code(exc)
     return code
 
 

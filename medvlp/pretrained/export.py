@@ -129,6 +129,23 @@ class MedVLPExport(ModelHubMixin):
         return load_export(folder)
 
 
+#: weight-file suffixes that are pickles (loading one can run code): never read from an export folder
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """Refuse an export folder holding pickled weights (e.g. ``text/pytorch_model.bin``): medvlp writes
+    safetensors only, and a pickle can run code when loaded.
+
+    Raises:
+        ValueError: one line naming the file.
+    """
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    if found:
+        raise ValueError(f"{found[0]}: refused: an export holds weights as safetensors only, and this file is a "
+                         f"pickle (loading it can run code); remove it or re-export the checkpoint")
+
+
 def load_export(folder: str | Path, allow_class_path: bool = False) -> MedVLPExport:
     """Rebuild the model of an export folder (strict load from ``model.safetensors``).
 
@@ -154,6 +171,7 @@ def load_export(folder: str | Path, allow_class_path: bool = False) -> MedVLPExp
     else:
         raise ValueError(f"{folder}: method {name!r} is not registered ({', '.join(METHODS.names())}); install its "
                          "plugin or pass allow_class_path=True")
+    refuse_pickled_weights(folder)
     state = load_state_file(folder / "model.safetensors")  # safetensors only: no code can run
     hparams = copy.deepcopy(cfg["hparams"])
     _encoder_args(hparams["text_encoder"])["model"] = str(folder / "text")
