@@ -45,7 +45,7 @@ test-all: install
 # with the reason when SLURM cannot start (MEDVLP_REQUIRE_SLURM=1: fail instead). Its own --basetemp: jobs read
 # and write the test folders while other pytest sessions may prune the shared default one
 test-slurm: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "slurm or not slurm" --basetemp=/tmp/medvlp-test-slurm \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -m "slurm or not slurm" --basetemp=/tmp/medvlp-test-slurm \
 		tests/slurm tests/test_results_store.py
 
 # ruff (pyflakes + syntax/statement errors; rules in pyproject.toml), mypy on medvlp/ (setup.cfg [mypy]) and the

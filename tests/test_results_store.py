@@ -137,3 +137,32 @@ def test_stale_rows_never_delete_a_file_outside_the_output_folder(tmp_path: Path
     assert victim.read_text() == "keep me"  # ... and the file its samples cell named survives
     with pytest.raises(ValueError, match="outside the output folder"):
         store.load_samples(samples)
+
+
+@pytest.mark.slow  # five `medvlp benchmark` processes: ~1-2 min on 2 loaded cores
+def test_four_concurrent_benchmarks_on_overlapping_suites_share_one_output_folder(tmp_path: Path) -> None:
+    import yaml
+
+    base = yaml.safe_load((ROOT / "benchmarks" / "suites" / "smoke.yaml").read_text())
+    base["methods"] = {"random_init": {"method": "clip", "pretrain": False}}
+    protocols = base["protocols"]
+    subsets = [["zero_shot", "retrieval"], ["retrieval", "linear_probe"], ["linear_probe", "zero_shot"], list(protocols)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = []
+    for i, keys in enumerate(subsets):
+        suite = tmp_path / f"suite{i}.yaml"
+        suite.write_text(yaml.safe_dump({**base, "protocols": {k: protocols[k] for k in keys}}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "medvlp.cli", "benchmark", f"suite={suite}",
+                                       f"output={tmp_path / 'shared'}"], env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        assert p.wait(timeout=900) == 0, p.stderr.read()[-3000:]
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(base))
+    ref = subprocess.run([sys.executable, "-m", "medvlp.cli", "benchmark", f"suite={tmp_path / 'ref.yaml'}",
+                          f"output={tmp_path / 'ref'}"], env=env, capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    key = ["label", "dataset", "protocol", "fraction", "subset_seed", "seed", "metric"]
+    shared, single = pd.read_csv(tmp_path / "shared" / "results.csv"), pd.read_csv(tmp_path / "ref" / "results.csv")
+    assert not shared.duplicated(key).any()
+    merged = shared.merge(single, on=key, suffixes=("_a", "_b"))
+    assert len(merged) == len(shared) == len(single)  # no row lost, none duplicated
+    assert np.allclose(merged["value_a"], merged["value_b"], rtol=1e-5, atol=1e-6)
