@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvlp-installed
 
-.PHONY: install demo experiments test test-slow test-all lint perf perf-gpu clean
+.PHONY: install demo experiments test test-slow test-all test-slurm lint perf perf-gpu clean
 
 install: $(STAMP)
 
@@ -39,6 +39,14 @@ test-slow: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# a real single-node SLURM on localhost (tests/slurm/up.sh: Debian slurm-wlm + munge, needs root; stopped after),
+# then the suite / srun DDP / preemption tests on it and the results store's multi-writer tests; they skip
+# with the reason when SLURM cannot start (MEDVLP_REQUIRE_SLURM=1: fail instead). Its own --basetemp: jobs read
+# and write the test folders while other pytest sessions may prune the shared default one
+test-slurm: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -m "slurm or not slurm" --basetemp=/tmp/medvlp-test-slurm \
+		tests/slurm tests/test_results_store.py
 
 # ruff (pyflakes + syntax/statement errors; rules in pyproject.toml), mypy on medvlp/ (setup.cfg [mypy]) and the
 # import-layering contracts (pyproject.toml [tool.importlinter]) on a plain install in .lint/site

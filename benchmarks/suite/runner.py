@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,10 +22,11 @@ from medvlp.benchmarks.suite.experiments import write_experiment
 from medvlp.benchmarks.kit.features import FeatureCache, model_fingerprint, trim_heap
 from medvlp.benchmarks.suite.paper_view import model_fields, pretrain_data_of, row_fields
 from medvlp.benchmarks.kit.protocol import RUNNER_KEYS, EvalContext, split_protocol_entry
-from medvlp.benchmarks.suite.results import ResultStore
+from medvlp.benchmarks.suite.results import ResultStore, unit_name
 from medvlp.benchmarks.suite.schema import check_suite, load_suite  # noqa: F401  (load_suite: public here too)
 from medvlp.compose import compose, derive
 from medvlp.config import persistable, to_container
+from medvlp.io import atomic_write_text
 from medvlp.method import load_method
 from medvlp.paths import check_name
 from medvlp.pretrained.formats import load_ckpt_spec
@@ -88,7 +91,8 @@ def seed_config(cfg: DictConfig, seed: int | None) -> DictConfig:
 UNSAFE_RESUME_KEY = "_cli_weights_only_resume"
 
 
-def obtain_model(entry: Mapping[str, Any], label: str, cfg: DictConfig | None) -> tuple[Any, str, str]:
+def obtain_model(entry: Mapping[str, Any], label: str, cfg: DictConfig | None,
+                 load: bool = True) -> tuple[Any, str, str]:
     """Return ``(model, checkpoint, config_hash)`` for a suite method entry (pretraining if needed).
 
     Args:
@@ -96,6 +100,7 @@ def obtain_model(entry: Mapping[str, Any], label: str, cfg: DictConfig | None) -
         label: its label.
         cfg: its checked run config for one pretraining seed (:func:`seed_config`); ``None`` for an entry
             that names a checkpoint (``ckpt``).
+        load: False: pretrain (if needed) without loading the checkpoint back; the model is then ``None``.
     """
     if entry.get("ckpt"):  # a medvlp checkpoint path or {format, path} of a released model
         model, desc = load_ckpt_spec(entry["ckpt"], allow_class_path=bool(entry.get("allow_class_path", False)))
@@ -113,7 +118,7 @@ def obtain_model(entry: Mapping[str, Any], label: str, cfg: DictConfig | None) -
     else:
         log.info("%s: pretraining (%s steps)", label, cfg.trainer.max_steps)
         ckpt = pretrain(cfg)
-    return load_method(str(ckpt)), str(ckpt), chash
+    return (load_method(str(ckpt)) if load else None), str(ckpt), chash
 
 
 def describe_backbone(model: Any) -> str:
@@ -184,18 +189,87 @@ def pretrain_seeds(suite: Mapping[str, Any], entry: Mapping[str, Any]) -> list[i
     return [None] if seeds is None or entry.get("ckpt") else [int(s) for s in seeds]
 
 
-def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
-    """Run every unit of ``suite``; returns the results CSV path.
+@dataclass(frozen=True)
+class Arm:
+    """One model of a suite: a method entry at one pretraining seed, and the evaluation units run on it.
 
-    The suite's keys and every method entry's run config are checked before any work, each once.
+    Attributes:
+        label: the method entry's label.
+        pseed: its pretraining seed (``None``: the suite's seed, one run).
+        entry: the method entry.
+        cfg: its checked run config (:func:`seed_config`); ``None`` for a checkpoint entry.
     """
-    check_suite(suite)
+
+    label: str
+    pseed: int | None
+    entry: Mapping[str, Any]
+    cfg: DictConfig | None
+
+    @property
+    def key(self) -> str:
+        """The arm's name on the command line (``only=<key>``): ``label`` or ``label@seed``."""
+        return self.label if self.pseed is None else f"{self.label}@{self.pseed}"
+
+    @property
+    def pretrains(self) -> bool:
+        """Whether obtaining the model trains one (not a checkpoint, not ``pretrain: false``)."""
+        return self.cfg is not None and self.entry.get("pretrain", True) is not False
+
+    @property
+    def config_hash(self) -> str:
+        """The hash its result rows carry (``external`` for a checkpoint entry)."""
+        return "external" if self.cfg is None else _config_hash(self.cfg)
+
+
+def plan_arms(suite: Mapping[str, Any], only: Sequence[str] | None = None) -> list[Arm]:
+    """The suite's arms in order, each method entry composed and checked once (:func:`plan_methods`).
+
+    Args:
+        suite: a loaded suite.
+        only: arm keys (:attr:`Arm.key`) to keep; ``None``: all.
+
+    Raises:
+        ValueError: an ``only`` key names no arm (with the arm keys).
+    """
     plans = plan_methods(suite)
-    write_experiment(suite)  # an experiment's claims, checked against the suite, beside its results
+    arms = [Arm(label, pseed, dict(entry or {}), None if plans[label] is None else seed_config(plans[label], pseed))
+            for label, entry in suite["methods"].items() for pseed in pretrain_seeds(suite, entry or {})]
+    if only is None:
+        return arms
+    keys = [a.key for a in arms]
+    unknown = [k for k in only if k not in keys]
+    if unknown:
+        raise ValueError(f"only={unknown}: not arms of suite {suite.get('name')!r} (arms: {', '.join(keys)})")
+    return [a for a in arms if a.key in set(only)]
+
+
+def pretraining_finished(cfg: DictConfig) -> bool:
+    """Whether ``cfg``'s run folder holds a finished pretraining of this config (``summary.json`` with
+    ``max_steps`` steps and ``checkpoints/last.ckpt``, under :func:`medvlp.train.finished_run`'s resume rule)."""
+    return finished_run(cfg) is not None
+
+
+@dataclass
+class SuiteRun:
+    """What every arm's evaluation shares: the results store, the feature cache, the built datasets and the
+    protocols (built once per process by :func:`prepare_run`)."""
+
+    suite: Mapping[str, Any]
+    device: str
+    store: ResultStore
+    cache: FeatureCache
+    datasets: dict[str, Any]
+    only: dict[str, set]
+    protocols: list
+    per_model: dict[tuple[str, str], int]
+    progress: UnitProgress
+    prov: Any
+
+
+def prepare_run(suite: Mapping[str, Any], device: str | None, n_arms: int) -> SuiteRun:
+    """Build the store, cache, datasets (``prepare_data`` run) and protocols for evaluating ``n_arms`` arms."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(suite["output"])
-    store = ResultStore(out / "results.csv")
-    cache = FeatureCache(out / "features")
     protocols = _protocols(suite)
     datasets = {k: build_datamodule_from_config({"data": {kk: vv for kk, vv in v.items() if kk != "protocols"}})
                 for k, v in suite["datasets"].items()}
@@ -204,30 +278,117 @@ def run_suite(suite: Mapping[str, Any], device: str | None = None) -> Path:
         dm.prepare_data()
     per_model = {(ds, key): _n_units(proto, params) for ds in datasets for key, proto, params in protocols
                  if not (ds in only and key not in only[ds])}
-    pseeds = {label: pretrain_seeds(suite, e or {}) for label, e in suite["methods"].items()}
-    progress = UnitProgress(sum(per_model.values()) * sum(len(v) for v in pseeds.values()))
-    prov = provenance(device)
-    for label, entry in suite["methods"].items():
-        entry = dict(entry or {})
-        for pseed in pseeds[label]:
-            plan = plans[label]
-            cfg = None if plan is None else seed_config(plan, pseed)
-            model, ckpt, chash = obtain_model(entry, label, cfg)
-            _evaluate_model(suite, store, cache, datasets, only, protocols, label, entry, model, ckpt, chash,
-                            "" if pseed is None else pseed, device, progress, per_model, prov,
-                            data_cfg=None if cfg is None or ckpt == "random-init" else cfg.get("data"))
-            cache.release(model)  # its cached features/maps leave memory; then the model itself, before the next
-            del model  # one pretrains (the disk cache keeps everything for reruns)
-            trim_heap()
-    log.info("feature cache: %d hits, %d misses", cache.hits, cache.misses)
-    return store.path
+    return SuiteRun(suite, device, ResultStore(out / "results.csv"), FeatureCache(out / "features"), datasets, only,
+                    protocols, per_model, UnitProgress(sum(per_model.values()) * n_arms), provenance(device))
+
+
+def pretrain_arm(arm: Arm, requeue: bool = False) -> str:
+    """Pretrain one arm (or find its finished pretraining); returns the checkpoint path (``""`` for an arm
+    that does not pretrain).
+
+    Args:
+        arm: the arm.
+        requeue: add :class:`~medvlp.benchmarks.suite.launch.requeue.RequeueOnSignal` to its trainer (a
+            SLURM job: checkpoint and requeue on ``SIGUSR1``). The arm's config hash is unchanged.
+    """
+    if not arm.pretrains:
+        return ""
+    cfg = arm.cfg
+    if requeue and not pretraining_finished(cfg):
+        plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        callbacks = OmegaConf.select(plain, "trainer.callbacks", default=None)
+        callbacks = [] if callbacks is None else list(OmegaConf.to_container(callbacks)) \
+            if OmegaConf.is_list(callbacks) else [OmegaConf.to_container(callbacks)]
+        OmegaConf.update(plain, "trainer.callbacks", callbacks + [{"class_path": REQUEUE_CALLBACK}], merge=False)
+        cfg = plain  # not marked checked: pretrain() validates it (the callback's class included)
+    _model, ckpt, _ = obtain_model(arm.entry, arm.label, cfg, load=False)
+    return ckpt
+
+
+#: the callback a SLURM pretraining job adds (class path: the core imports nothing from here)
+REQUEUE_CALLBACK = "medvlp.benchmarks.suite.launch.requeue.RequeueOnSignal"
+
+
+def arm_marker(suite: Mapping[str, Any], arm: Arm) -> Path:
+    """``<output>/arms/<arm>.json``: written when every evaluation unit of the arm has its results."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", arm.key).strip("-.") or "arm"
+    return Path(suite["output"]) / "arms" / f"{slug}-{hashlib.sha1(arm.key.encode()).hexdigest()[:8]}.json"
+
+
+def arm_plan_hash(suite: Mapping[str, Any], arm: Arm) -> str:
+    """What an arm's evaluation depends on: its config hash, its entry, the datasets and the protocols."""
+    plan = {"config_hash": arm.config_hash, "entry": arm.entry, "datasets": suite["datasets"],
+            "protocols": suite["protocols"]}
+    return hashlib.sha1(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def arm_done(suite: Mapping[str, Any], arm: Arm, store: ResultStore) -> bool:
+    """Whether an arm's evaluation finished for its current plan and all its units' results exist."""
+    marker = arm_marker(suite, arm)
+    if not marker.is_file():
+        return False
+    done = json.loads(marker.read_text())
+    return done.get("plan") == arm_plan_hash(suite, arm) and \
+        all((store.units_dir / f"{name}.json").is_file() for name in done.get("units", []))
+
+
+def evaluate_arm(run: SuiteRun, arm: Arm) -> None:
+    """Obtain one arm's model (pretraining if needed), run its evaluation units that have no results yet, and
+    mark the arm done (:func:`arm_marker`)."""
+    model, ckpt, chash = obtain_model(arm.entry, arm.label, arm.cfg)
+    names = _evaluate_model(run.suite, run.store, run.cache, run.datasets, run.only, run.protocols, arm.label, arm.entry,
+                    model, ckpt, chash, "" if arm.pseed is None else arm.pseed, run.device, run.progress,
+                    run.per_model, run.prov,
+                    data_cfg=None if arm.cfg is None or ckpt == "random-init" else arm.cfg.get("data"))
+    atomic_write_text(arm_marker(run.suite, arm), json.dumps({"arm": arm.key, "plan": arm_plan_hash(run.suite, arm),
+                                                              "units": names}))
+    run.cache.release(model)  # its cached features/maps leave memory; then the model itself, before the next
+    del model  # arm pretrains (the disk cache keeps everything for reruns)
+    trim_heap()
+
+
+#: what ``stage=`` runs of each arm: pretraining only, or everything (pretraining if needed, then evaluation)
+STAGES = ("all", "pretrain")
+
+
+def run_suite(suite: Mapping[str, Any], device: str | None = None, only: Sequence[str] | None = None,
+              stage: str = "all", requeue: bool = False) -> Path:
+    """Run every unit of ``suite`` (or of the arms ``only`` names) in this process; returns the results CSV.
+
+    The suite's keys and every method entry's run config are checked before any work, each once.
+
+    Args:
+        suite: a loaded suite.
+        device: ``cpu`` or ``cuda`` (default: cuda when available).
+        only: arm keys (:attr:`Arm.key`) to run; ``None``: every arm.
+        stage: ``all`` (pretrain if needed, then evaluate) or ``pretrain`` (pretraining only: a SLURM
+            launcher's first job of an arm).
+        requeue: pretraining checkpoints and requeues its SLURM job on ``SIGUSR1`` (:func:`pretrain_arm`).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {', '.join(STAGES)}")
+    check_suite(suite)
+    arms = plan_arms(suite, only)
+    write_experiment(suite)  # an experiment's claims, checked against the suite, beside its results
+    store_path = Path(suite["output"]) / "results.csv"
+    if stage == "pretrain":
+        for arm in arms:
+            pretrain_arm(arm, requeue)
+        return store_path
+    run = prepare_run(suite, device, len(arms))
+    for arm in arms:
+        evaluate_arm(run, arm)
+    log.info("feature cache: %d hits, %d misses", run.cache.hits, run.cache.misses)
+    return run.store.path
 
 
 def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: FeatureCache, datasets: Mapping[str, Any],
                     only: Mapping[str, set], protocols: list, label: str, entry: Mapping[str, Any], model: Any,
                     ckpt: str, chash: str, pseed: int | str, device: str, progress: UnitProgress | None = None,
                     per_model: Mapping[tuple[str, str], int] | None = None, prov: Any = None,
-                    data_cfg: Any = None) -> None:
+                    data_cfg: Any = None) -> list[str]:
+    """Run one model's evaluation units that have no results; returns every unit's name (run or found)."""
+    names: list[str] = []
     progress = progress or UnitProgress(0)
     per_model = per_model or {}
     weights = model_fingerprint(model)  # once per model; the feature cache reuses it
@@ -265,6 +426,7 @@ def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: Feature
                     unit = dict(label=label, dataset=ds_name, protocol=key, params=pjson, fraction=fraction,
                                 pretrain_seed=pseed, subset_seed=subset_seed, seed=seed, weights=weights,
                                 config_hash=chash, dataset_version=dm.dataset_version)
+                    names.append(unit_name(unit))
                     if store.done(**unit):
                         progress.step(f"{label} {ds_name} {key}: done before", quiet=True)
                         continue
@@ -285,6 +447,7 @@ def _evaluate_model(suite: Mapping[str, Any], store: ResultStore, cache: Feature
                                for v in res.values], res.samples, res.recipes)
                     progress.step(f"{label} {ds_name} {key} f={fraction:g} s={subset_seed}/{seed}", time.time() - t0)
     cache.unpin(model)
+    return names
 
 
 def evaluation_suite(ckpt: Any, data: Any, protocols: Sequence[str], protocol_params: Mapping[str, Any],

@@ -15,7 +15,7 @@ from medvlp.paths import name_problem
 from medvlp.validate import _keys, _resolve, check_data, raise_if, unknown_key
 
 SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed", "pretrain_seeds",
-              "experiment")
+              "experiment", "launcher")
 SUITE_METHOD_KEYS = ("method", "pretrain", "ckpt", "allow_class_path", "preset", "data", "overrides", "init_args",
                      "trainer", "pretrain_data", "pretrain_seeds", "auto_label", "protocols")
 #: the packaged suites' package (``benchmarks/suites/<name>.yaml``)

@@ -32,6 +32,7 @@ COMMANDS = {
     "experiments": "medvlp.cli.experiments",
     "prepare": "medvlp.cli.prepare",
     "config": "medvlp.cli.config",
+    "status": "medvlp.cli.status",
 }
 
 

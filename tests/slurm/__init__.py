@@ -1,0 +1,1 @@
+"""Tests on a real single-node SLURM (``make test-slurm``; ``tests/slurm/up.sh`` starts it)."""
