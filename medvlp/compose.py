@@ -107,14 +107,19 @@ def _digest(cfg: DictConfig) -> str:
 
 def mark_checked(cfg: DictConfig) -> DictConfig:
     """Record that ``cfg`` passed :func:`medvlp.validate.check_config` as it is now."""
-    _CHECKED[id(cfg)] = (weakref.ref(cfg, lambda _, key=id(cfg): _CHECKED.pop(key, None)), _digest(cfg))
+    key = id(cfg)
+
+    def forget(_: object) -> None:
+        _CHECKED.pop(key, None)
+
+    _CHECKED[key] = (weakref.ref(cfg, forget), _digest(cfg))
     return cfg
 
 
 def is_checked(cfg: Any) -> bool:
     """Whether ``cfg`` came out of :func:`compose` (or :func:`derive`) and has not changed since."""
     entry = _CHECKED.get(id(cfg))
-    return entry is not None and entry[0]() is cfg and entry[1] == _digest(cfg)
+    return entry is not None and entry[0]() is cfg and isinstance(cfg, DictConfig) and entry[1] == _digest(cfg)
 
 
 def derive(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
@@ -129,6 +134,7 @@ def derive(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
     if bad or not is_checked(cfg):
         raise ValueError(f"derive: only {allowed} of a composed config can be set without checking it again (got {bad})")
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    assert isinstance(out, DictConfig)
     for key, value in values.items():
         OmegaConf.update(out, key, value, merge=False)
     return mark_checked(out)

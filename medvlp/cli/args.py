@@ -74,7 +74,8 @@ def convert(command: str, key: str, raw: str, spec: Key) -> Any:
         return raw  # a name or a path (data=phantom, ckpt=run/last.ckpt)
     if spec.type in (list, dict):
         try:
-            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]  # type: ignore[index]
+            parsed: Any = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))
+            value = parsed["v"]
         except Exception as exc:  # omegaconf's grammar errors: one line
             raise ValueError(f"{command}: {key}={raw!r} is not valid YAML ({type(exc).__name__})") from None
         if spec.type is list and isinstance(value, str):

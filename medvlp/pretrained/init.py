@@ -38,7 +38,7 @@ def _load_vit(encoder: ViTEncoder, path: str) -> None:
 
 
 #: encoder class → how its ``init_from`` file is loaded
-LOADERS: dict[type[nn.Module], Callable[[nn.Module], None] | Callable[..., None]] = {
+LOADERS: dict[type[nn.Module], Callable[..., None]] = {
     ViTEncoder: _load_vit,
     ResNetEncoder: load_torchvision_resnet,
 }
