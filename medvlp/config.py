@@ -20,6 +20,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from medvlp.registry import import_class_path
+from omegaconf import grammar_parser
+from medvlp.registry import METHODS
+from omegaconf.basecontainer import BaseContainer
+from medvlp.io import atomic_write_text
 
 
 def load_yaml(path: str | Path) -> DictConfig:
@@ -67,7 +71,6 @@ def check_interpolations(cfg: Any, source: str) -> None:
     Raises:
         ValueError: one line naming ``source``, the key, the value and the problem.
     """
-    from omegaconf import grammar_parser
 
     raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
     for key, value in _string_leaves(raw):
@@ -111,7 +114,6 @@ def method_defaults(name: str) -> DictConfig:
     cfg = packaged_yaml("medvlp.methods", name) if "." not in name else OmegaConf.create({})
     if cfg:
         return cfg
-    from medvlp.registry import METHODS
 
     try:
         cls = METHODS.get(name)
@@ -240,7 +242,6 @@ def _literal(value: Any) -> str:
 @contextmanager
 def _env_resolvers_replaced(fn: Any) -> Iterator[None]:
     """Within the block, every :data:`ENV_RESOLVERS` resolver is ``fn`` (restored afterwards)."""
-    from omegaconf.basecontainer import BaseContainer
 
     with _SWAP_LOCK:
         saved = {name: BaseContainer._resolvers[name] for name in ENV_RESOLVERS if name in BaseContainer._resolvers}
@@ -293,6 +294,5 @@ def resolve_environment(value: Any) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write a config as YAML atomically, with environment reads kept unresolved (:func:`persistable`)."""
-    from medvlp.io import atomic_write_text
 
     return atomic_write_text(Path(path), OmegaConf.to_yaml(OmegaConf.create(persistable(cfg))))

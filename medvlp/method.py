@@ -22,6 +22,9 @@ from medvlp.batch import batch_size, check_required_keys, is_multimodal
 from medvlp.config import reads_environment, resolve_environment, to_container
 from medvlp.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, ProjectionHead, build_encoder
 from medvlp.encoders.vit import ImageFeatures, tokens_to_map
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from medvlp.io import safe_load
+from medvlp.registry import METHODS
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {
     "lr": 2e-5,
@@ -439,7 +442,6 @@ def ema_update(online: nn.Module, target: nn.Module, momentum: float, root: nn.M
     Raises:
         ValueError: when the two modules' parameters do not pair up (names the first mismatch).
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if isinstance(root, FSDP):
         with FSDP.summon_full_params(root, writeback=True, with_grads=False):
@@ -487,8 +489,6 @@ def load_method(path: str, map_location: str = "cpu", allow_class_path: bool = F
         ValueError: naming the file when it is not a medvlp checkpoint, names an unregistered method
             (without ``allow_class_path``), or its class path is not a ``VLPMethod``.
     """
-    from medvlp.io import safe_load
-    from medvlp.registry import METHODS
 
     ckpt = safe_load(path, map_location)
     meta = ckpt.get("medvlp") if isinstance(ckpt, dict) else None

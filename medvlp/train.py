@@ -32,6 +32,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 import importlib.util
 from datetime import timedelta
 import torch
+from omegaconf import OmegaConf
+from lightning.pytorch.profilers import Profiler
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +275,6 @@ def resume_mismatch(out: Path, cfg: Any) -> str | None:
     stored_path = out / "config.yaml"
     if not stored_path.is_file():
         return None
-    from omegaconf import OmegaConf
 
     try:
         stored = OmegaConf.to_container(OmegaConf.load(stored_path), resolve=False)
@@ -392,7 +393,6 @@ def pretrain(cfg: DictConfig) -> Path:
     trainer_kwargs = {k: v for k, v in c["trainer"].items() if v is not None and k not in ("logger", "callbacks", "plugins")}
     trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"))  # FSDP/DDP from YAML
     if isinstance(trainer_kwargs.get("profiler"), Mapping):  # a {class_path, init_args} spec, checked first
-        from lightning.pytorch.profilers import Profiler
 
         trainer_kwargs["profiler"] = instantiate(trainer_kwargs["profiler"], expected=Profiler)
     if "precision" in trainer_kwargs:

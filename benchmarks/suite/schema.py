@@ -13,6 +13,9 @@ from medvlp.benchmarks.kit.protocol import RUNNER_KEYS, split_protocol_entry
 from medvlp.config import load_yaml, merge, packaged_yaml, to_container
 from medvlp.paths import name_problem
 from medvlp.validate import _keys, _resolve, check_data, raise_if, unknown_key
+from medvlp.describe import packaged_names
+from medvlp.checks import did_you_mean
+from medvlp.registry import BENCHMARKS
 
 SUITE_KEYS = ("name", "preset", "pretrain", "methods", "datasets", "protocols", "output", "seed", "pretrain_seeds",
               "experiment", "launcher")
@@ -32,8 +35,6 @@ def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, An
     p = Path(name_or_path)
     cfg = load_yaml(p) if p.suffix in (".yaml", ".yml") or p.is_file() else packaged_yaml(SUITES_PACKAGE, name_or_path)
     if not cfg:
-        from medvlp.describe import packaged_names
-        from medvlp.checks import did_you_mean
 
         names = [n for n, _ in packaged_names(SUITES_PACKAGE)]
         raise FileNotFoundError(f"unknown suite {name_or_path!r}{did_you_mean(str(name_or_path), names)} "
@@ -51,7 +52,6 @@ def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, An
 def check_protocol(key: str, params: Any, errors: list[str], where: str = "protocols") -> None:
     """Check one suite protocol entry: the protocol exists and knows every parameter given
     (:meth:`~medvlp.benchmarks.kit.protocol.Protocol.unknown_parameters`, the check ``params()`` runs too)."""
-    from medvlp.registry import BENCHMARKS
 
     name, _, own = split_protocol_entry(key, params)
     cls = _resolve(BENCHMARKS, name, f"{where}.{key}" + (".protocol" if "protocol" in (params or {}) else ""), errors)

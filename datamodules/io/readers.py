@@ -11,6 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+import gzip
+import struct
 
 
 class DataError(ValueError):
@@ -78,7 +81,7 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | Non
         raise DataError(f"{p}: file not found")
     try:
         if p.suffix.lower() in (".dcm", ".dicom") or _is_dicom(p):
-            import pydicom
+            import pydicom  # lazy: optional format reader (DICOM)
 
             ds = pydicom.dcmread(str(p))  # the pixel data stays encoded until pixel_array
             check_size(p, _dicom_shape(ds), max_pixels, "pixels", "max_pixels")
@@ -92,7 +95,6 @@ def read_image_2d(path: str | Path, nonfinite: str = "fail", max_side: int | Non
             if max_side is not None and arr.ndim == 2:
                 arr = _resize_float(arr, max_side, bilinear=full_decode)
         else:
-            from PIL import Image
 
             with Image.open(p) as im:  # reads the header only
                 check_size(p, (im.height, im.width), max_pixels, "pixels", "max_pixels")
@@ -131,7 +133,6 @@ def target_shape(h: int, w: int, max_side: int) -> tuple[int, int]:
 
 def _reduce_pil(im: Any, max_side: int) -> Any:
     """Grayscale PIL image with its longer side ``max_side``: DCT-domain ``draft`` then area resize."""
-    from PIL import Image
 
     th, tw = target_shape(im.height, im.width, max_side)
     if im.format == "JPEG":
@@ -146,7 +147,6 @@ def _reduce_pil(im: Any, max_side: int) -> Any:
 def _resize_float(arr: np.ndarray, max_side: int, bilinear: bool = False) -> np.ndarray:
     """Area (shrink; antialiased bilinear with ``bilinear``) or bilinear (enlarge) resize of a float image to a
     longer side of ``max_side``."""
-    from PIL import Image
 
     th, tw = target_shape(*arr.shape, max_side)
     if (th, tw) == arr.shape:
@@ -167,11 +167,10 @@ def image_shape_2d(path: str | Path) -> tuple[int, int]:
         raise DataError(f"{p}: file not found")
     try:
         if p.suffix.lower() in (".dcm", ".dicom") or _is_dicom(p):
-            import pydicom
+            import pydicom  # lazy: optional format reader (DICOM)
 
             ds = pydicom.dcmread(str(p), stop_before_pixels=True)
             return int(ds.Rows), int(ds.Columns)
-        from PIL import Image
 
         with Image.open(p) as im:
             return int(im.height), int(im.width)
@@ -216,14 +215,14 @@ def read_volume(path: str | Path, key: str | None = None, nonfinite: str = "fail
     name = p.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
+            import nibabel as nib  # lazy: optional format reader (NIfTI)
 
             check_nifti_header(p)
             img = nib.load(str(p))  # the header; the data stays on disk until read
             check_size(p, img.shape, max_voxels, "voxels", "max_voxels")
             arr, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine
         elif name.endswith((".h5", ".hdf", ".hdf5")):
-            import h5py
+            import h5py  # lazy: optional format reader (HDF5)
 
             with h5py.File(p, "r") as f:
                 if key is None or key not in f:
@@ -231,7 +230,7 @@ def read_volume(path: str | Path, key: str | None = None, nonfinite: str = "fail
                 check_size(p, f[key].shape, max_voxels, "voxels", "max_voxels")
                 arr, affine = np.asarray(f[key], dtype=np.float32), np.eye(4)
         elif name.endswith((".tif", ".tiff")):
-            import tifffile
+            import tifffile  # lazy: optional format reader (TIFF)
 
             with tifffile.TiffFile(str(p)) as tif:
                 series = tif.series[0]
@@ -257,8 +256,6 @@ def check_nifti_header(path: Path, limit: int = MAX_HEADER_BYTES) -> None:
     Raises:
         DataError: naming the file, the declared size and the limit.
     """
-    import gzip
-    import struct
 
     opener: Any = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as fh:

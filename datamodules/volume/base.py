@@ -28,6 +28,9 @@ from medvlp.datamodules.io.readers import MAX_VOLUME_VOXELS, NONFINITE_POLICIES,
 from medvlp.datamodules.io.store import _sha1, volume_spec
 from medvlp.datamodules.tabular import RecordDataModule
 from medvlp.progress import bars_enabled
+import torch.distributed as dist
+from medvlp.datamodules.volume.captions import build_caption_source
+import os
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +146,6 @@ class VolumeDataModule(RecordDataModule):
         if prepared and type(self).load is not VolumeDataModule.load:
             raise ValueError(f"{type(self).__name__} cuts samples itself; read its prepared shards with data=shards "
                              f"(data.init_args.prepared={prepared})")
-        from medvlp.datamodules.volume.captions import build_caption_source
 
         self.caption_source = build_caption_source(captions) if captions else None
         self.volume_size = [int(v) for v in volume_size]
@@ -157,7 +159,6 @@ class VolumeDataModule(RecordDataModule):
         check_choice("resize", resize, ("resize", "pad_crop", "random_crop"), owner)
         check_choice("cache", cache, ("none", "memory", "disk"), owner)
         if cache == "disk" and self.cache_dir is None:  # default: $MEDVLP_CACHE/volumes/<datamodule>
-            import os
 
             self.cache_dir = Path(os.environ.get("MEDVLP_CACHE", Path.home() / ".cache" / "medvlp")) / "volumes" / self.name
 
@@ -291,7 +292,6 @@ def build_disk_cache(ds: PersistentDataset, name: str) -> int:
     (so N ranks never decode the same volume N times). Without a process group the cache fills lazily.
     Returns the number of items rank 0 preprocessed (0 elsewhere). Unreadable items are left uncached (the
     dataset's skip policy handles them when they are read)."""
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 0

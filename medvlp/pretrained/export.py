@@ -25,17 +25,25 @@ import torch
 from huggingface_hub import ModelHubMixin
 
 from medvlp.pretrained.preprocess import IMAGENET_MEAN, IMAGENET_STD, MEDVLP_INPUT, Preprocess
+from medvlp.version import __version__
+from medvlp.pretrained.surgery import load_state_file
+from medvlp.registry import METHODS
+from medvlp.io import safe_load
+from medvlp.method import load_method
+from medvlp.config import load_yaml, to_container
+from medvlp.encoders.vit import ViTEncoder
+from medvlp.io import atomic_target, atomic_write_text
+from medvlp.pretrained.vit import encoder_to_timm
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = "medvlp-export/1"
 
 
 def _versions() -> dict[str, str]:
-    import huggingface_hub
-    import safetensors
-    import transformers
+    import huggingface_hub  # lazy: hub access only when the user asks for it
+    import safetensors  # lazy: only export/import paths need it
+    import transformers  # lazy: heavy optional import (transformers)
 
-    from medvlp.version import __version__
 
     return {"medvlp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__, "huggingface_hub": huggingface_hub.__version__}
@@ -103,9 +111,8 @@ class MedVLPExport(ModelHubMixin):
                 "versions": _versions()}
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # lazy: only export/import paths need it
 
-        from medvlp.io import atomic_target, atomic_write_text
 
         out = Path(save_directory)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.vlp_model.state_dict().items()}
@@ -122,7 +129,7 @@ class MedVLPExport(ModelHubMixin):
                          **_: Any) -> "MedVLPExport":
         folder = Path(model_id)
         if not folder.is_dir():
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import snapshot_download  # lazy: hub access only when the user asks for it
 
             folder = Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir, token=token,
                                             force_download=force_download, local_files_only=local_files_only))
@@ -153,8 +160,6 @@ def load_export(folder: str | Path, allow_class_path: bool = False) -> MedVLPExp
         FileNotFoundError: naming the missing file.
         ValueError: when ``config.json`` is not a medvlp export or names an unregistered method.
     """
-    from medvlp.pretrained.surgery import load_state_file
-    from medvlp.registry import METHODS
 
     folder = Path(folder)
     for name in ("config.json", "model.safetensors"):
@@ -198,8 +203,6 @@ def export(ckpt: str | Path, out: str | Path, format: str = "hf", allow_class_pa
     Raises:
         ValueError: on an unknown format, or ``timm`` for a non-ViT / non-2D image encoder.
     """
-    from medvlp.io import safe_load
-    from medvlp.method import load_method
 
     if format not in ("hf", "timm"):
         raise ValueError(f"export format must be hf|timm, got {format!r}")
@@ -208,7 +211,6 @@ def export(ckpt: str | Path, out: str | Path, format: str = "hf", allow_class_pa
     run_cfg_path = Path(ckpt).parent.parent / "config.yaml"
     run_cfg = None
     if run_cfg_path.is_file():
-        from medvlp.config import load_yaml, to_container
 
         run_cfg = to_container(load_yaml(run_cfg_path))
     pre = preprocess_for_method(model, run_cfg)
@@ -220,11 +222,8 @@ def export(ckpt: str | Path, out: str | Path, format: str = "hf", allow_class_pa
 
 
 def _export_timm(model: Any, pre: Preprocess, out: Path) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: only export/import paths need it
 
-    from medvlp.encoders.vit import ViTEncoder
-    from medvlp.io import atomic_target, atomic_write_text
-    from medvlp.pretrained.vit import encoder_to_timm
 
     enc = model.image_encoder
     if not isinstance(enc, ViTEncoder) or "2" not in enc.patch_embed:

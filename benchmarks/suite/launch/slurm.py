@@ -32,6 +32,8 @@ from medvlp.benchmarks.suite.runner import (
 from medvlp.benchmarks.suite.schema import check_suite
 from medvlp.io import atomic_write_text
 from medvlp.validate import did_you_mean
+from medvlp.benchmarks.suite.schema import load_suite
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +351,6 @@ def status(out: str | Path) -> list[dict[str, str]]:
     arms: dict[str, Arm] = {}
     suite: dict[str, Any] = {}
     if suite_file.is_file():
-        from medvlp.benchmarks.suite.schema import load_suite
 
         suite = load_suite(str(suite_file))
         arms = {a.key: a for a in plan_arms(suite)}
@@ -381,6 +382,5 @@ def status(out: str | Path) -> list[dict[str, str]]:
 
 
 def _yaml(suite: Mapping[str, Any]) -> str:
-    import yaml
 
     return yaml.safe_dump(json.loads(json.dumps(suite)), sort_keys=False)
