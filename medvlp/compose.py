@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medvlp import validate
 from medvlp.config import load_yaml, merge, method_defaults, packaged_yaml
+from medvlp.describe import check_preset
 from medvlp.registry import METHODS
 
 DEFAULTS: dict[str, Any] = {
@@ -180,7 +181,7 @@ def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None 
     if preset:
         p = packaged_yaml("medvlp.presets", preset)
         if not p:
-            raise FileNotFoundError(f"unknown preset {preset!r} (packaged presets: demo, tiny, paper)")
+            check_preset(str(preset))
         stack += _preset_layers(f"presets/{preset}.yaml", p, str(data), False)
         if preset == "paper" and "." not in str(method):
             paper = packaged_yaml("medvlp.methods", f"{method}.paper")

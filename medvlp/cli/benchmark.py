@@ -1,9 +1,12 @@
 """``medvlp benchmark``: run a suite (methods × datasets × protocols × fractions × seeds) into results.csv."""
 from __future__ import annotations
 
+import importlib.util
 import logging
+from pathlib import Path
 
 from medvlp.cli.args import Key, Parsed
+from medvlp.validate import did_you_mean
 
 NAME = "benchmark"
 SUMMARY = "methods x datasets x protocols x fractions x seeds -> results.csv (suite=NAME|PATH)"
@@ -24,8 +27,35 @@ PASSTHROUGH = True
 log = logging.getLogger(__name__)
 
 
+def packaged_suites() -> list[str]:
+    """Names of the packaged suites, read from the folder without importing the benchmark harness."""
+    spec = importlib.util.find_spec("medvlp.benchmarks")  # imports the (light) parent package only
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(p.stem for p in (Path(list(spec.submodule_search_locations)[0]) / "suites").glob("*.yaml"))
+
+
+def check_suite_name(name: str) -> None:
+    """Refuse a suite that is neither a file nor a packaged name, before anything heavy is imported.
+
+    Raises:
+        FileNotFoundError: with the nearest packaged suite.
+    """
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or "/" in name or p.is_file():
+        if not p.is_file():
+            raise FileNotFoundError(f"suite file not found: {name}")
+        return
+    names = packaged_suites()
+    if names and name not in names:
+        raise FileNotFoundError(f"unknown suite {name!r}{did_you_mean(name, names)} (no packaged suite or file of "
+                                f"that name; packaged: {', '.join(names)})")
+
+
 def suite_from(parsed: Parsed, default: str | None = None) -> dict:
     """The suite named by ``suite=`` (or the first ``-c`` file), with the remaining tokens as overrides."""
+    if parsed.options["suite"] or default:
+        check_suite_name(str(parsed.options["suite"] or default))
     from medvlp.benchmarks.suite.runner import UNSAFE_RESUME_KEY, load_suite
 
     rest = list(parsed.rest)
@@ -49,7 +79,8 @@ def suite_from(parsed: Parsed, default: str | None = None) -> dict:
 
 def run(parsed: Parsed) -> int:
     """Run the suite."""
+    suite = suite_from(parsed)  # the suite's name is checked before the harness is imported
     from medvlp.benchmarks.suite.runner import run_suite
 
-    print(f"results: {run_suite(suite_from(parsed), parsed.options['device'])}")
+    print(f"results: {run_suite(suite, parsed.options['device'])}")
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from medvlp.cli.args import Parsed
+from medvlp.cli.args import Parsed, quick_check
 
 NAME = "config"
 SUMMARY = "print the composed (and validated) config without running"
@@ -16,6 +16,7 @@ PASSTHROUGH = True
 
 def run(parsed: Parsed) -> int:
     """Print the config as YAML."""
+    quick_check(parsed.rest)  # typos in top-level/run/trainer keys: answered before torch is imported
     from medvlp.compose import compose
 
     print(OmegaConf.to_yaml(compose(parsed.rest)))

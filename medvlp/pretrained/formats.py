@@ -56,8 +56,15 @@ def load_checkpoint(format: str, path: str | Path, **options: Any) -> Any:
             ``allow_class_path`` for ``medvlp`` checkpoints (see :func:`medvlp.method.load_method`).
 
     Raises:
-        KeyError: naming the available formats.
+        KeyError: naming every accepted format (the adapters, ``medvlp`` and ``export``) with a suggestion.
     """
+    if format not in ("medvlp", "export") and format not in FORMATS:
+        from medvlp.validate import did_you_mean
+
+        names = [*FORMATS.names(), "medvlp", "export"]
+        raise KeyError(f"unknown checkpoint format {format!r}{did_you_mean(format, names)}; available: "
+                       f"{', '.join(FORMATS.names())} (released checkpoints), medvlp (a medvlp training "
+                       "checkpoint), export (a `medvlp export` folder)")
     if format == "medvlp":
         from medvlp.method import load_method
 
