@@ -208,3 +208,94 @@ def test_list_aligns_long_names_and_keeps_whole_sentences() -> None:
         assert text.endswith((".", "!", "?", ")")) or not text, (name, text)
     demo = dict(packaged_names("medvlp.presets"))["demo"]
     assert demo.startswith("CPU-sized encoders for the demo:") and demo.endswith(".")
+
+
+# ------------------------------------------------------------------------------------------- report rendering
+def _retrieval_results(folder: Path, n: int = 10) -> Path:
+    """Two methods on ``n`` test pairs: recall@10 is 1.0 for both (K = N), recall@1 differs."""
+    from medvlp.benchmarks.kit.protocol import recall_recipe
+    from medvlp.benchmarks.suite.results import ResultStore
+
+    store = ResultStore(folder / "results.csv")
+    rng = np.random.default_rng(0)
+    for label, good in (("random_init", 0.1), ("clip", 0.6)):
+        ranks = np.where(rng.random(n) < good, 0, rng.integers(1, n, n))
+        rows = [dict(label=label, dataset="d", protocol="retrieval", protocol_name="retrieval", params="{}",
+                     fraction=1.0, pretrain_seed=0, subset_seed=0, seed=0, metric=m,
+                     value=float(np.mean(ranks < k)), flags="", definition=f"image→text recall@{k}")
+                for m, k in (("i2t_R@10", 10), ("i2t_R@1", 1))]
+        store.add(rows, {"ranks": ranks, "ids": np.arange(n).astype(str)},
+                  {"i2t_R@10": recall_recipe("ranks", 10, n), "i2t_R@1": recall_recipe("ranks", 1, n)})
+    return folder / "results.csv"
+
+
+def test_headline_skips_a_metric_at_its_ceiling_and_never_bolds_a_tie(tmp_path: Path) -> None:
+    from medvlp.benchmarks.report.tables import headline_table, report, saturated
+
+    md = report(_retrieval_results(tmp_path), plots=False, n_boot=200)
+    head = md.split("## Headline", 1)[1].split("\n\n")[2]
+    assert "i2t_R@1 " in head and "i2t_R@10" not in head  # recall@10 of 10 pairs is 1.0 for everyone
+    import pandas as pd
+
+    tie = pd.DataFrame({"label": ["a", "b"], "dataset": "d", "column": "retrieval", "metric": "m", "n_test": 10,
+                        "mean": [1.0, 1.0], "lo": [1.0, 1.0], "hi": [1.0, 1.0], "n": 1, "degenerate": False,
+                        "flags": "", "protocol": "retrieval", "protocol_name": "retrieval", "params": "{}",
+                        "fraction": 1.0, "higher_is_better": True})
+    assert saturated(tie)
+    table, _ = headline_table(tie, pd.DataFrame(), None)
+    assert not any("**" in str(v) for v in table.to_numpy().ravel())  # a tie is no best
+
+
+def test_report_renders_bold_in_latex_and_html_and_definitions_without_markdown(tmp_path: Path) -> None:
+    from medvlp.benchmarks.report.tables import report
+
+    report(_retrieval_results(tmp_path), plots=False, n_boot=200)
+    tex = (tmp_path / "table.tex").read_text()
+    assert r"\textbf{" in tex and "**" not in tex
+    page = (tmp_path / "report.html").read_text()
+    assert "**" not in page and "<b>d retrieval i2t_R@1</b>" in page
+
+
+def test_wide_tables_are_split_in_latex_and_html() -> None:
+    import pandas as pd
+
+    from medvlp.benchmarks.report.tables import MAX_COLUMNS, _html_table, to_latex
+
+    table = pd.DataFrame([[f"{i}.000" for i in range(16)]], index=pd.Index(["clip"], name="method"),
+                         columns=[f"col{i}" for i in range(16)])
+    tex = to_latex(table)
+    assert tex.count(r"\begin{tabular}") == -(-16 // MAX_COLUMNS)
+    assert all(line.count("&") <= MAX_COLUMNS for line in tex.splitlines())
+    assert _html_table(table).count("<table>") == -(-16 // (2 * MAX_COLUMNS))
+
+
+def test_figures_promise_only_what_they_draw_and_label_each_fraction(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from medvlp.benchmarks.report.tables import add_columns, plot
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    rows = []
+    for label in ("a", "b"):
+        for metric in ("dice", "dice_mgca_per_image"):  # segmentation: no chance level
+            rows.append(dict(label=label, dataset="d", protocol="segmentation", protocol_name="segmentation",
+                             params="{}", fraction=1.0, metric=metric, mean=0.5, std=0.0, n=1, lo=0.4, hi=0.6,
+                             chance=np.nan, degenerate=False, flags="", samples="[]", higher_is_better=True))
+        for frac in (0.01, 0.03, 0.1, 0.3, 1.0):
+            rows.append(dict(label=label, dataset="d", protocol="linear_probe", protocol_name="linear_probe",
+                             params="{}", fraction=frac, metric="auc", mean=0.6, std=0.0, n=1, lo=0.5, hi=0.7,
+                             chance=0.5, degenerate=False, flags="", samples="[]", higher_is_better=True))
+    plot(add_columns(pd.DataFrame(rows)), tmp_path)
+    titles = [ax.get_title() for fig in figures for ax in fig.axes]
+    seg = next(t for t in titles if "segmentation" in t and "whiskers" in t)
+    assert "chance" not in seg
+    curve = next(ax for fig in figures for ax in fig.axes if ax.get_xscale() == "log")
+    labels = [t.get_text() for t in curve.get_xticklabels() if t.get_text()]
+    assert labels == ["0.01", "0.03", "0.1", "0.3", "1"]
+    assert not [t.get_text() for t in curve.get_xticklabels(minor=True) if t.get_text()]
