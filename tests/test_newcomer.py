@@ -299,3 +299,16 @@ def test_figures_promise_only_what_they_draw_and_label_each_fraction(tmp_path: P
     labels = [t.get_text() for t in curve.get_xticklabels() if t.get_text()]
     assert labels == ["0.01", "0.03", "0.1", "0.3", "1"]
     assert not [t.get_text() for t in curve.get_xticklabels(minor=True) if t.get_text()]
+
+
+# ------------------------------------------------------------------------------------------- docstrings
+def test_each_argument_has_its_own_description_and_skip_keys_are_explained() -> None:
+    from medvlp.datamodules.base import VLPDataModule
+    from medvlp.datamodules.io.csv_manifest import CSVDataModule
+    from medvlp.describe import docstring_args
+
+    args = docstring_args(CSVDataModule)
+    assert args["val_fraction"] == "hash-split validation share."
+    assert args["test_fraction"] == "hash-split test share."
+    doc = VLPDataModule.skip_report.__doc__ or ""
+    assert "``train+aug``" in doc and "index:<reason>" in doc
