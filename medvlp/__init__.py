@@ -12,8 +12,8 @@ __all__ = ["__version__", "from_pretrained", "load"]
 
 def load(format: str, path: str, **options: object) -> object:
     """A released or medvlp checkpoint as a model with ``encode_image``/``encode_text``/...; ``format`` is
-    a checkpoint format (``mgca``, ``biomedclip``, ...), ``medvlp`` or ``export`` (see README "Weights in and
-    out")."""
+    a checkpoint format (``mgca``, ``biomedclip``, ...), ``medvlp`` or ``export`` (see the documentation's
+    "Weights in and out" page)."""
     from medvlp.pretrained import load as _load
 
     return _load(format, path, **options)
