@@ -319,6 +319,28 @@ def protocol_kind(cls: type) -> str:
     return "reference" if ".reference." in cls.__module__ else "generic"
 
 
+ELEMENTS_HERE = "<!-- elements -->"
+_ELEMENT = re.compile(r"^\* ([A-Za-z][\w /-]{0,30}): (.*)$")
+
+
+def element_table(body: str) -> tuple[str, list[list[str]]]:
+    """``(body without it, rows)``: the docstring's bullet list of ``* element: how`` items (a reference
+    protocol's element-by-element account of the official code) as ``[element, how]`` rows."""
+    paras = body.split("\n\n")
+    rows, keep, taken = [], [], False
+    for para in paras:
+        m = _ELEMENT.match(" ".join(para.split())) if para.startswith("* ") and not taken else None
+        if m:
+            if not rows:
+                keep.append(ELEMENTS_HERE)  # the table goes where the list was
+            rows.append([m.group(1), m.group(2)])
+            continue
+        if rows:
+            taken = True
+        keep.append(para)
+    return "\n\n".join(keep), rows
+
+
 def protocol_page(name: str) -> str:
     """One protocol: its docstring (what it does, element by element against the official code for the
     reference protocols) and its declared parameters."""
@@ -330,8 +352,13 @@ def protocol_page(name: str) -> str:
     params = protocol_parameters(name)
     out = [f"# {name}", "", f"`{cls.__module__}.{cls.__qualname__}` — {protocol_kind(cls)} protocol "
            f"(`protocols: {{key: {{protocol: {name}}}}}` in a suite, or `medvlp evaluate protocols=[{name}]`).", "",
-           f"*Module:* {cell(module_doc.split(chr(10) + chr(10))[0])}", "", docstring_body(cls), "",
-           "## Parameters", ""]
+           f"*Module:* {cell(module_doc.split(chr(10) + chr(10))[0])}", ""]
+    body, elements = element_table(docstring_body(cls))
+    if elements:
+        against = " against the official code" if protocol_kind(cls) == "reference" else ""
+        body = body.replace(ELEMENTS_HERE, f"**Element by element{against}:**\n\n"
+                            + table(["element", "what this protocol does"], elements))
+    out += [body, "", "## Parameters", ""]
     out.append(table(["parameter", "meaning"], [[f"`{k}`", rst_to_md(v)] for k, v in params.items()])
                if params else "This protocol declares no parameters.\n")
     out.append("\n`fractions` and `seeds` (label fractions and seeds) apply to the protocols that use them.\n")

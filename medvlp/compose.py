@@ -26,8 +26,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from medvlp import validate
-from medvlp.config import load_yaml, merge, method_defaults, packaged_yaml
-from medvlp.describe import check_preset
+from medvlp.config import check_preset, load_yaml, merge, method_defaults, packaged_yaml
 from medvlp.registry import METHODS
 
 DEFAULTS: dict[str, Any] = {

@@ -6,6 +6,7 @@ execute code are never registered.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,25 @@ def packaged_yaml(package: str, name: str) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"{package}/{name}.yaml must hold a mapping at the top level")
     return cfg
+
+
+def packaged_preset_names() -> list[str]:
+    """Names of the packaged presets (``medvlp/presets/*.yaml``), sorted."""
+    return sorted(r.name[: -len(".yaml")] for r in resources.files("medvlp.presets").iterdir()
+                  if r.name.endswith(".yaml"))
+
+
+def check_preset(name: str) -> None:
+    """Raise when ``name`` is not a packaged preset.
+
+    Raises:
+        FileNotFoundError: naming the nearest preset and every packaged one.
+    """
+    names = packaged_preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise FileNotFoundError(f"unknown preset {name!r}{hint} (packaged presets: {', '.join(names)})")
 
 
 def method_defaults(name: str) -> DictConfig:

@@ -2,7 +2,6 @@
 (presets, suites): arguments with types and defaults, described from the Google-style docstrings."""
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from dataclasses import dataclass
@@ -68,19 +67,6 @@ def packaged_names(package: str) -> list[tuple[str, str]]:
                     break  # the leading comment block ends at the first non-comment line
             out.append((ref.name[: -len(".yaml")], first_sentence(comment)))
     return out
-
-
-def check_preset(name: str) -> None:
-    """Raise when ``name`` is not a packaged preset.
-
-    Raises:
-        FileNotFoundError: naming the nearest preset and every packaged one.
-    """
-    names = [n for n, _ in packaged_names("medvlp.presets")]
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise FileNotFoundError(f"unknown preset {name!r}{hint} (packaged presets: {', '.join(names)})")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from medvlp.compose import DEFAULTS, SHORTHANDS
-from medvlp.describe import check_preset
+from medvlp.config import check_preset
 from medvlp.validate import ConfigError, did_you_mean, unknown_key
 
 
