@@ -39,24 +39,10 @@ class MixedDataModule(VLPDataModule):
 
     @staticmethod
     def child_specs(init_args: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        """``{key: {name, init_args}}`` of the children as built (shared args merged in), for validation.
-
-        Raises:
-            ValueError: when a shared argument differs from a child's own value of it (the child's would win
-                silently, e.g. ``data.init_args.modality=mri`` on GTGM's CT + MRI + EM example data).
-        """
+        """``{key: {name, init_args}}`` of the children as built (shared args merged in), for validation."""
         shared = {k: v for k, v in init_args.items() if k != "datamodules"}
-        children = dict(init_args.get("datamodules") or {})
-        for key, value in shared.items():
-            clash = sorted(c for c, spec in children.items()
-                           if key in dict(spec.get("init_args") or {}) and dict(spec["init_args"])[key] != value)
-            if clash:
-                own = {c: dict(children[c]["init_args"])[key] for c in clash}
-                raise ValueError(
-                    f"data.init_args.{key}={value!r} is shared by every child of data=mixed, but children {clash} "
-                    f"set their own {key} ({own}); set it per child (data.init_args.datamodules.<child>.init_args."
-                    f"{key}=...), or train on one datamodule (e.g. data=phantom data.init_args.{key}={value})")
-        return {k: {**v, "init_args": {**shared, **dict(v.get("init_args") or {})}} for k, v in children.items()}
+        return {k: {**v, "init_args": {**shared, **dict(v.get("init_args") or {})}}
+                for k, v in dict(init_args.get("datamodules") or {}).items()}
 
     @property
     def spatial_dims(self) -> int:
