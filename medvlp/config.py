@@ -7,6 +7,7 @@ execute code are never registered.
 from __future__ import annotations
 
 import inspect
+import difflib
 import re
 import secrets
 import threading
@@ -23,7 +24,6 @@ from medvlp.registry import import_class_path
 from omegaconf import grammar_parser
 from medvlp.registry import METHODS
 from omegaconf.basecontainer import BaseContainer
-from medvlp.io import atomic_write_text
 
 
 def load_yaml(path: str | Path) -> DictConfig:
@@ -105,6 +105,25 @@ def packaged_yaml(package: str, name: str) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"{package}/{name}.yaml must hold a mapping at the top level")
     return cfg
+
+
+def packaged_preset_names() -> list[str]:
+    """Names of the packaged presets (``medvlp/presets/*.yaml``), sorted."""
+    return sorted(r.name[: -len(".yaml")] for r in resources.files("medvlp.presets").iterdir()
+                  if r.name.endswith(".yaml"))
+
+
+def check_preset(name: str) -> None:
+    """Raise when ``name`` is not a packaged preset.
+
+    Raises:
+        FileNotFoundError: naming the nearest preset and every packaged one.
+    """
+    names = packaged_preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise FileNotFoundError(f"unknown preset {name!r}{hint} (packaged presets: {', '.join(names)})")
 
 
 def method_defaults(name: str) -> DictConfig:
@@ -294,5 +313,6 @@ def resolve_environment(value: Any) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write a config as YAML atomically, with environment reads kept unresolved (:func:`persistable`)."""
+    from medvlp.io import atomic_write_text  # lazy: medvlp.io imports torch; config stays light for the CLI's early checks
 
     return atomic_write_text(Path(path), OmegaConf.to_yaml(OmegaConf.create(persistable(cfg))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -42,8 +43,15 @@ def summary(obj: Any) -> str:
     return " ".join(doc.split("\n\n", 1)[0].split())
 
 
+def first_sentence(lines: list[str]) -> str:
+    """The first sentence of a comment block (its lines joined), never cut mid-sentence."""
+    text = " ".join(ln.strip() for ln in lines if ln.strip())
+    m = re.match(r"(.+?[.!?])(\s|$)", text)
+    return m.group(1) if m else text
+
+
 def packaged_names(package: str) -> list[tuple[str, str]]:
-    """``(name, first comment line)`` of every ``*.yaml`` shipped in ``package``."""
+    """``(name, first sentence of the leading comment)`` of every ``*.yaml`` shipped in ``package``."""
     out: list[tuple[str, str]] = []
     try:
         files = sorted(resources.files(package).iterdir(), key=lambda r: r.name)
@@ -51,31 +59,52 @@ def packaged_names(package: str) -> list[tuple[str, str]]:
         return out
     for ref in files:
         if ref.name.endswith(".yaml"):
-            first = next((ln.lstrip("# ").strip() for ln in ref.read_text().splitlines() if ln.startswith("#")), "")
-            out.append((ref.name[: -len(".yaml")], first))
+            comment: list[str] = []
+            for ln in ref.read_text().splitlines():
+                if ln.startswith("#"):
+                    comment.append(ln.lstrip("#").strip())
+                elif comment or ln.strip():
+                    break  # the leading comment block ends at the first non-comment line
+            out.append((ref.name[: -len(".yaml")], first_sentence(comment)))
     return out
 
 
-def describe(kind: str, name: str) -> str:
-    """Help text of one registered component: summary, source, and its arguments (type, default,
-    packaged config default, description)."""
-    from medvlp import registry
+@dataclass(frozen=True)
+class Argument:
+    """One constructor argument of a registered component, as ``medvlp list`` and the docs show it."""
+
+    name: str
+    type: str
+    default: str
+    packaged: str | None
+    description: str
+
+
+def component(kind: str, name: str) -> tuple[Any, str]:
+    """``(class, source)`` of a registered component (or a class path).
+
+    Raises:
+        KeyError: for an unknown kind or name (with the registry's message).
+    """
+    from medvlp import registry  # lazy: medvlp list and the docs build import components only when asked
 
     if kind not in KINDS:
         raise KeyError(f"list: unknown kind {kind!r}; use method=NAME, data=NAME or protocol=NAME")
     reg = getattr(registry, KINDS[kind])
     cls = reg.get(name)
     source = next((e.source for e in reg.entries() if e.name == name), "class path")
-    lines = [f"{reg.kind} {name}: {cls.__module__}.{cls.__qualname__}  [{source}]", f"  {summary(cls)}", ""]
-    if KINDS[kind] == "BENCHMARKS":
-        params = getattr(cls, "parameters", None)
-        if not params:
-            lines.append("  (this protocol declares no parameters)")
-        for key, text in (params or {}).items():
-            lines.append(f"  {key}: {text}")
-        lines.append("  fractions, seeds: label fractions and seeds (protocols that use them)")
-        return "\n".join(lines)
-    from medvlp.config import method_defaults, packaged_yaml, to_container
+    return cls, source
+
+
+def arguments(kind: str, name: str) -> tuple[list[Argument], bool]:
+    """The constructor arguments of a method or datamodule: type, default, packaged config default and
+    description (from the Google-style docstrings of the class and its bases).
+
+    Returns:
+        ``(arguments, open)``: ``open`` is True when further keyword arguments are passed on.
+    """
+    cls, _ = component(kind, name)
+    from medvlp.config import method_defaults, packaged_yaml, to_container  # lazy: medvlp list and the docs build import components only when asked
 
     if KINDS[kind] == "METHODS":
         packaged = to_container(method_defaults(name))  # built-in YAML or a plugin's defaults_file
@@ -86,29 +115,61 @@ def describe(kind: str, name: str) -> str:
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         docs.update(docstring_args(klass))
-    lines.append("  arguments (init_args):")
+    out = []
     for key, p in params.items():
         default = "required" if p.default is inspect.Parameter.empty else repr(p.default)
         tp = type_name(hints.get(key, p.annotation)) if (key in hints or p.annotation is not p.empty) else "any"
-        cfg_default = f"; packaged default {packaged[key]!r}" if key in packaged else ""
-        lines.append(f"    {key}: {tp} = {default}{cfg_default}")
-        if docs.get(key):
-            lines.append(f"        {docs[key]}")
+        out.append(Argument(key, tp, default, repr(packaged[key]) if key in packaged else None, docs.get(key, "")))
+    return out, open_
+
+
+def protocol_parameters(name: str) -> dict[str, str]:
+    """``{parameter: description}`` a registered protocol declares (its ``parameters`` attribute)."""
+    cls, _ = component("protocol", name)
+    return dict(getattr(cls, "parameters", None) or {})
+
+
+def describe(kind: str, name: str) -> str:
+    """Help text of one registered component: summary, source, and its arguments (type, default,
+    packaged config default, description)."""
+    cls, source = component(kind, name)
+    from medvlp import registry  # lazy: medvlp list and the docs build import components only when asked
+
+    reg = getattr(registry, KINDS[kind])
+    lines = [f"{reg.kind} {name}: {cls.__module__}.{cls.__qualname__}  [{source}]", f"  {summary(cls)}", ""]
+    if KINDS[kind] == "BENCHMARKS":
+        params = protocol_parameters(name)
+        if not params:
+            lines.append("  (this protocol declares no parameters)")
+        for key, text in params.items():
+            lines.append(f"  {key}: {text}")
+        lines.append("  fractions, seeds: label fractions and seeds (protocols that use them)")
+        return "\n".join(lines)
+    args, open_ = arguments(kind, name)
+    lines.append("  arguments (init_args):")
+    for a in args:
+        cfg_default = f"; packaged default {a.packaged}" if a.packaged is not None else ""
+        lines.append(f"    {a.name}: {a.type} = {a.default}{cfg_default}")
+        if a.description:
+            lines.append(f"        {a.description}")
     if open_:
         lines.append("    (further keyword arguments are passed on; see the class docstring)")
     return "\n".join(lines)
 
 
 def list_all() -> str:
-    """Every registered component with its source, plus packaged presets and suites."""
-    from medvlp.registry import BENCHMARKS, DATAMODULES, METHODS
+    """Every registered component with its source, plus packaged presets and suites (names aligned)."""
+    from medvlp.registry import BENCHMARKS, DATAMODULES, METHODS  # lazy: medvlp list and the docs build import components only when asked
 
+    groups: list[tuple[str, list[tuple[str, str]]]] = [
+        (title, [(e.name, e.source) for e in reg.entries()])
+        for title, reg in (("methods", METHODS), ("datamodules", DATAMODULES), ("benchmarks", BENCHMARKS))]
+    groups += [(title, packaged_names(package))
+               for title, package in (("presets", "medvlp.presets"), ("suites", "medvlp.benchmarks.suites"))]
+    width = max((len(n) for _, rows in groups for n, _ in rows), default=0) + 2
     out = []
-    for title, reg in (("methods", METHODS), ("datamodules", DATAMODULES), ("benchmarks", BENCHMARKS)):
+    for title, rows in groups:
         out.append(f"{title}:")
-        out += [f"  {e.name:<16} {e.source}" for e in reg.entries()]
-    for title, package in (("presets", "medvlp.presets"), ("suites", "medvlp.benchmarks.suites")):
-        out.append(f"{title}:")
-        out += [f"  {n:<16} {first}" for n, first in packaged_names(package)]
+        out += [f"  {n:<{width}}{text}".rstrip() for n, text in rows]
     out.append("details: medvlp list method=NAME | data=NAME | protocol=NAME")
     return "\n".join(out)

@@ -10,6 +10,7 @@ called, so a config or checkpoint cannot make medvlp call a function such as ``o
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import inspect
@@ -126,7 +127,9 @@ class Registry(Generic[T]):
             raise KeyError(f"{self.kind} plugin {name!r} failed to load: {self._failed_plugins[name]}")
         if "." in name:
             return import_class_path(name, self.base, kind=self.kind)
-        raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+        close = difflib.get_close_matches(name.lower(), [n.lower() for n in self.names()], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise KeyError(f"unknown {self.kind} {name!r}{hint}; available: {', '.join(self.names())}")
 
     def names(self) -> list[str]:
         """Sorted registered names."""

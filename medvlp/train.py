@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from omegaconf import DictConfig
 
-from medvlp import validate
+from medvlp import noise, validate
 from medvlp.compose import DEFAULTS, is_checked
 from medvlp.config import instantiate, persistable, save_config, to_container
 from medvlp.io import atomic_torch_save, atomic_write_text
@@ -376,6 +376,7 @@ def pretrain(cfg: DictConfig) -> Path:
     (``last.ckpt`` every ``run.checkpoint_every_n_steps`` and at the end, written atomically). With
     ``run.resume`` a rerun continues from ``last.ckpt`` (loaded with ``weights_only=True``).
     """
+    noise.install()  # known-harmless third-party messages off; real warnings stay
     if not is_checked(cfg):  # a config built by hand; one from compose() was checked there
         validate.check_config(cfg, DEFAULTS)
     c = to_container(cfg)

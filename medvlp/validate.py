@@ -16,18 +16,8 @@ import typing
 from typing import Any, Iterable, Mapping
 
 from medvlp.checks import did_you_mean, unknown_key  # noqa: F401  (part of this module's API)
-from lightning.fabric.plugins.environments import ClusterEnvironment
-from lightning.pytorch.plugins import CheckpointIO, LayerSync, Precision
-from medvlp.registry import import_class_path
-from torch import nn
-from medvlp.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
-from medvlp.method import DEFAULT_OPTIMIZER
-from medvlp.registry import METHODS
-from medvlp.registry import DATAMODULES
-import lightning as L
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from medvlp.config import to_container
+from medvlp.registry import DATAMODULES, METHODS, import_class_path
 
 #: logger shorthands accepted by ``trainer.logger`` (see :func:`medvlp.train.build_loggers`)
 LOGGER_SHORTHANDS = ("csv", "tensorboard", "wandb")
@@ -35,6 +25,9 @@ LOGGER_SHORTHANDS = ("csv", "tensorboard", "wandb")
 SPEC_TRAINER_KEYS = ("logger", "callbacks", "plugins")
 def trainer_plugin_bases() -> tuple[type, ...]:
     """Classes a ``trainer.plugins`` entry may subclass (Lightning's plugin kinds)."""
+
+    from lightning.fabric.plugins.environments import ClusterEnvironment  # lazy: keeps the CLI's early checks light (torch/Lightning cost seconds at import)
+    from lightning.pytorch.plugins import CheckpointIO, LayerSync, Precision  # lazy: keeps the CLI's early checks light (torch/Lightning cost seconds at import)
 
     return (Precision, ClusterEnvironment, CheckpointIO, LayerSync)
 
@@ -185,7 +178,7 @@ def _class_from_spec(spec: Any, where: str, errors: list[str], base: type | tupl
 
 
 def _check_encoder(spec: Any, default_class_path: str, where: str, errors: list[str]) -> None:
-
+    from torch import nn  # lazy: keeps the CLI's early checks light (torch/Lightning cost seconds at import)
 
     if spec is None:
         return
@@ -199,6 +192,9 @@ def _check_encoder(spec: Any, default_class_path: str, where: str, errors: list[
 
 def check_method(spec: Mapping[str, Any], errors: list[str], where: str = "method") -> None:
     """Check ``{name, init_args}`` of a method, including its encoder and optimizer blocks."""
+    from medvlp.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER  # lazy: keeps the CLI's early checks light (torch/Lightning cost seconds at import)
+    from medvlp.method import DEFAULT_OPTIMIZER  # lazy: keeps the CLI's early checks light (torch/Lightning cost seconds at import)
+
 
     _keys(spec, ("name", "init_args"), where, errors)
     cls = _resolve(METHODS, spec.get("name"), f"{where}.name", errors)
@@ -255,6 +251,10 @@ def _spec_list(value: Any) -> list[Any]:
 
 def check_trainer(trainer: Mapping[str, Any], errors: list[str], allowed_extra: Iterable[str] = ()) -> None:
     """Check ``trainer.*`` against ``lightning.Trainer`` and the logger/callback/plugin specs."""
+    import lightning as L  # lazy: keeps the CLI's early checks light (torch/Lightning cost seconds at import)
+    from lightning.pytorch.callbacks import Callback  # lazy: keeps the CLI's early checks light (torch/Lightning cost seconds at import)
+    from lightning.pytorch.loggers import Logger  # lazy: keeps the CLI's early checks light (torch/Lightning cost seconds at import)
+
 
     if not isinstance(trainer, Mapping):
         errors.append(f"trainer must be a mapping, got {trainer!r}")
@@ -300,6 +300,8 @@ def check_config(cfg: Any, defaults: Mapping[str, Any]) -> None:
 
 
 def _trainer_params() -> set[str]:
+    import lightning as L  # lazy: keeps the CLI's early checks light (torch/Lightning cost seconds at import)
+
 
     return set(init_parameters(L.Trainer)[0])
 

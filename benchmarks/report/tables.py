@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +24,10 @@ from medvlp.benchmarks.metrics import stats
 from medvlp.benchmarks.suite.results import ResultStore
 from medvlp.io import atomic_write_text
 from medvlp.paths import slug
+from medvlp.registry import BENCHMARKS
+from medvlp.benchmarks.suite.experiments import claim_outcomes, load_experiments, outcomes_markdown
+from medvlp.benchmarks.suite.paper_view import LABEL_DERIVED
+from medvlp.benchmarks.suite.paper_view import paper_table
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,6 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _registered(name: str) -> Any | None:
-    from medvlp.registry import BENCHMARKS
 
     try:
         return BENCHMARKS.get(name)
@@ -144,22 +148,40 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs LaTeX tabular."""
-    def esc(s: Any) -> str:
-        s = str(s).replace("\\", r"\textbackslash{}")
-        for a, b in (("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("±", r"$\pm$"), ("†", r"$^\dagger$"),
-                     ("⚠", r"(!)"), ("Δ", r"$\Delta$"), ("**", "")):
-            s = s.replace(a, b)
-        return s
+#: at most this many value columns per LaTeX tabular / HTML table; wider tables are split (method column repeated)
+MAX_COLUMNS = 6
 
-    cols = [table.index.name or "method"] + list(table.columns)
-    lines = [r"\begin{tabular}{l" + "c" * len(table.columns) + "}", r"\toprule",
-             " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
-    for idx, row in table.iterrows():
-        lines.append(" & ".join([esc(idx)] + [esc(v) for v in row]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+
+def split_columns(table: pd.DataFrame, width: int = MAX_COLUMNS) -> list[pd.DataFrame]:
+    """``table`` as consecutive column blocks of at most ``width`` columns (one block when it fits)."""
+    cols = list(table.columns)
+    return [table[cols[i:i + width]] for i in range(0, len(cols), width)] or [table]
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """Booktabs LaTeX tabulars (split every :data:`MAX_COLUMNS` columns); ``**best**`` is set in bold."""
+    def esc(s: Any) -> str:
+        parts = re.split(r"\*\*(.+?)\*\*", str(s))  # odd indices: bold spans
+        return "".join(r"\textbf{" + _tex(p) + "}" if i % 2 else _tex(p) for i, p in enumerate(parts))
+
+    blocks = []
+    for part in split_columns(table):
+        cols = [table.index.name or "method"] + list(part.columns)
+        lines = [r"\begin{tabular}{l" + "c" * len(part.columns) + "}", r"\toprule",
+                 " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
+        for idx, row in part.iterrows():
+            lines.append(" & ".join([esc(idx)] + [esc(v) for v in row]) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+def _tex(s: str) -> str:
+    s = s.replace("\\", r"\textbackslash{}")
+    for a, b in (("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("±", r"$\pm$"), ("†", r"$^\dagger$"),
+                 ("⚠", r"(!)"), ("Δ", r"$\Delta$")):
+        s = s.replace(a, b)
+    return s
 
 
 def definitions(df: pd.DataFrame) -> str:
@@ -270,17 +292,38 @@ def compare(summary: pd.DataFrame, bank: SampleBank, reference: str, n_boot: int
 
 
 # ----------------------------------------------------------------------------- headline
+def saturated(cells: pd.DataFrame) -> bool:
+    """Whether one metric's cells (every label, one column) cannot tell methods apart: its chance level is
+    the ceiling (e.g. recall@10 among 10 test pairs), or every label scores the same value with a zero-width
+    interval (no resample moves it)."""
+    if cells.empty:
+        return False
+    chance = cells["chance"].dropna() if "chance" in cells else pd.Series(dtype=float)
+    if len(chance) and float(chance.iloc[0]) >= 1.0 - 1e-9:
+        return True
+    means = cells["mean"].to_numpy(dtype=float)
+    if not np.allclose(means, means[0]):
+        return False
+    if "lo" in cells and cells["lo"].notna().all():
+        return bool(np.allclose(cells["lo"], cells["hi"]))
+    return len(cells) > 1 and bool((cells["std"].fillna(0) == 0).all())
+
+
 def headline_cells(summary: pd.DataFrame) -> pd.DataFrame:
-    """One cell per (label, dataset, protocol key, params): the protocol's primary metric at its largest fraction."""
+    """One cell per (label, dataset, protocol key, params): the protocol's primary metric at its largest
+    fraction, or, when that metric is :func:`saturated` there, the first of its other metrics that is not
+    (the definition names the metric, so the column says which one it is)."""
     s = summary if "column" in summary.columns else add_columns(summary)
     keep = []
     for (ds, proto, params), g in s.groupby(["dataset", "protocol", "params"], sort=False):
         cls = _registered(g["protocol_name"].iloc[0])
         metrics = list(dict.fromkeys(g["metric"]))
         primary = getattr(cls, "primary_metric", None)
-        metric = primary if primary in metrics else metrics[0]
         frac = g["fraction"].astype(float).max()
-        keep.append(g[(g["metric"] == metric) & (g["fraction"].astype(float) == frac)])
+        at = g[g["fraction"].astype(float) == frac]
+        order = ([primary] if primary in metrics else []) + [m for m in metrics if m != primary]
+        metric = next((m for m in order if not saturated(at[at["metric"] == m])), order[0])
+        keep.append(at[at["metric"] == metric])
     return pd.concat(keep) if keep else s.iloc[:0]
 
 
@@ -296,6 +339,8 @@ def headline_table(cells: pd.DataFrame, comparisons: pd.DataFrame, reference: st
             sig[(r["label"],) + tuple(r[k] for k in CELL)] = bool(r["significant_headline"])
     best = {}
     for head, g in c[~c["degenerate"]].groupby("head", sort=False):
+        if len(g) > 1 and saturated(g):
+            continue  # every row ties at a ceiling (no metric was left to choose): no best to mark
         hib = bool(g["higher_is_better"].iloc[0]) if "higher_is_better" in g else True
         best[head] = g["mean"].max() if hib else g["mean"].min()
     texts = []
@@ -368,10 +413,11 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
     """Per dataset: one panel per headline column (bars = methods, 95 % CI whiskers, chance line);
     per (dataset, protocol) with several metrics at one fraction: grouped bars; per fraction protocol:
     label-fraction curves with CI bands."""
-    import matplotlib
+    import matplotlib  # lazy: heavy import (matplotlib), only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: heavy import (matplotlib), only plotting needs it
+    import matplotlib.ticker  # lazy: heavy import (matplotlib), only plotting needs it
 
     s = summary if "column" in summary.columns else add_columns(summary)
     labels = list(dict.fromkeys(s["label"]))
@@ -428,12 +474,14 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
                 continue
             ax.bar(np.arange(len(metrics)) + i * width - 0.4 + width / 2, m["mean"], width, yerr=err(m.reset_index()),
                    capsize=2, color=colors[lab], label=lab)
+        drawn = False
         for j, metric in enumerate(metrics):
             ch = chance_of(g[g["metric"] == metric])
             if ch is not None:
                 ax.hlines(ch, j - 0.45, j + 0.45, colors="black", linestyles="--", lw=1)
+                drawn = True
         ax.set_xticks(np.arange(len(metrics)), metrics, fontsize=8, rotation=30, ha="right")
-        ax.set_title(f"{ds} {col0} (dashed: chance, whiskers: 95 % CI)", fontsize=9)
+        ax.set_title(f"{ds} {col0} ({'dashed: chance, ' if drawn else ''}whiskers: 95 % CI)", fontsize=9)
         ax.legend(fontsize=7, ncol=min(len(labels), 3))
         save(fig, f"{ds}_{col0.replace('@', '_at_')}")
 
@@ -456,6 +504,9 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
             if ch is not None:
                 ax.axhline(ch, color="grey", ls="--", lw=1)
             ax.set_xscale("log")
+            fracs = sorted({float(f) for f in m["fraction"]})
+            ax.set_xticks(fracs, [f"{f:g}" for f in fracs], fontsize=8)  # one label per fraction run
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping 2×10⁻¹-style labels
             ax.set_xlabel("label fraction")
             ax.set_title(f"{ds} {m['column'].iloc[0].split('@')[0]} {metric}\n(bands: 95 % CI, x: degenerate)", fontsize=9)
             ax.legend(fontsize=7)
@@ -464,18 +515,19 @@ def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- HTML
-def _html_table(table: pd.DataFrame) -> str:
-    def cell(v: Any) -> str:
-        t = html.escape(str(v))
-        if t.startswith("**") and "**" in t[2:]:
-            end = t.index("**", 2)
-            t = f"<b>{t[2:end]}</b>{t[end + 2:]}"
-        return t
+def _inline(text: Any) -> str:
+    """Escaped HTML of one line of the report's Markdown, ``**bold**`` as ``<b>``."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(str(text)))
 
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [table.index.name or ""] + list(table.columns))
-    body = "".join("<tr><th>" + html.escape(str(i)) + "</th>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for i, row in table.iterrows())
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+def _html_table(table: pd.DataFrame) -> str:
+    out = []
+    for part in split_columns(table, 2 * MAX_COLUMNS):
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [table.index.name or ""] + list(part.columns))
+        body = "".join("<tr><th>" + html.escape(str(i)) + "</th>" + "".join(f"<td>{_inline(v)}</td>" for v in row)
+                       + "</tr>" for i, row in part.iterrows())
+        out.append(f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+    return "".join(out)
 
 
 def to_html(sections: list[tuple[str, str, Any]], images: Sequence[Path], title: str) -> str:
@@ -487,9 +539,9 @@ def to_html(sections: list[tuple[str, str, Any]], images: Sequence[Path], title:
         if kind == "table":
             parts.append(_html_table(content))
         elif kind == "list":
-            parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in content) + "</ul>")
+            parts.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in content) + "</ul>")
         else:
-            parts.append(f"<p>{html.escape(content)}</p>")
+            parts.append(f"<p>{_inline(content)}</p>")
     if images:
         parts.append("<h2>Figures</h2>")
     for p in images:
@@ -498,7 +550,7 @@ def to_html(sections: list[tuple[str, str, Any]], images: Sequence[Path], title:
                      f"<figcaption>{html.escape(p.stem)}</figcaption></figure>")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0;"
              "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}thead th{background:#eee}"
-             "img{max-width:100%}figcaption{font-size:12px;color:#555}")
+             "img{max-width:100%}figcaption{font-size:12px;color:#555}.wide{overflow-x:auto}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
@@ -515,7 +567,6 @@ def _notes(summary: pd.DataFrame) -> list[str]:
 
 def _claims_section(folder: Path, n_boot: int, seed: int) -> str | None:
     """The experiment's claim outcomes (:mod:`medvlp.benchmarks.suite.experiments`) when ``folder`` holds one."""
-    from medvlp.benchmarks.suite.experiments import claim_outcomes, load_experiments, outcomes_markdown
 
     exps = load_experiments(folder)
     if exps is None:
@@ -592,7 +643,6 @@ def report(results: str | Path, out: str | Path | None = None, plots: bool = Tru
         md.append("\n**Flags** (⚠ degenerate cells are withheld from the headline and comparisons)\n\n"
                   + "\n".join(f"- {n}" for n in notes) + "\n")
     md.append("\n**Metric definitions**\n\n" + definitions(df))
-    from medvlp.benchmarks.suite.paper_view import LABEL_DERIVED
 
     if "comparability" in df:
         marked = sorted(df.loc[df["comparability"].astype(str).str.contains(LABEL_DERIVED, regex=False), "label"].unique())
@@ -601,7 +651,6 @@ def report(results: str | Path, out: str | Path | None = None, plots: bool = Tru
                       f"that zero-shot and linear-probe evaluation use; offline demo only, not comparable): "
                       f"{', '.join(marked)}\n")
     if paper:
-        from medvlp.benchmarks.suite.paper_view import paper_table
 
         ptable = paper_table(df)
         atomic_write_text(out / "paper_table.md", ptable)

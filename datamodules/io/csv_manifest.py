@@ -87,7 +87,8 @@ class CSVDataModule(VolumeDataModule):
         modality: ``xray`` (2D default) | ``ct`` | ``mri`` (3D default) | ``em``; CT reads HU.
         uncertain: policy for −1 labels (``ones`` | ``zeros`` | ``ignore`` | ``mgca``).
         text_from_labels: caption from labels when there is no ``text_column``.
-        val_fraction: hash-split validation share. test_fraction: hash-split test share.
+        val_fraction: hash-split validation share.
+        test_fraction: hash-split test share.
         split_seed: hash-split seed.
         root: folder the paths are relative to (default: the manifest's folder).
         **kwargs: :class:`~medvlp.datamodules.volume.base.VolumeDataModule` arguments (``volume_size``,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from medvlp.datamodules.io.readers import DataError, resize_2d
+import torch.nn.functional as F
 
 FORMAT = "medvlp-prepared/1"
 INDEX = "index.json"
@@ -59,7 +60,6 @@ def volume_spec(dm: Any) -> dict[str, Any]:
 
 def _center_crop(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Centre crop (zero pad where smaller) of the last three axes to ``size``."""
-    import torch.nn.functional as F
 
     pads = []
     for have, want in zip(reversed(t.shape[-3:]), reversed(list(size))):

@@ -7,12 +7,18 @@ composer, which validates it against the config's own keys. Library modules neve
 """
 from __future__ import annotations
 
+import ast
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
 from medvlp.checks import did_you_mean
+from medvlp.compose import DEFAULTS, SHORTHANDS
+from medvlp.config import check_preset
+from medvlp.validate import ConfigError, unknown_key
 
 
 @dataclass(frozen=True)
@@ -152,3 +158,59 @@ def keys_help(keys: Mapping[str, Key]) -> str:
         default = " (required)" if spec.required else ("" if spec.default is None else f" (default: {spec.default})")
         lines.append(f"  {name:<{width}}{spec.type.__name__:<6} {spec.help}{default}")
     return "\n".join(lines)
+
+
+def _trainer_parameters() -> set[str] | None:
+    """``lightning.Trainer.__init__``'s parameter names read from its source (no import of Lightning), or
+    ``None`` when the source cannot be found (the full check then does the work)."""
+    spec = importlib.util.find_spec("lightning")  # a top-level find_spec imports nothing
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(list(spec.submodule_search_locations)[0]) / "pytorch" / "trainer" / "trainer.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+            for fn in node.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name == "__init__":
+                    a = fn.args
+                    return {x.arg for x in [*a.posonlyargs, *a.args, *a.kwonlyargs]} - {"self"}
+    return None
+
+
+def quick_check(tokens: Sequence[str]) -> None:
+    """Check the keys of ``key=value`` config overrides that need no import of a model library: top-level,
+    ``run.*`` and ``trainer.*`` keys and the preset name. A typo there is answered before torch or Lightning
+    is loaded, with the same message the full check (:func:`medvlp.validate.check_config`) gives; everything
+    else (class arguments, ``-c`` files, types) is left to that check.
+
+    Raises:
+        medvlp.validate.ConfigError: one line listing the unknown keys.
+    """
+    errors: list[str] = []
+    trainer = None
+    it = iter(tokens)
+    for tok in it:
+        if tok in ("-c", "--config"):
+            next(it, None)
+            continue
+        key, eq, value = tok.partition("=")
+        if not eq:
+            continue
+        key = SHORTHANDS.get(key, key)
+        head, _, rest = key.partition(".")
+        sub = rest.split(".")[0]
+        if head not in DEFAULTS:
+            errors.append(unknown_key("", head, DEFAULTS))
+        elif head == "run" and sub and sub not in DEFAULTS["run"]:
+            errors.append(unknown_key("run", sub, DEFAULTS["run"]))
+        elif head == "trainer" and sub:
+            trainer = _trainer_parameters() if trainer is None else trainer
+            if trainer is not None and sub not in trainer | set(DEFAULTS["trainer"]):
+                errors.append(unknown_key("trainer", sub, trainer | set(DEFAULTS["trainer"])))
+        elif head == "preset" and not rest and value and value.lower() != "null":
+            check_preset(value)
+    if errors:
+        raise ConfigError("; ".join(dict.fromkeys(errors)))

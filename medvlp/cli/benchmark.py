@@ -2,9 +2,12 @@
 or as SLURM jobs (``launcher=slurm``)."""
 from __future__ import annotations
 
+import importlib.util
 import logging
+from pathlib import Path
 
 from medvlp.cli.args import Key, Parsed
+from medvlp.validate import did_you_mean
 
 NAME = "benchmark"
 SUMMARY = "methods x datasets x protocols x fractions x seeds -> results.csv (suite=NAME|PATH)"
@@ -37,9 +40,36 @@ PASSTHROUGH = True
 log = logging.getLogger(__name__)
 
 
+def packaged_suites() -> list[str]:
+    """Names of the packaged suites, read from the folder without importing the benchmark harness."""
+    spec = importlib.util.find_spec("medvlp.benchmarks")  # imports the (light) parent package only
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(p.stem for p in (Path(list(spec.submodule_search_locations)[0]) / "suites").glob("*.yaml"))
+
+
+def check_suite_name(name: str) -> None:
+    """Refuse a suite that is neither a file nor a packaged name, before anything heavy is imported.
+
+    Raises:
+        FileNotFoundError: with the nearest packaged suite.
+    """
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or "/" in name or p.is_file():
+        if not p.is_file():
+            raise FileNotFoundError(f"suite file not found: {name}")
+        return
+    names = packaged_suites()
+    if names and name not in names:
+        raise FileNotFoundError(f"unknown suite {name!r}{did_you_mean(name, names)} (no packaged suite or file of "
+                                f"that name; packaged: {', '.join(names)})")
+
+
 def suite_from(parsed: Parsed, default: str | None = None) -> dict:
     """The suite named by ``suite=`` (or the first ``-c`` file), with the remaining tokens as overrides."""
-    from medvlp.benchmarks.suite.runner import UNSAFE_RESUME_KEY, load_suite
+    if parsed.options["suite"] or default:
+        check_suite_name(str(parsed.options["suite"] or default))
+    from medvlp.benchmarks.suite.runner import UNSAFE_RESUME_KEY, load_suite  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     rest = list(parsed.rest)
     name = parsed.options["suite"] or default
@@ -77,12 +107,11 @@ def launcher_block(suite: dict, given: object) -> dict:
 
 def run(parsed: Parsed) -> int:
     """Run the suite here, or submit it with its launcher."""
-    from medvlp.benchmarks.suite.launch import LAUNCHERS
-    from medvlp.benchmarks.suite.runner import run_suite
-    from medvlp.validate import did_you_mean
-
     opts = parsed.options
-    suite = suite_from(parsed)
+    suite = suite_from(parsed)  # the suite's name is checked before the harness is imported
+    from medvlp.benchmarks.suite.launch import LAUNCHERS  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
+    from medvlp.benchmarks.suite.runner import run_suite  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
+    from medvlp.checks import did_you_mean
     block = launcher_block(suite, opts["launcher"])
     suite.pop("launcher", None)
     if opts["stage"] != "all" or opts["requeue"]:  # one job's share of a launched suite: always here

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from medvlp.cli.args import Parsed
+from medvlp.cli.args import Parsed, quick_check
 
 NAME = "config"
 SUMMARY = "print the composed (and validated) config without running"
@@ -16,7 +16,8 @@ PASSTHROUGH = True
 
 def run(parsed: Parsed) -> int:
     """Print the config as YAML."""
-    from medvlp.compose import compose
+    quick_check(parsed.rest)  # typos in top-level/run/trainer keys: answered before torch is imported
+    from medvlp.compose import compose  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     print(OmegaConf.to_yaml(compose(parsed.rest)))
     return 0

@@ -1,6 +1,8 @@
 """``medvlp evaluate``: benchmark protocols on one checkpoint."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from medvlp.cli.args import Key, Parsed
 
 NAME = "evaluate"
@@ -23,9 +25,25 @@ KEYS = {
 PASSTHROUGH = False
 
 
+def check_ckpt(ckpt: object) -> None:
+    """Refuse a checkpoint path that does not exist, before any model, data or protocol is built.
+
+    Raises:
+        FileNotFoundError: naming the path.
+        ValueError: for a mapping without ``path``.
+    """
+    if isinstance(ckpt, dict):
+        if "path" not in ckpt or "format" not in ckpt:
+            raise ValueError(f"ckpt must be a path or {{format, path}}, got {ckpt!r}")
+        ckpt = ckpt["path"]
+    if not Path(str(ckpt)).expanduser().exists():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+
+
 def run(parsed: Parsed) -> int:
     """Evaluate the checkpoint."""
-    from medvlp.benchmarks.suite.runner import evaluation_suite, run_suite
+    check_ckpt(parsed.options["ckpt"])
+    from medvlp.benchmarks.suite.runner import evaluation_suite, run_suite  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     o = parsed.options
     suite = evaluation_suite(o["ckpt"], o["data"], o["protocols"], o["protocol_params"], o["out"], o["label"],

@@ -21,7 +21,7 @@ PASSTHROUGH = False
 
 def run(parsed: Parsed) -> int:
     """Export the checkpoint."""
-    from medvlp.pretrained.export import export
+    from medvlp.pretrained.export import export  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     o = parsed.options
     print(f"exported: {export(o['ckpt'], o['out'], format=o['format'], allow_class_path=o['allow_class_path'])}")

@@ -20,7 +20,7 @@ PASSTHROUGH = False
 
 def run(parsed: Parsed) -> int:
     """Print the listing."""
-    from medvlp.describe import describe, list_all
+    from medvlp.describe import describe, list_all  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     asked = [(k, parsed.options[k]) for k in KEYS if k in parsed.given]
     if not asked:

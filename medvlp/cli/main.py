@@ -66,11 +66,17 @@ def command_help(name: str) -> str:
 
 
 def setup_logging() -> None:
-    """One handler (ours) on the root logger; Lightning's own console handler is removed so every message
-    prints once."""
+    """One handler (ours) on the root logger; Lightning's own console handler is removed (right after
+    Lightning is imported, which most commands never need for ``--help`` or a config error) so every
+    message prints once."""
     logging.basicConfig(level=os.environ.get("MEDVLP_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    import lightning  # noqa: F401  (adds its handler at import)
+    from medvlp import noise  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
+    noise.install()
+    noise.after_import("lightning", _own_lightning_logs)
+
+
+def _own_lightning_logs(_: ModuleType) -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
@@ -80,9 +86,9 @@ def setup_logging() -> None:
 
 
 def _version() -> str:
-    import importlib.metadata
+    import importlib.metadata  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
-    from medvlp.version import __version__
+    from medvlp.version import __version__  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     libs = []
     for lib in ("torch", "lightning", "transformers", "monai"):

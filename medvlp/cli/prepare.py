@@ -23,10 +23,10 @@ PASSTHROUGH = True
 
 def run(parsed: Parsed) -> int:
     """Prepare the shards and print what was written."""
-    from medvlp.compose import compose
-    from medvlp.config import to_container
-    from medvlp.datamodules import build_datamodule
-    from medvlp.datamodules.io.prepare import prepare
+    from medvlp.compose import compose  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
+    from medvlp.config import to_container  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
+    from medvlp.datamodules import build_datamodule  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
+    from medvlp.datamodules.io.prepare import prepare  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     o = parsed.options
     data = to_container(compose(parsed.rest)["data"])  # data=…, data.init_args.…, -c files: validated as usual

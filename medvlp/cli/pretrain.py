@@ -1,7 +1,7 @@
 """``medvlp pretrain`` and ``medvlp config``: compose (and check) one run config, then train or print it."""
 from __future__ import annotations
 
-from medvlp.cli.args import Parsed
+from medvlp.cli.args import Parsed, quick_check
 
 NAME = "pretrain"
 SUMMARY = "pretrain one method (method=M data=D preset=P; resumes from <run>/checkpoints/last.ckpt)"
@@ -18,8 +18,9 @@ PASSTHROUGH = True
 
 def run(parsed: Parsed) -> int:
     """Compose the config and pretrain."""
-    from medvlp.compose import compose
-    from medvlp.train import pretrain
+    quick_check(parsed.rest)  # typos in top-level/run/trainer keys: answered before torch is imported
+    from medvlp.compose import compose  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
+    from medvlp.train import pretrain  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     print(f"checkpoint: {pretrain(compose(parsed.rest))}")
     return 0

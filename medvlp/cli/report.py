@@ -27,7 +27,7 @@ PASSTHROUGH = False
 
 def run(parsed: Parsed) -> int:
     """Write the report and print its headline."""
-    from medvlp.benchmarks.report.tables import headline_only, report
+    from medvlp.benchmarks.report.tables import headline_only, report  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     o = parsed.options
     if not Path(o["results"]).is_file():

@@ -17,7 +17,7 @@ PASSTHROUGH = False
 
 def run(parsed: Parsed) -> int:
     """Print one line per job; exit 1 when a job failed."""
-    from medvlp.benchmarks.suite.launch.slurm import status
+    from medvlp.benchmarks.suite.launch.slurm import status  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     rows = status(parsed.options["out"])
     cols = ["arm", "stage", "job", "state", "rows", "last log line"]

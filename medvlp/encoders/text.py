@@ -23,6 +23,8 @@ from typing import Any, Iterator, Sequence, TypedDict
 import torch
 from torch import nn
 
+from medvlp.noise import quiet_transformers
+
 RADIOLOGY_WORDS = """
 the a an of and or in on with without no not is are there be seen noted identified evidence
 heart size normal enlarged cardiomegaly cardiac silhouette mediastinum mediastinal contour contours
@@ -132,8 +134,9 @@ class TextEncoder(nn.Module):
             from transformers import AutoModel, AutoTokenizer
 
             path: str | Path = builtin_minilm_path() if model == "builtin:minilm" else model
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
-            self.model = AutoModel.from_pretrained(str(path), local_files_only=local_files_only)
+            with quiet_transformers():  # no per-load progress bar; a pooler-only load report is dropped
+                self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
+                self.model = AutoModel.from_pretrained(str(path), local_files_only=local_files_only)
         if num_layers is not None:
             self._truncate(int(num_layers))
         if getattr(self.model, "pooler", None) is not None:

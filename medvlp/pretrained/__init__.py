@@ -13,6 +13,6 @@ def load(format: str, path: str, **options: Any) -> Any:
     """Load a released checkpoint (``format`` from :data:`medvlp.pretrained.formats.FORMATS`, ``medvlp`` or
     ``export``) as a model exposing ``encode_image``/``encode_text``/``image_representation``/
     ``image_feature_maps``; see :func:`medvlp.pretrained.formats.load_checkpoint`."""
-    from medvlp.pretrained.formats import load_checkpoint
+    from medvlp.pretrained.formats import load_checkpoint  # lazy: `import medvlp` stays cheap; the weights code loads on first use
 
     return load_checkpoint(format, path, **options)

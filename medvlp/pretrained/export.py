@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 from huggingface_hub import ModelHubMixin
 
+from medvlp.noise import quiet_transformers
 from medvlp.pretrained.preprocess import IMAGENET_MEAN, IMAGENET_STD, MEDVLP_INPUT, Preprocess
 from medvlp.version import __version__
 from medvlp.pretrained.surgery import load_state_file
@@ -119,8 +120,9 @@ class MedVLPExport(ModelHubMixin):
         with atomic_target(out / "model.safetensors") as tmp:
             save_file(state, tmp, metadata={"format": "pt"})
         text = self.vlp_model.text_encoder
-        text.model.save_pretrained(str(out / "text"), safe_serialization=True)
-        text.tokenizer.save_pretrained(str(out / "text"))
+        with quiet_transformers():
+            text.model.save_pretrained(str(out / "text"), safe_serialization=True)
+            text.tokenizer.save_pretrained(str(out / "text"))
         atomic_write_text(out / "config.json", json.dumps(self.export_config(), indent=2, sort_keys=True))
 
     @classmethod
@@ -251,5 +253,13 @@ def from_pretrained(path_or_repo: str | Path, **kwargs: Any) -> tuple[Any, Prepr
     ``preprocess.image(raw)`` turns an ``(H, W)`` / ``(H, W, C)`` array or tensor (uint8 or ``[0, 1]``) into the
     model's input batch.
     """
+    local = Path(path_or_repo)
+    if local.is_file():
+        raise ValueError(f"{local} is a file, not an export folder: load a training checkpoint with "
+                         f"medvlp.load('medvlp', {str(local)!r}), or write a folder with `medvlp export "
+                         f"ckpt={local} out=DIR` first")
+    if not local.is_dir() and (local.suffix in (".ckpt", ".pt", ".bin", ".safetensors") or str(path_or_repo).startswith(
+            (".", "/", "~")) or str(path_or_repo).count("/") > 1):
+        raise FileNotFoundError(f"{path_or_repo}: no such export folder (a hub repo id is 'org/name')")
     loaded = MedVLPExport.from_pretrained(str(path_or_repo), **kwargs)
     return loaded.vlp_model, loaded.image_preprocess

@@ -13,6 +13,7 @@ from medvlp.method import load_method
 from medvlp.pretrained.export import from_pretrained
 from medvlp.config import to_container
 from medvlp.pretrained.surgery import load_state_file
+from medvlp.checks import did_you_mean
 
 
 class CheckpointFormat:
@@ -59,8 +60,14 @@ def load_checkpoint(format: str, path: str | Path, **options: Any) -> Any:
             ``allow_class_path`` for ``medvlp`` checkpoints (see :func:`medvlp.method.load_method`).
 
     Raises:
-        KeyError: naming the available formats.
+        KeyError: naming every accepted format (the adapters, ``medvlp`` and ``export``) with a suggestion.
     """
+    if format not in ("medvlp", "export") and format not in FORMATS:
+
+        names = [*FORMATS.names(), "medvlp", "export"]
+        raise KeyError(f"unknown checkpoint format {format!r}{did_you_mean(format, names)}; available: "
+                       f"{', '.join(FORMATS.names())} (released checkpoints), medvlp (a medvlp training "
+                       "checkpoint), export (a `medvlp export` folder)")
     if format == "medvlp":
 
         return load_method(str(path), allow_class_path=bool(options.get("allow_class_path", False)))

@@ -12,6 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import numpy as np
+import warnings
 
 #: (mean, std) of the medvlp datamodule convention: ``image = (x − mean) / std`` with ``x ∈ [0, 1]``
 MEDVLP_INPUT: tuple[float, float] = (0.5, 0.25)
@@ -104,17 +106,36 @@ class Preprocess:
                               align_corners=True)
         return x
 
-    def image(self, raw: Any) -> torch.Tensor:
+    def image(self, raw: Any, bit_depth: int | None = None, scale: str = "dtype") -> torch.Tensor:
         """A model-ready batch of one image from a raw array, tensor or PIL image.
 
-        ``raw`` is ``(H, W)``, ``(H, W, C)`` (2D) or ``(D, H, W)`` (3D); uint8 is scaled by 1/255, CT values
-        are windowed with :attr:`window` when it is set, other floats are taken as ``[0, 1]``. Colour images
-        are averaged to grey for 1-channel models.
-        """
-        import numpy as np
+        ``raw`` is ``(H, W)``, ``(H, W, C)`` (2D) or ``(D, H, W)`` (3D). Integer images are scaled to ``[0, 1]``
+        by their bit depth: the dtype's (uint8 by 255, a 16-bit PNG by 65535) or ``bit_depth``'s (e.g. 12 for
+        12-bit radiographs stored in 16 bits). ``scale="minmax"`` maps the image's own minimum and maximum to
+        0 and 1 instead, as the medvlp datamodules read files. CT values are windowed with :attr:`window` when
+        it is set; other floats are taken as ``[0, 1]``. Colour images are averaged to grey for 1-channel
+        models.
 
-        arr = torch.as_tensor(np.asarray(raw))
-        x = arr.float() / 255.0 if arr.dtype == torch.uint8 else arr.float()
+        Args:
+            raw: the image.
+            bit_depth: stored bits of an integer image (default: the dtype's).
+            scale: ``"dtype"`` (bit depth) or ``"minmax"``.
+
+        Raises:
+            ValueError: for an unknown ``scale``, a ``bit_depth`` on a float image, or values beyond
+                ``bit_depth``.
+        """
+
+
+        if scale not in ("dtype", "minmax"):
+            raise ValueError(f"scale must be 'dtype' or 'minmax', got {scale!r}")
+        arr = np.asarray(raw)
+        x = _to_unit(arr, bit_depth, scale, self.window is not None)
+        if (scale == "dtype" and bit_depth is None and self.window is None and arr.dtype.kind in "iu"
+                and arr.dtype.itemsize > 1 and 0 < float(x.max()) < 0.25):
+            warnings.warn(f"preprocess.image: this {arr.dtype} image uses {x.max():.0%} of its range (max "
+                          f"{int(arr.max())}); if it holds fewer bits, pass bit_depth=N (e.g. 12) or scale='minmax'",
+                          stacklevel=2)
         if self.window is not None:
             lo, hi = float(self.window[0]), float(self.window[1])
             x = ((x - lo) / (hi - lo)).clamp(0, 1)
@@ -123,3 +144,23 @@ class Preprocess:
         if x.ndim == self.spatial_dims:
             x = x.unsqueeze(0)
         return replace(self, input_mean=0.0, input_std=1.0)(x.unsqueeze(0))
+
+
+def _to_unit(arr: Any, bit_depth: int | None, scale: str, windowed: bool) -> torch.Tensor:
+    """``arr`` as float32 in ``[0, 1]`` (integers by bit depth or min-max); windowed CT values stay raw."""
+
+    if scale == "minmax":
+        a = arr.astype(np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        return torch.from_numpy((a - lo) / (hi - lo) if hi > lo else np.zeros_like(a))
+    if arr.dtype.kind in "iu" and not windowed:
+        if arr.dtype == np.bool_:
+            return torch.from_numpy(arr.astype(np.float32))
+        top = float(2 ** bit_depth - 1) if bit_depth is not None else float(np.iinfo(arr.dtype).max)
+        if bit_depth is not None and float(arr.max()) > top:
+            raise ValueError(f"preprocess.image: values up to {int(arr.max())} exceed bit_depth={bit_depth}")
+        low = float(np.iinfo(arr.dtype).min) if arr.dtype.kind == "i" and bit_depth is None else 0.0
+        return torch.from_numpy(((arr.astype(np.float64) - low) / (top - low)).astype(np.float32))
+    if bit_depth is not None:
+        raise ValueError(f"preprocess.image: bit_depth applies to integer images, got {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
