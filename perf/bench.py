@@ -18,14 +18,20 @@
 7. **mimic_index**: building the MIMIC-CXR index (metadata/split/label CSVs, one report file per study) at
    MIMIC-CXR-JPG's size (377,110 images over 227,835 studies; ``--quick``: a tenth), and the duplicate-id
    check in one linear pass vs the former ``ids.count`` loop on the same 20,000 ids;
-8. **loader2d**: images/s per loader process from 2500×2048 JPEGs: full decode vs the fast decode vs
-   prepared shards (``medvlp prepare``);
+8. **loader2d**: images per CPU-second of one loader process from 2500×2048 JPEGs: full decode vs a plain
+   PIL full-decode loop vs the fast decode vs prepared shards (``medvlp prepare``, sha256-verified or not)
+   vs their floor (tar read + ``np.load`` + one batched normalisation);
 9. **memory**: activation bytes per sample per method (tensors saved for backward), relative to CLIP;
 10. **eval**: wall time of the quickstart suite's evaluation (random-init model) before vs after the
     evaluation dedup, same commit, with counted forwards and a value-by-value comparison;
 11. **ddp**: samples/s of 2 ``DistributedDataParallel`` processes vs 1 at the same per-process batch
     (tiny-preset CLIP; gloo on CPU with one thread per process, NCCL when two or more GPUs are visible),
-    printed as the speed-up and the scaling efficiency (speed-up / 2).
+    printed as the speed-up and the scaling efficiency (speed-up / 2);
+12. **attention**: forward+backward CPU time of SDPA's flash vs math kernel vs explicit attention per token
+    count (≤ 257 tokens), i.e. which kernel the ViT's attention call should use on a CPU.
+
+``--gpu`` (``make perf-gpu``) runs :mod:`perf.gpu` instead: paper-size CLIP and ASG steps on one GPU
+(``--tiny``: the same path with tiny configs, on a CPU when there is no GPU).
 
 Training steps use the demo preset's precision as :func:`medvlp.train.resolve_precision` resolves it on
 this machine (``auto``: bf16 autocast where bf16 is native), except ``clip_step``'s naive baseline (fp32).
