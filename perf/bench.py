@@ -18,14 +18,20 @@
 7. **mimic_index**: building the MIMIC-CXR index (metadata/split/label CSVs, one report file per study) at
    MIMIC-CXR-JPG's size (377,110 images over 227,835 studies; ``--quick``: a tenth), and the duplicate-id
    check in one linear pass vs the former ``ids.count`` loop on the same 20,000 ids;
-8. **loader2d**: images/s per loader process from 2500×2048 JPEGs: full decode vs the fast decode vs
-   prepared shards (``medvlp prepare``);
+8. **loader2d**: images per CPU-second of one loader process from 2500×2048 JPEGs: full decode vs a plain
+   PIL full-decode loop vs the fast decode vs prepared shards (``medvlp prepare``, sha256-verified or not)
+   vs their floor (tar read + ``np.load`` + one batched normalisation);
 9. **memory**: activation bytes per sample per method (tensors saved for backward), relative to CLIP;
 10. **eval**: wall time of the quickstart suite's evaluation (random-init model) before vs after the
     evaluation dedup, same commit, with counted forwards and a value-by-value comparison;
 11. **ddp**: samples/s of 2 ``DistributedDataParallel`` processes vs 1 at the same per-process batch
     (tiny-preset CLIP; gloo on CPU with one thread per process, NCCL when two or more GPUs are visible),
-    printed as the speed-up and the scaling efficiency (speed-up / 2).
+    printed as the speed-up and the scaling efficiency (speed-up / 2);
+12. **attention**: forward+backward CPU time of SDPA's flash vs math kernel vs explicit attention per token
+    count (≤ 257 tokens), i.e. which kernel the ViT's attention call should use on a CPU.
+
+``--gpu`` (``make perf-gpu``) runs :mod:`perf.gpu` instead: paper-size CLIP and ASG steps on one GPU
+(``--tiny``: the same path with tiny configs, on a CPU when there is no GPU).
 
 Training steps use the demo preset's precision as :func:`medvlp.train.resolve_precision` resolves it on
 this machine (``auto``: bf16 autocast where bf16 is native), except ``clip_step``'s naive baseline (fp32).
@@ -259,52 +265,69 @@ def bench_throughput(methods: list[str], steps: int) -> dict[str, Any]:
     return out
 
 
-def _clip_steps_per_s(device: str, impl: str, amp: bool, steps: int, overrides: tuple[str, ...] = ()) -> float:
-    """Demo-CLIP training steps/s on one fixed batch with attention ``impl`` and bf16 autocast ``amp``."""
-    from medvlp.losses import clip_loss
+class _ClipStep:
+    """One demo-CLIP training configuration (attention ``impl``, bf16 ``amp``, config ``overrides``) on one
+    fixed batch; :meth:`step` runs one optimiser step and returns its time (CPU seconds on a CPU, wall on CUDA)."""
 
-    torch.manual_seed(0)
-    model, dm = _model_and_data("clip", None, overrides=overrides)
-    for blk in model.image_encoder.blocks:
-        blk.attn.impl = impl
-    model.to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
-    b = next(iter(dm.train_dataloader()))
-    image = b["image"].to(device)
-    for i in range(steps + 2):
-        if i == 2:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-            loss = clip_loss(model.encode_image(image, False), model.encode_text(b["text"], False), 0.07)
-        opt.zero_grad()
+    def __init__(self, device: str, impl: str, amp: bool, overrides: tuple[str, ...] = ()) -> None:
+        torch.manual_seed(0)
+        self.model, dm = _model_and_data("clip", None, overrides=overrides)
+        for blk in self.model.image_encoder.blocks:
+            blk.attn.impl = impl
+        self.model.to(device).train()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], 1e-4)
+        b = next(iter(dm.train_dataloader()))
+        self.image, self.text, self.device, self.amp = b["image"].to(device), b["text"], device, amp
+
+    def step(self) -> float:
+        from medvlp.losses import clip_loss
+
+        cuda = self.device == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter() if cuda else time.process_time()
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.amp):
+            loss = clip_loss(self.model.encode_image(self.image, False), self.model.encode_text(self.text, False), 0.07)
+        self.opt.zero_grad()
         loss.backward()
-        opt.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t0)
+        self.opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() if cuda else time.process_time()) - t0
+
+
+def _interleaved_steps_per_s(configs: dict[str, _ClipStep], steps: int, warmup: int = 2) -> dict[str, float]:
+    """Steps/s of each configuration from its median step time, the configurations' steps interleaved
+    (one step of each in turn), so machine load affects them alike."""
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for i in range(warmup + steps):
+        for k, c in configs.items():
+            t = c.step()
+            if i >= warmup:
+                times[k].append(t)
+    return {k: 1.0 / float(np.median(v)) for k, v in times.items()}
 
 
 def bench_clip_step(steps: int) -> dict[str, Any]:
     """A CLIP training step split into its factors, each at the other factor held equal: attention kernel
     (SDPA vs explicit attention matrix) at fp32 (and at bf16 where bf16 is native), and precision (bf16
     autocast vs fp32) with SDPA. Same model sizes, data and batch. Then, without the prefix cache, the current
-    step vs an explicit-attention, train-mode-text reference (each factor named in its key)."""
+    step vs an explicit-attention, train-mode-text reference (each factor named in its key). All configurations
+    are built first and their steps interleaved (median CPU seconds per step on a CPU)."""
     device = _device()
     bf16 = _bf16(device)
     configs = [("sdpa", False), ("naive", False)] + ([("sdpa", True), ("naive", True)] if bf16 else [])
-    results = {f"{impl}_{'bf16' if amp else 'fp32'}": _clip_steps_per_s(device, impl, amp, steps)
-               for impl, amp in configs}
+    steps_of = {f"{impl}_{'bf16' if amp else 'fp32'}": _ClipStep(device, impl, amp) for impl, amp in configs}
     # like for like without the prefix cache (so the frozen text layers run every step): the current step
     # (SDPA, frozen text layers in eval mode) vs the reference (explicit attention, whole text tower in train
     # mode with dropout, as the official ASG/GTGM code runs it), and each factor alone
     ref_runs = {"current_sdpa_eval_frozen": ("sdpa", False), "text_train_mode_sdpa": ("sdpa", True),
                 "reference_naive_train_mode": ("naive", True)}
     for name, (impl, dropout) in ref_runs.items():
-        results[name] = _clip_steps_per_s(device, impl, False, steps, (
+        steps_of[name] = _ClipStep(device, impl, False, (
             "method.init_args.text_encoder.prefix_cache=0",
             f"method.init_args.text_encoder.frozen_dropout={str(dropout).lower()}"))
+    results = _interleaved_steps_per_s(steps_of, steps)
     out: dict[str, Any] = {"steps_per_s": {k: round(v, 3) for k, v in results.items()},
                            "kernel_sdpa_vs_naive_fp32": round(results["sdpa_fp32"] / results["naive_fp32"], 3),
                            "current_vs_reference_(sdpa+eval-mode frozen text vs explicit attention+train-mode text, "
