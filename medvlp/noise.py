@@ -5,7 +5,8 @@
 * transformers' per-load progress bars ("Loading weights", "Writing model shards") around medvlp's own
   loads and saves of small text models (:func:`quiet_transformers`);
 * Lightning's "💡 Tip" advertisement, its hint to prepend ``srun`` (medvlp runs without ``srun`` on purpose
-  outside a SLURM job; its SLURM recipe uses it) and its own internal ``LeafSpec`` deprecation.
+  outside a SLURM job; its SLURM recipe uses it), its own internal ``LeafSpec`` deprecation, and its notice
+  of modules in eval mode at the start of training (the text encoder's frozen layers, on purpose).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 HARMLESS_WARNINGS: tuple[str, ...] = (
     r"The `srun` command is available on your system but is not used",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # the text encoder's frozen layers are in eval mode on purpose (no dropout where nothing trains)
+    r"Found \d+ module\(s\) in eval mode at the start of training",
 )
 _POOLER_ROW = re.compile(r"^\s*pooler\.\S+\s*\|\s*MISSING\b")
 _ROW = re.compile(r"^\s*\S+\s*\|\s*(MISSING|UNEXPECTED|MISMATCH|CONVERSION)\b")

@@ -25,6 +25,9 @@ import torch.nn.functional as F
 
 from medvlp.io import atomic_write_bytes
 from medvlp.progress import track
+from medvlp.method import VLPMethod
+import os
+from medvlp.io import atomic_target
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,6 @@ def image_outputs(model: Any, image: torch.Tensor) -> tuple[torch.Tensor, torch.
     definitions (representation = pooled, embedding = normalised projection of pooled); a model that
     overrides either gets the two calls.
     """
-    from medvlp.method import VLPMethod
 
     cls = type(model)
     if (isinstance(model, VLPMethod) and cls.image_representation is VLPMethod.image_representation
@@ -349,7 +351,6 @@ class MapCache:
 
 def _finish_memmap(folder: Path, name: str, arr: np.ndarray, rows: int) -> None:
     """Rename the streamed ``.<name>.npy.tmp`` memmap to ``<name>.npy``, keeping its first ``rows`` rows."""
-    import os
 
     tmp = folder / f".{name}.npy.tmp"
     if rows < len(arr):  # skipped samples: keep the first `rows` rows
@@ -364,7 +365,6 @@ def _finish_memmap(folder: Path, name: str, arr: np.ndarray, rows: int) -> None:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from medvlp.io import atomic_target
 
     with atomic_target(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, arr, allow_pickle=False)

@@ -22,6 +22,7 @@ from medvlp.datamodules.io.readers import DataError, read_image_2d
 from medvlp.datamodules.tabular import UNCERTAINTY_POLICIES, RecordDataModule, apply_uncertainty, hash_split, resize_2d
 from medvlp.datamodules.volume.base import VolumeDataModule, add_record_targets
 from medvlp.registry import register_datamodule
+import pandas as pd
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 NORM_MEAN, NORM_STD = 0.5, 0.25
@@ -35,7 +36,6 @@ def read_manifest(path: Path) -> Any:
         ImportError: a Parquet manifest without a Parquet engine (pyarrow or fastparquet).
         DataError: an unreadable or empty manifest.
     """
-    import pandas as pd
 
     if not path.is_file():
         raise FileNotFoundError(f"csv datamodule: manifest {path} does not exist")

@@ -37,6 +37,7 @@ from medvlp.datamodules.base import VLPDataModule
 from medvlp.datamodules.io.readers import DataError
 from medvlp.io import atomic_write_bytes
 from medvlp.registry import register_datamodule
+from medvlp.datamodules.io.store import PreparedCollate, PreparedDecode, check_same_spec, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,6 @@ class ShardDataModule(VLPDataModule):
                  verify_hashes: bool | None = None, **loader_kwargs: Any) -> None:
         super().__init__(**loader_kwargs)
         self.samples_per_epoch = samples_per_epoch
-        from medvlp.datamodules.io.prepare import PreparedCollate, PreparedDecode, check_same_spec, read_manifest
 
         if prepared:  # a `medvlp prepare` folder: splits, label names and dimensionality from its manifest
             manifest = read_manifest(prepared)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+import logging
 
 XRAY_LABELS = ["Consolidation", "Pleural Effusion", "Cardiomegaly", "Pneumothorax", "Lung Nodule"]
 CT_LABELS = ["Lung nodule", "Pleural effusion", "Consolidation", "Cardiomegaly", "Emphysema"]
@@ -292,7 +293,7 @@ def _mni_template(shape: tuple[int, int, int]) -> np.ndarray:
     Falls back to a procedural head when nilearn is not installed.
     """
     try:
-        from nilearn import datasets
+        from nilearn import datasets  # lazy: optional extra (medvlp[mri])
 
         data = np.asarray(datasets.load_mni152_template().get_fdata(), np.float32)  # (x, y, z)
         data = np.transpose(data, (2, 1, 0))[::-1, ::-1]  # → (z, y, x), superior first, anterior up
@@ -300,7 +301,6 @@ def _mni_template(shape: tuple[int, int, int]) -> np.ndarray:
         data = ndimage.zoom(data, zoom, order=1)
         return (data / max(float(data.max()), 1e-6)).astype(np.float32)
     except ImportError:
-        import logging
 
         logging.getLogger(__name__).warning(
             "nilearn is not installed: phantom MRI uses a procedural head instead of the MNI152 template "

@@ -111,7 +111,7 @@ def run(parsed: Parsed) -> int:
     suite = suite_from(parsed)  # the suite's name is checked before the harness is imported
     from medvlp.benchmarks.suite.launch import LAUNCHERS  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
     from medvlp.benchmarks.suite.runner import run_suite  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
-    from medvlp.checks import did_you_mean
+    from medvlp.checks import did_you_mean  # lazy: as above
     block = launcher_block(suite, opts["launcher"])
     suite.pop("launcher", None)
     if opts["stage"] != "all" or opts["requeue"]:  # one job's share of a launched suite: always here
