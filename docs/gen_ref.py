@@ -122,19 +122,10 @@ def flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def class_arguments(cls: type) -> str:
     """An argument table of ``cls`` from its signature and docstrings (as ``medvlp list`` shows them)."""
-    from medvlp.describe import docstring_args
-    from medvlp.validate import _hints, init_parameters, type_name
+    from medvlp.describe import class_arguments as arguments_of
 
-    params, open_ = init_parameters(cls)
-    hints = _hints(cls)
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        docs.update(docstring_args(klass))
-    rows = []
-    for key, p in params.items():
-        default = "required" if p.default is inspect.Parameter.empty else repr(p.default)
-        tp = type_name(hints[key]) if key in hints else "any"
-        rows.append([f"`{key}`", tp, code(default), rst_to_md(docs.get(key, ""))])
+    args, open_ = arguments_of(cls)
+    rows = [[f"`{a.name}`", a.type, code(a.default), rst_to_md(a.description)] for a in args]
     text = table(["argument", "type", "default", "description"], rows)
     return text + ("\nFurther keyword arguments are passed on (see the class docstring).\n" if open_ else "")
 

@@ -6,7 +6,7 @@ import inspect
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Mapping
 
 from medvlp.validate import _hints, init_parameters, type_name
 
@@ -110,6 +110,17 @@ def arguments(kind: str, name: str) -> tuple[list[Argument], bool]:
         packaged = to_container(method_defaults(name))  # built-in YAML or a plugin's defaults_file
     else:
         packaged = to_container(packaged_yaml(_PACKAGED_DEFAULTS[KINDS[kind]], name)) if "." not in name else {}
+    return class_arguments(cls, packaged)
+
+
+def class_arguments(cls: type, packaged: Mapping[str, Any] | None = None) -> tuple[list[Argument], bool]:
+    """The constructor arguments of ``cls`` (its signature and the Google-style docstrings of it and its
+    bases), each with its value in ``packaged`` (a packaged config) when there is one.
+
+    Returns:
+        ``(arguments, open)``: ``open`` is True when further keyword arguments are passed on.
+    """
+    packaged = packaged or {}
     params, open_ = init_parameters(cls)
     hints = _hints(cls)
     docs: dict[str, str] = {}

@@ -53,6 +53,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from perf.fixtures import write_covidx
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -521,14 +523,7 @@ def bench_loader2d(n: int, image_size: int = 224, reps: int = 2) -> dict[str, An
     from medvlp.datamodules.io.prepare import normalise_batch, prepare
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "covidx"
-        for split, count in (("train", n), ("test", 2)):
-            (root / split).mkdir(parents=True)
-            lines = []
-            for i in range(count):
-                Image.fromarray(_radiograph(2500, 2048, i)).save(root / split / f"{split}_{i}.jpg", quality=95)
-                lines.append(f"p{i} {split}_{i}.jpg {['normal', 'pneumonia', 'COVID-19'][i % 3]} src")
-            (root / f"{split}_COVIDx9A.txt").write_text("\n".join(lines) + "\n")
+        root = write_covidx(Path(tmp) / "covidx", n, lambda i: _radiograph(2500, 2048, i))
         kw = {"image_size": image_size, "split_convention": "hash"}
         prepared = Path(tmp) / "prepared"
         t0 = time.perf_counter()

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from perf.fixtures import write_covidx
+
 #: dense peak TFLOP/s per device (vendor data sheets; bf16 tensor cores without sparsity, fp32 = TF32 off)
 PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp32": 67.0},
                "A100": {"bf16": 312.0, "fp32": 19.5}, "L40S": {"bf16": 362.0, "fp32": 91.6},
@@ -112,23 +114,14 @@ def _step_stats(model: Any, batch: dict[str, Any], device: str, bf16: bool, comp
 
 def loader_rate(tiny: bool, batch_size: int, workers: int) -> dict[str, Any]:
     """Samples/s of ``data=shards prepared=…`` (uint8 at the training size) over all ``workers`` processes."""
-    from PIL import Image
-
     from medvlp.datamodules import COVIDxDataModule, ShardDataModule
     from medvlp.datamodules.io.prepare import prepare
 
     size, n = (32, 64) if tiny else (224, 512)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "covidx"
-        for split, count in (("train", n), ("test", 2)):
-            (root / split).mkdir(parents=True)
-            lines = []
-            for i in range(count):
-                img = rng.integers(0, 255, (size + size // 7, size), dtype=np.uint8)
-                Image.fromarray(img).save(root / split / f"{split}_{i}.jpg", quality=90)
-                lines.append(f"p{i} {split}_{i}.jpg {['normal', 'pneumonia', 'COVID-19'][i % 3]} src")
-            (root / f"{split}_COVIDx9A.txt").write_text("\n".join(lines) + "\n")
+        root = write_covidx(Path(tmp) / "covidx", n,
+                            lambda i: rng.integers(0, 255, (size + size // 7, size), dtype=np.uint8), quality=90)
         out = Path(tmp) / "prepared"
         prepare(COVIDxDataModule(str(root), image_size=size), out, samples_per_shard=max(n // (2 * workers), 8),
                 workers=workers, progress=False)

@@ -67,12 +67,13 @@ def check_suite_name(name: str) -> None:
 
 def suite_from(parsed: Parsed, default: str | None = None) -> dict:
     """The suite named by ``suite=`` (or the first ``-c`` file), with the remaining tokens as overrides."""
-    if parsed.options["suite"] or default:
-        check_suite_name(str(parsed.options["suite"] or default))
+    given = parsed.options.get("suite")  # `medvlp demo` has no suite= key
+    if given or default:
+        check_suite_name(str(given or default))
     from medvlp.benchmarks.suite.runner import UNSAFE_RESUME_KEY, load_suite  # lazy: command modules load for `medvlp --help`; the harness loads when the command runs
 
     rest = list(parsed.rest)
-    name = parsed.options["suite"] or default
+    name = given or default
     if name is None and "-c" in rest:
         i = rest.index("-c")
         name = rest[i + 1]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from medvlp.cli.args import Parsed
 from medvlp.cli.benchmark import KEYS as BENCHMARK_KEYS
+from medvlp.cli.benchmark import UNSAFE_RESUME
 
 NAME = "demo"
 SUMMARY = "benchmark suite=quickstart, then report (the main job)"
@@ -11,7 +12,7 @@ HELP = """medvlp demo [key=value ...]
 `medvlp benchmark suite=quickstart`, then `medvlp report` into results/quickstart, then one summary line
 per controlled experiment from its last stored run (`medvlp experiments` runs them). key=value tokens
 override the quickstart suite's keys."""
-KEYS = {k: v for k, v in BENCHMARK_KEYS.items() if k != "suite"}
+KEYS = {k: v for k, v in BENCHMARK_KEYS.items() if k in ("device", UNSAFE_RESUME)}
 PASSTHROUGH = True
 
 
