@@ -47,6 +47,13 @@ def check_name(name: object, what: str) -> str:
     return str(name)
 
 
+def sanitize(text: str, fallback: str) -> str:
+    """``text`` with every run of characters outside ``[A-Za-z0-9._-]`` replaced by ``-`` and leading or
+    trailing ``-``/``.`` dropped; ``fallback`` when nothing is left (no hash: for names that are unique
+    already, such as derived run names and job names)."""
+    return re.sub(rf"[^{NAME_CHARS}]+", "-", text).strip("-.") or fallback
+
+
 def slug(name: object) -> str:
     """A safe path component for any ``name``: the name itself when valid, else its characters outside
     ``[A-Za-z0-9._-]`` replaced, leading dots dropped, cut to fit, plus a short hash of the original (so two
@@ -55,7 +62,7 @@ def slug(name: object) -> str:
     if name_problem(text) is None:
         return text
     digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    base = re.sub(rf"[^{NAME_CHARS}]+", "-", text).lstrip(".-")[: MAX_NAME_LENGTH - 9].rstrip(".-")
+    base = sanitize(text, "")[: MAX_NAME_LENGTH - 9].rstrip(".-")
     return f"{base}-{digest}" if base else digest
 
 

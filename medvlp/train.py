@@ -23,7 +23,7 @@ from medvlp.compose import DEFAULTS, is_checked
 from medvlp.config import instantiate, persistable, save_config, to_container
 from medvlp.io import atomic_torch_save, atomic_write_text
 from medvlp.method import VLPMethod
-from medvlp.paths import check_name
+from medvlp.paths import check_name, sanitize
 from medvlp.pretrained.init import load_initial_weights
 from medvlp.provenance import provenance
 from medvlp.scale import build_strategy
@@ -242,7 +242,7 @@ def _safe_name(name: Any) -> str:
     text = str(name)
     if "${" in text:
         return "env"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"
+    return sanitize(text, "run")
 
 
 def _exempt(key: str) -> bool:

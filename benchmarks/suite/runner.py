@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from medvlp.compose import compose, derive
 from medvlp.config import persistable, to_container
 from medvlp.io import atomic_write_text
 from medvlp.method import load_method
-from medvlp.paths import check_name
+from medvlp.paths import check_name, sanitize
 from medvlp.pretrained.formats import load_ckpt_spec
 from medvlp.progress import UnitProgress
 from medvlp.provenance import provenance
@@ -311,8 +310,8 @@ REQUEUE_CALLBACK = "medvlp.benchmarks.suite.launch.requeue.RequeueOnSignal"
 
 def arm_marker(suite: Mapping[str, Any], arm: Arm) -> Path:
     """``<output>/arms/<arm>.json``: written when every evaluation unit of the arm has its results."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", arm.key).strip("-.") or "arm"
-    return Path(suite["output"]) / "arms" / f"{slug}-{hashlib.sha1(arm.key.encode()).hexdigest()[:8]}.json"
+    name = sanitize(arm.key, "arm")
+    return Path(suite["output"]) / "arms" / f"{name}-{hashlib.sha1(arm.key.encode()).hexdigest()[:8]}.json"
 
 
 def arm_plan_hash(suite: Mapping[str, Any], arm: Arm) -> str:

@@ -30,6 +30,7 @@ from medvlp.benchmarks.suite.results import ResultStore
 from medvlp.benchmarks.suite.runner import (
     Arm, UNSAFE_RESUME_KEY, arm_done, plan_arms, pretraining_finished)
 from medvlp.benchmarks.suite.schema import check_suite
+from medvlp.paths import sanitize
 from medvlp.io import atomic_write_text
 from medvlp.validate import did_you_mean
 from medvlp.benchmarks.suite.schema import load_suite
@@ -139,7 +140,7 @@ class Job:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+    return sanitize(text, "x")
 
 
 def render_script(job_name: str, opts: Mapping[str, Any], command: Sequence[str], log_path: str,
